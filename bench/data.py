@@ -1,0 +1,68 @@
+"""Materialised datasets: scenes and their conditions rendered once and cached on disk.
+
+The cache key names every number-changing choice (dataset version, split, size, condition
+extractor versions); files are written to a temp name then os.replace'd, so a killed process
+never leaves a half-written cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.registry import CONDITIONS
+from bench.types import Batch, collate
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CONTROLBENCH_CACHE", Path.home() / ".cache" / "controlbench"))
+
+
+def _key(dataset, conditions: tuple[str, ...]) -> str:
+    versions = {c: getattr(CONDITIONS.get(c), "version", c) for c in conditions}
+    blob = json.dumps(dict(dataset=dataset.version, split=dataset.split, size=len(dataset), cond=versions),
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class MaterializedDataset(torch.utils.data.Dataset):
+    """Holds uint8 images/conditions in memory; items are single-sample Batches."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def __getitem__(self, i: int) -> Batch:
+        b = self.batch.subset(slice(i, i + 1))
+        return Batch(ids=b.ids, image=b.image.float() / 255, prompts=b.prompts,
+                     conditions={k: v.float() / 255 for k, v in b.conditions.items()},
+                     refs={k: (v.long() if k == "semantic" else v) for k, v in b.refs.items()})
+
+
+def materialize(dataset, progress: bool = True) -> MaterializedDataset:
+    conditions = tuple(dataset.conditions)
+    path = cache_dir() / "data" / f"{_key(dataset, conditions)}.pt"
+    if path.exists():
+        try:
+            d = torch.load(path, weights_only=True)
+            return MaterializedDataset(Batch(**d))
+        except Exception:  # a corrupt cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"render {dataset.split} set", disable=not progress,
+                                      leave=False)]
+    b = collate(items)
+    to8 = lambda x: x.mul(255).round().to(torch.uint8)  # noqa: E731
+    refs = {k: (v.to(torch.uint8) if k == "semantic" else v) for k, v in b.refs.items()}
+    b = Batch(ids=b.ids, image=to8(b.image), prompts=b.prompts,
+              conditions={k: to8(v) for k, v in b.conditions.items()}, refs=refs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(dict(ids=b.ids, image=b.image, prompts=b.prompts, conditions=b.conditions, refs=b.refs), tmp)
+    os.replace(tmp, path)
+    return MaterializedDataset(b)

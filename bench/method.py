@@ -1,0 +1,97 @@
+"""Method: a LightningModule wrapping one control method around a frozen base model.
+
+Training and sampling share the same hooks, so what a method learns is exactly what the
+shared sampler runs:
+- `prompt_embeds`: modify text embeddings (PhotoMaker);
+- `prepare`: compute once per generation (adapter features, control image for CFG);
+- `unet_kwargs`: per-step extra UNet inputs (ControlNet residuals, adapter features, tokens).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from bench.budget import Budget
+from bench.errors import ConfigError
+from bench.types import Batch
+
+
+class Method(L.LightningModule):
+    version: ClassVar[str] = "v1"
+    conditions: ClassVar[tuple[str, ...]] = ()  # empty: works without a spatial condition
+    hparam_defaults: ClassVar[dict[str, Any]] = {}  # read-only; copied per instance
+
+    def __init__(self, base, condition: str | None, budget: Budget, hparams: dict | None = None):
+        super().__init__()
+        if self.conditions and condition not in self.conditions:
+            raise ConfigError(f"method {type(self).__name__} needs condition in {self.conditions}, got {condition!r}")
+        unknown = set(hparams or {}) - set(self.hparam_defaults) - {"empty_prompt_prob"}
+        if unknown:
+            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {type(self).__name__}; "
+                              f"known: {', '.join(sorted(self.hparam_defaults)) or 'none'}")
+        self.hp = {"empty_prompt_prob": 0.5, **self.hparam_defaults, **(hparams or {})}
+        self.base, self.condition, self.budget = base, condition, budget
+
+    # ---- parameters ---------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("base.") and p.requires_grad]
+
+    def inference_parameters(self) -> int:
+        """Parameters added at inference on top of the base model."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base."))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()  # the base stays frozen and deterministic
+        return self
+
+    # ---- sampler hooks ------------------------------------------------------------
+    def prompt_embeds(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return embeds
+
+    def prepare(self, batch: Batch, embeds: torch.Tensor, cfg: bool) -> Any:
+        return None
+
+    def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, state: Any) -> dict:
+        return {}
+
+    def control_image(self, batch: Batch, cfg: bool) -> torch.Tensor:
+        image = batch.conditions[self.condition].to(self.base.unet.dtype)
+        return torch.cat([image] * 2) if cfg else image
+
+    # ---- training -----------------------------------------------------------------
+    def diffusion_loss(self, batch: Batch) -> torch.Tensor:
+        base, sched = self.base, self.base.scheduler
+        x0 = base.encode_images(batch.image)
+        prompts = [("" if torch.rand(()) < self.hp["empty_prompt_prob"] else p) for p in batch.prompts]
+        embeds = self.prompt_embeds(base.encode_prompt(prompts), batch)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
+        noisy = sched.add_noise(x0, noise, t)
+        state = self.prepare(batch, embeds, cfg=False)
+        pred = base.unet(noisy, t, encoder_hidden_states=embeds, **self.unet_kwargs(noisy, t, embeds, state)).sample
+        kind = sched.config.prediction_type
+        target = {"epsilon": noise, "sample": x0}.get(kind)
+        if target is None:
+            target = sched.get_velocity(x0, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; lower lr in the budget")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.budget.lr, weight_decay=0.0)
+        warm = max(1, self.budget.lr_warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)

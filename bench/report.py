@@ -1,0 +1,279 @@
+"""Reports are pure functions: records -> tables -> Markdown.
+
+Runs are only ever compared inside one table when everything that must be equal is equal:
+dataset@version, condition, budget key, base model and every metric's version.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from scipy import stats
+
+from bench.store import RunRecord
+
+COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
+    # (compute key, header, divisor)
+    ("params_trainable", "trainable params (M)", 1e6),
+    ("step_time_s", "step time (s)", 1.0),
+    ("peak_mem_mb", "peak mem (MB)", 1.0),
+    ("sample_latency_s", "sample latency (s)", 1.0),
+)
+_REQUIRED_SPEC = ("method", "dataset", "condition", "budget_key")
+
+
+def ci95(values: Iterable[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t interval); the half-width is nan for n < 2,
+    because one seed says nothing about seed variance."""
+    x = np.asarray(list(values), dtype=float)
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return mean, half
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method (at one version and hyperparameter set) aggregated over seeds."""
+
+    method: str
+    n_seeds: int
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
+    compute: dict[str, float] = field(default_factory=dict)
+    run_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Table:
+    """One comparable group of runs; ``group`` states what was held equal."""
+
+    title: str
+    group: dict[str, Any]
+    columns: list[str]
+    rows: list[Row]
+    higher_is_better: dict[str, bool]
+
+
+def _metric_versions(rec: RunRecord) -> dict[str, str] | str:
+    """{metric: version}, or a reason string when the record cannot be placed in a group."""
+    if not rec.metrics:
+        return "no metrics recorded"
+    missing = sorted(m for m in rec.metrics if "version" not in rec.metric_meta.get(m, {}))
+    if missing:
+        return f"metric version unknown for {', '.join(missing)}"
+    return {m: str(rec.metric_meta[m]["version"]) for m in rec.metrics}
+
+
+def _hparams_key(rec: RunRecord) -> str:
+    return json.dumps(rec.spec.get("hparams", {}), sort_keys=True, default=str)
+
+
+def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, str]:
+    mean = row.metrics.get(metric, (math.nan, math.nan))[0] if metric else math.nan
+    if math.isnan(mean):
+        return (1, 0.0, row.method)
+    return (0, -mean if higher else mean, row.method)
+
+
+def _build_rows(
+    recs: list[RunRecord], excluded: list[tuple[RunRecord, str]]
+) -> list[Row]:
+    """Aggregate seeds per (method, method_version, hparams); distinct versions or hparams of
+    one method stay separate rows, labelled so the reader can tell them apart."""
+    by_row: dict[tuple[str, str, str], dict[Any, RunRecord]] = defaultdict(dict)
+    for rec in sorted(recs, key=lambda r: (r.created_at, r.run_id)):
+        key = (rec.method, str(rec.spec.get("method_version", "")), _hparams_key(rec))
+        seeds = by_row[key]
+        if rec.seed in seeds:
+            old = seeds[rec.seed]
+            excluded.append((old, f"superseded by newer run {rec.run_id[:12]} with the same "
+                                  f"method, version, hparams and seed {rec.seed}"))
+        seeds[rec.seed] = rec
+
+    versions: dict[str, set[str]] = defaultdict(set)
+    hps: dict[str, set[str]] = defaultdict(set)
+    for method, version, hp in by_row:
+        versions[method].add(version)
+        hps[method].add(hp)
+
+    rows = []
+    for (method, version, hp), seeds in by_row.items():
+        label = method
+        if len(versions[method]) > 1:
+            label += f"@{version}"
+        if len(hps[method]) > 1:
+            label += f" {hp}"
+        members = list(seeds.values())
+        metrics = {m: ci95([r.metrics[m] for r in members]) for m in members[0].metrics}
+        compute = {}
+        for key, _, _ in COMPUTE_COLUMNS:
+            vals = [float(r.compute[key]) for r in members if key in r.compute]
+            if vals:
+                compute[key] = float(np.mean(vals))
+        rows.append(Row(label, len(members), metrics, compute,
+                        tuple(r.run_id for r in members)))
+    return rows
+
+
+def leaderboard(
+    records: list[RunRecord],
+) -> tuple[list[Table], list[tuple[RunRecord, str]]]:
+    """Group FINISHED records into comparable tables; every record not shown is returned
+    with the reason, so nothing disappears silently."""
+    excluded: list[tuple[RunRecord, str]] = []
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for rec in records:
+        if not rec.finished:
+            why = rec.status + (f": {rec.reason}" if rec.reason else "")
+            excluded.append((rec, why))
+            continue
+        missing = [k for k in _REQUIRED_SPEC if not rec.spec.get(k)]
+        if missing:
+            excluded.append((rec, f"spec lacks {', '.join(missing)}"))
+            continue
+        mv = _metric_versions(rec)
+        if isinstance(mv, str):
+            excluded.append((rec, mv))
+            continue
+        key = (rec.dataset, str(rec.spec.get("dataset_version", "")), rec.condition,
+               rec.budget_key, str(rec.spec.get("base_model", "")), frozenset(mv.items()))
+        groups[key].append(rec)
+
+    tables = []
+    for key in sorted(groups, key=lambda k: (k[:5], sorted(k[5]))):
+        dataset, dataset_version, condition, budget_key, base_model, mv = key
+        recs = sorted(groups[key], key=lambda r: (r.created_at, r.run_id))
+        columns = sorted(m for m, _ in mv)
+        # Direction comes with the metric version; a record that disagrees is suspect.
+        hib = {m: bool(recs[0].metric_meta[m].get("higher_is_better", True)) for m in columns}
+        kept = []
+        for rec in recs:
+            bad = [m for m in columns
+                   if bool(rec.metric_meta[m].get("higher_is_better", True)) != hib[m]]
+            if bad:
+                excluded.append((rec, f"higher_is_better for {', '.join(bad)} differs from "
+                                      "the rest of its group"))
+            else:
+                kept.append(rec)
+        rows = _build_rows(kept, excluded)
+        first = columns[0] if columns else None
+        rows.sort(key=lambda r: _sort_key(r, first, hib.get(first, True) if first else True))
+        budgets = sorted({str(r.spec.get("budget", "")) for r in kept} - {""})
+        group = {
+            "dataset": dataset,
+            "dataset_version": dataset_version,
+            "condition": condition,
+            "budget": ", ".join(budgets),
+            "budget_key": budget_key,
+            "base_model": base_model,
+            "metric_versions": {m: v for m, v in sorted(mv)},
+            "git_shas": sorted({r.git_sha for r in kept} - {""}),
+        }
+        ds = f"{dataset}@{dataset_version}" if dataset_version else dataset
+        title = f"{ds} · {condition} · budget {group['budget'] or '?'} ({budget_key[:12]})"
+        tables.append(Table(title, group, columns, rows, hib))
+    return tables, excluded
+
+
+def _esc(value: object) -> str:
+    """Make any user-provided string safe inside a Markdown table cell or heading."""
+    s = str(value)
+    for a, b in (("\\", "\\\\"), ("|", "\\|"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;")):
+        s = s.replace(a, b)
+    return " ".join(s.splitlines())
+
+
+def _decimals(x: float) -> int:
+    """Decimals giving three significant digits, without scientific notation."""
+    if x == 0 or not math.isfinite(x):
+        return 3
+    return min(max(0, 2 - math.floor(math.log10(abs(x)))), 8)
+
+
+def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    return f"{x:.{_decimals(x)}f}" if math.isfinite(x) else str(x)
+
+
+def _fmt_ci(mean: float, half: float) -> str:
+    if not math.isfinite(mean):
+        return _fmt(mean)
+    d = _decimals(mean)
+    ci = f"{half:.{d}f}" if math.isfinite(half) else "–"
+    return f"{mean:.{d}f} ± {ci}"
+
+
+def render_markdown(
+    tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any]
+) -> str:
+    """Markdown leaderboard; deterministic for the same inputs (no clock reads here)."""
+    out = ["# controlbench leaderboard", ""]
+    for k, v in meta.items():
+        out.append(f"- **{_esc(k)}**: {_esc(v)}")
+    out += ["", "Values are mean ± 95% CI half-width (Student t over seeds); ↑ higher is better, "
+                "↓ lower is better. Runs from different budgets or metric versions are never "
+                "merged.", ""]
+    if not tables:
+        out += ["_No finished runs to compare._", ""]
+    for t in tables:
+        g = t.group
+        out += [f"## {_esc(t.title)}", ""]
+        out.append(f"- budget: {_esc(g['budget'] or '?')} (key `{_esc(g['budget_key'])}`)")
+        out.append(f"- dataset: {_esc(g['dataset'])} version {_esc(g['dataset_version'] or '?')}; "
+                   f"condition: {_esc(g['condition'])}; base model: {_esc(g['base_model'] or '?')}")
+        mv = ", ".join(f"{_esc(m)}@{_esc(v)}" for m, v in g["metric_versions"].items())
+        out.append(f"- metric versions: {mv}")
+        if g.get("git_shas"):
+            out.append(f"- git: {', '.join(_esc(s[:12]) for s in g['git_shas'])}")
+        out.append("")
+        heads = ["method", "seeds"]
+        heads += [f"{_esc(m)} {'↑' if t.higher_is_better[m] else '↓'}" for m in t.columns]
+        heads += [h for _, h, _ in COMPUTE_COLUMNS]
+        out.append("| " + " | ".join(heads) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
+        for r in t.rows:
+            cells = [_esc(r.method), str(r.n_seeds)]
+            cells += [_fmt_ci(*r.metrics.get(m, (math.nan, math.nan))) for m in t.columns]
+            cells += [_fmt(r.compute[k] / div) if k in r.compute else "–"
+                      for k, _, div in COMPUTE_COLUMNS]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Excluded runs", ""]
+    if excluded:
+        out += ["| run | method | reason |", "|---|---|---|"]
+        for rec, why in excluded:
+            out.append(f"| {_esc(rec.run_id[:12])} | {_esc(rec.method)} | {_esc(why)} |")
+    else:
+        out.append("_None._")
+    return "\n".join(out) + "\n"
+
+
+def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any]) -> Path:
+    """Write ``leaderboard.md`` atomically, so a reader never sees a half-written report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(*leaderboard(records), meta)
+    target = out_dir / "leaderboard.md"
+    tmp = out_dir / f".leaderboard.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,177 @@
+"""Config -> resolved run specs. A run's id is the hash of its resolved spec."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.budget import BUDGETS_FILE, Budget, load_budgets
+from bench.errors import ConfigError
+from bench.registry import DATASETS, METHODS, METRICS, UnknownNameError, load_builtins
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
+TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
+            "seeds", "budgets_file"}
+LIST_KEYS = {"methods", "metrics", "seeds"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    method_version: str
+    dataset: str
+    dataset_version: str
+    condition: str | None
+    budget: Budget
+    seed: int
+    base_model: str
+    metrics: tuple[str, ...]
+    metric_versions: tuple[tuple[str, str], ...]
+    hparams: tuple[tuple[str, Any], ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
+                    dataset_version=self.dataset_version, condition=self.condition, budget=self.budget.name,
+                    budget_key=self.budget.key(), budget_fields={k: v for k, v in vars(self.budget).items()},
+                    seed=self.seed, base_model=self.base_model, metrics=list(self.metrics),
+                    metric_versions=dict(self.metric_versions), hparams=dict(self.hparams))
+
+    @property
+    def run_id(self) -> str:
+        d = self.to_dict()
+        d.pop("budget")  # a label: renaming a budget must not re-run identical work
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        budget = Budget(name=d["budget"], **{k: tuple(v) if k == "seeds" else v
+                                             for k, v in d["budget_fields"].items() if k != "name"})
+        return cls(method=d["method"], method_version=d["method_version"], dataset=d["dataset"],
+                   dataset_version=d["dataset_version"], condition=d["condition"], budget=budget, seed=d["seed"],
+                   base_model=d["base_model"], metrics=tuple(d["metrics"]),
+                   metric_versions=tuple(sorted(d["metric_versions"].items())),
+                   hparams=tuple(sorted(d["hparams"].items())))
+
+
+def load_config(path: Path | None) -> dict:
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}; fix the file or pass another CONFIG") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping of keys like methods:, dataset:, budget:")
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Accept `key=value`, `--key=value` and `--key value` (the forms W&B agents emit)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" not in arg:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value; write {arg[2:]}=VALUE")
+            key, value, i = arg[2:], args[i + 1], i + 2
+        elif "=" in arg:
+            key, value = arg.lstrip("-").split("=", 1)
+            i += 1
+        else:
+            raise ConfigError(f"bad override {arg!r}; write key=value (e.g. budget=smoke)")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        out.append((key.replace("-", "_"), parsed))
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: list[tuple[str, Any]]) -> dict:
+    cfg = json.loads(json.dumps(cfg))  # deep copy; never mutate the caller's dict
+    for key, value in overrides:
+        head, _, rest = key.partition(".")
+        if head not in TOP_KEYS:
+            close = [k for k in sorted(TOP_KEYS) if k.startswith(head[:3])]
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {head!r}{hint} (known: {', '.join(sorted(TOP_KEYS))})")
+        if head in LIST_KEYS and isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",") if v]
+        if head in LIST_KEYS and not isinstance(value, list):
+            value = [value]
+        if not rest:
+            cfg[head] = value
+            continue
+        node = cfg.setdefault(head, {})
+        parts = rest.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {head} is not a mapping")
+        node[parts[-1]] = value
+    return cfg
+
+
+def _need(cfg: dict, key: str):
+    if key not in cfg or cfg[key] in (None, "", []):
+        raise ConfigError(f"config is missing {key!r}; add it to the YAML or pass {key}=...")
+    return cfg[key]
+
+
+def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
+    """Resolve names against the registries; returns the run specs and the output directory."""
+    load_builtins()
+
+    budget_cfg = _need(cfg, "budget")
+    budgets = load_budgets(Path(cfg.get("budgets_file") or BUDGETS_FILE))
+    if isinstance(budget_cfg, dict):  # budget: {name: quick, train_steps: 100}
+        budget_cfg = dict(budget_cfg)
+        name = budget_cfg.pop("name", None)
+        if name is None:
+            raise ConfigError("budget mapping needs a name: of a budget in sweeps/budgets.yaml to start from")
+    else:
+        name, budget_cfg = budget_cfg, {}
+    if name not in budgets:
+        raise ConfigError(str(UnknownNameError(f"unknown budget {name!r} (known: {', '.join(budgets)})")))
+    budget = budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
+    seeds = tuple(cfg.get("seeds") or budget.seeds)
+    if seeds != budget.seeds:
+        budget = budget.with_overrides({"seeds": seeds})
+    try:
+        dataset_name = _need(cfg, "dataset")
+        build = DATASETS.get(dataset_name)
+        condition = cfg.get("condition")
+        dataset_version = build(split="eval", size=1, resolution=budget.resolution,
+                                conditions=(condition,) if condition else ()).version
+        metric_names = tuple(_need(cfg, "metrics"))
+        metric_versions = tuple(sorted((m, METRICS.get(m).version) for m in metric_names))
+        method_names = list(_need(cfg, "methods"))
+        classes = {m: METHODS.get(m) for m in method_names}
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    hparams = cfg.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise ConfigError("hparams must map method names to {name: value}")
+    for m in hparams:
+        if m not in classes:
+            raise ConfigError(f"hparams given for {m!r}, which is not in methods {method_names}")
+    specs = []
+    for m in method_names:
+        hp = hparams.get(m) or {}
+        unknown = set(hp) - set(classes[m].hparam_defaults) - {"empty_prompt_prob"}
+        if unknown:
+            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {m}; known: "
+                              f"{', '.join(sorted(classes[m].hparam_defaults)) or 'none'}")
+        for seed in seeds:
+            specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
+                                 dataset_version=dataset_version, condition=condition, budget=budget, seed=int(seed),
+                                 base_model=str(_need(cfg, "base_model")), metrics=metric_names,
+                                 metric_versions=metric_versions, hparams=tuple(sorted(hp.items()))))
+    return specs, Path(cfg.get("out_dir") or "runs/default")

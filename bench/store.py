@@ -1,0 +1,279 @@
+"""RunRecord (one frozen record per run) and Store (SQLite, WAL, one transaction per record).
+
+The store is the single source of truth for finished work: a run whose id is already
+FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id     TEXT PRIMARY KEY,
+    status     TEXT,
+    method     TEXT,
+    budget_key TEXT,
+    record     TEXT NOT NULL,
+    updated_at REAL
+)
+"""
+
+
+class StoreError(ValueError):
+    """A store file that cannot be used; the message is one line naming the path and the fix."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything needed to compare, reproduce and audit one run.
+
+    ``spec`` is the resolved run spec (method, method_version, dataset, dataset_version,
+    condition, budget, budget_key, seed, base_model, hparams); ``metric_meta`` holds per
+    metric {"version": str, "higher_is_better": bool} so reports never merge versions.
+    """
+
+    run_id: str
+    spec: dict[str, Any]
+    status: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compute: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    git_sha: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ValueError("RunRecord.run_id must be a non-empty string")
+        if self.status not in STATUSES:
+            raise ValueError(f"RunRecord.status must be one of {STATUSES}, got {self.status!r}")
+
+    @property
+    def method(self) -> str:
+        return self.spec.get("method", "")
+
+    @property
+    def budget_key(self) -> str:
+        return self.spec.get("budget_key", "")
+
+    @property
+    def seed(self) -> int | None:
+        return self.spec.get("seed")
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.get("dataset", "")
+
+    @property
+    def condition(self) -> str:
+        return self.spec.get("condition", "")
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        # sort_keys makes the stored text canonical, so identical records compare equal as text.
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"RunRecord has unknown fields {unknown} (written by a newer version?)")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        return cls.from_dict(json.loads(text))
+
+
+def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the write
+    # lock up front and waits on busy_timeout instead of failing on a read->write upgrade.
+    if read_only:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    else:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+    return conn
+
+
+class Store:
+    """SQLite store of RunRecords; safe for several processes writing at once (WAL)."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        try:
+            if read_only:
+                if not self.path.is_file():
+                    raise StoreError(f"no store at {self.path}; check the path or pass --store")
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn: sqlite3.Connection | None = _connect(self.path, read_only)
+            self._init_schema()
+        except (sqlite3.Error, StoreError) as e:
+            conn = getattr(self, "_conn", None)
+            if conn is not None:
+                conn.close()
+            self._conn = None
+            if isinstance(e, StoreError):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(
+                f"store {self.path} is not a usable SQLite database ({msg}); "
+                "move it aside or pass --store with another path"
+            ) from None
+
+    def _init_schema(self) -> None:
+        conn = self._db
+        if not self.read_only:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema {version}, newer than this controlbench "
+                f"({SCHEMA_VERSION}); upgrade controlbench or pass --store with another path"
+            )
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "runs" not in tables:
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a controlbench store; "
+                "move it aside or pass --store with another path"
+            )
+        if self.read_only:
+            if "runs" not in tables:
+                raise StoreError(f"store {self.path} is empty (no runs table); check the path")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed")
+        return self._conn
+
+    @property
+    def journal_mode(self) -> str:
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    def _decode(self, run_id: str, text: str) -> RunRecord:
+        try:
+            return RunRecord.from_json(text)
+        except (ValueError, TypeError) as e:
+            raise StoreError(
+                f"store {self.path}: record {run_id!r} cannot be read ({e}); "
+                "move the store aside or pass --store"
+            ) from None
+
+    def _write(self, record: RunRecord, merge: bool) -> bool:
+        """Upsert one record in its own transaction; see put/merge_from for the rules."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} was opened read-only")
+        conn = self._db
+        text = record.to_json()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT status, record FROM runs WHERE run_id = ?", (record.run_id,)
+            ).fetchone()
+            write = True
+            if row is not None:
+                old_status, old_text = row
+                if old_text == text:
+                    write = False
+                elif old_status == "FINISHED" and not record.finished:
+                    write = False  # a finished result is never lost to a later failure
+                elif merge and (old_status == "FINISHED") == record.finished:
+                    # same rank: the newer record wins, so merging is order-independent
+                    write = record.created_at > self._decode(record.run_id, old_text).created_at
+            if write:
+                conn.execute(
+                    "INSERT OR REPLACE INTO runs"
+                    " (run_id, status, method, budget_key, record, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.run_id, record.status, record.method, record.budget_key,
+                     text, time.time()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return write
+
+    def put(self, record: RunRecord) -> bool:
+        """Insert or replace ``record``; a FINISHED record is never overwritten by a
+        non-FINISHED one. Returns whether anything was written."""
+        return self._write(record, merge=False)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else self._decode(run_id, row[0])
+
+    def is_finished(self, run_id: str) -> bool:
+        row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None and row[0] == "FINISHED"
+
+    def records(self, status: str | None = None) -> list[RunRecord]:
+        """All records (optionally of one status), oldest first."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if status is None:
+            rows = self._db.execute("SELECT run_id, record FROM runs").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT run_id, record FROM runs WHERE status = ?", (status,)
+            ).fetchall()
+        recs = [self._decode(rid, text) for rid, text in rows]
+        return sorted(recs, key=lambda r: (r.created_at, r.run_id))
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+    def merge_from(self, other_path: str | Path) -> int:
+        """Copy records from another store (e.g. one per sweep worker); returns how many were
+        written. FINISHED beats non-FINISHED; between equals the newer ``created_at`` wins,
+        so merging the same store twice writes nothing the second time."""
+        with Store(other_path, read_only=True) as other:
+            incoming = other.records()
+        return sum(self._write(rec, merge=True) for rec in incoming)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"

@@ -1,0 +1,69 @@
+"""Condition extractors: images -> condition maps, deterministic and versioned.
+
+The same extractor builds a method's input condition and re-extracts it from generated
+images, so consistency metrics compare like with like.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+import torch
+
+from bench.registry import CONDITIONS
+
+SEG_PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 255, 64], [64, 64, 255]], np.uint8)  # bg + SHAPES
+
+
+class ConditionExtractor(Protocol):
+    name: str
+    version: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] float in [0,1] -> [B,3,H,W] condition map in [0,1]."""
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] float [0,1] -> [B,H,W,3] uint8 with round-to-nearest (not truncation)."""
+    return images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Canny:
+    """OpenCV Canny on the grayscale image with fixed thresholds (ControlNet++ protocol)."""
+
+    low: int = 60
+    high: int = 120
+    name: str = "canny"
+
+    @property
+    def version(self) -> str:
+        return f"canny-cv2-{self.low}-{self.high}-v1"
+
+    def edges(self, images: torch.Tensor) -> torch.Tensor:
+        """Binary edge maps [B,H,W] bool."""
+        out = [cv2.Canny(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), self.low, self.high) > 0 for im in to_uint8(images)]
+        return torch.from_numpy(np.stack(out))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.edges(images).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def seg_to_image(semantic: np.ndarray) -> torch.Tensor:
+    """Semantic label map [H,W] -> palette image [3,H,W] in [0,1]."""
+    return torch.from_numpy(SEG_PALETTE[semantic]).permute(2, 0, 1).float().div(255)
+
+
+CONDITIONS.register("canny")(Canny())
+CONDITIONS.register("seg")(None)  # ground truth from the world; re-extracted by the seg evaluator
+
+
+def condition_from_scene(kind: str, scene) -> torch.Tensor:
+    """The input condition for one rendered scene, [3,H,W] in [0,1]."""
+    if kind == "seg":
+        return seg_to_image(scene.semantic)
+    extractor = CONDITIONS.get(kind)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return extractor(image)[0]

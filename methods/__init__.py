@@ -1,0 +1,2 @@
+"""Control methods, one file each; importing registers them in METHODS."""
+from bench.methods import baseline, controlnet, t2i_adapter  # noqa: F401

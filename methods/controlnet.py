@@ -1,0 +1,32 @@
+"""ControlNet: a trainable copy of the UNet encoder feeding zero-conv residuals (diffusers)."""
+from __future__ import annotations
+
+import math
+
+from bench.method import Method
+from bench.registry import METHODS
+
+
+@METHODS.register("controlnet")
+class ControlNet(Method):
+    version = "controlnet-v1"
+    conditions = ("canny", "seg", "depth")
+    hparam_defaults = {"conditioning_scale": 1.0}
+
+    def __init__(self, base, condition, budget, hparams=None):
+        from diffusers import ControlNetModel
+
+        super().__init__(base, condition, budget, hparams)
+        # The condition encoder downsamples pixels to latent size: 8x for SD, none in pixel space.
+        levels = int(math.log2(base.scale_factor))
+        channels = (16, 32, 96, 256)[: levels + 1]
+        self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels)
+        self.controlnet.train()
+
+    def prepare(self, batch, embeds, cfg):
+        return self.control_image(batch, cfg)
+
+    def unet_kwargs(self, x, t, embeds, state):
+        down, mid = self.controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=state,
+                                    conditioning_scale=self.hp["conditioning_scale"], return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random base models saved to disk and loaded back via the real loader."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def save_proxy_arch(directory: Path, seed: int = 0) -> Path:
+    """The proxy architecture with random weights, in diffusers layout."""
+    from bench.proxy import build_components
+
+    tokenizer, text_encoder, unet, scheduler = build_components(directory / "tokenizer", seed)
+    unet.save_pretrained(directory / "unet")
+    text_encoder.save_pretrained(directory / "text_encoder")
+    scheduler.save_pretrained(directory / "scheduler")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    return directory
+
+
+def save_tiny_sd(directory: Path, seed: int = 0) -> Path:
+    """Tiny SD-layout components (VAE, CLIP text encoder, locally built tokenizer), diffusers' test habit."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.proxy import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(directory / "tokenizer")
+    UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                         norm_num_groups=1).save_pretrained(directory / "unet")
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False).save_pretrained(directory / "scheduler")
+    AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  latent_channels=4, norm_num_groups=2).save_pretrained(directory / "vae")
+    CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                                 num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                                 max_position_embeddings=tokenizer.model_max_length)).save_pretrained(directory / "text_encoder")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def proxy_arch_dir(tmp_path_factory) -> Path:
+    return save_proxy_arch(tmp_path_factory.mktemp("proxy_arch"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def smoke_budget():
+    from bench.budget import load_budgets
+
+    return load_budgets()["smoke"]

@@ -1,0 +1,147 @@
+"""Store: round trip, WAL, FINISHED-wins, merge idempotence, corrupt files, concurrent writers."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bench.store import RunRecord, Store, StoreError
+
+
+def make_record(run_id: str, status: str = "FINISHED", created_at: float = 1.0, **kw) -> RunRecord:
+    spec = {
+        "method": "controlnet", "method_version": "1", "dataset": "shapes",
+        "dataset_version": "1", "condition": "canny", "budget": "proxy-xs",
+        "budget_key": "bk1", "seed": 0, "base_model": "proxy", "hparams": {"lr": 1e-4},
+    }
+    spec.update(kw.pop("spec", {}))
+    return RunRecord(
+        run_id=run_id, spec=spec, status=status, created_at=created_at,
+        metrics=kw.pop("metrics", {"canny_f1": 0.5}),
+        metric_meta=kw.pop("metric_meta", {"canny_f1": {"version": "1", "higher_is_better": True}}),
+        **kw,
+    )
+
+
+def _write_many(path: str, prefix: str, n: int) -> None:
+    # Top-level so the spawn start method can import it in the child.
+    with Store(path) as store:
+        for i in range(n):
+            store.put(make_record(f"{prefix}-{i}", created_at=float(i)))
+
+
+def test_record_json_round_trip() -> None:
+    rec = make_record("r1", compute={"params_total": 1e6}, artifacts={"images": "/x"},
+                      git_sha="abc", versions={"torch": "2.3"}, reason="")
+    again = RunRecord.from_json(rec.to_json())
+    assert again == rec
+    assert (again.method, again.budget_key, again.seed, again.dataset, again.condition) == (
+        "controlnet", "bk1", 0, "shapes", "canny")
+
+
+def test_record_rejects_bad_status() -> None:
+    with pytest.raises(ValueError, match="status"):
+        make_record("r1", status="DONE")
+
+
+def test_store_round_trip_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "runs.db"
+    rec = make_record("r1", compute={"step_time_s": 0.1})
+    with Store(path) as store:
+        assert store.journal_mode == "wal"
+        assert store.put(rec)
+        assert store.get("r1") == rec
+        assert store.get("missing") is None
+        assert store.is_finished("r1") and not store.is_finished("missing")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("SELECT method, budget_key FROM runs").fetchall() == [("controlnet", "bk1")]
+    conn.close()
+    with Store(path) as store:  # reopen
+        assert store.get("r1") == rec
+
+
+def test_finished_not_overwritten_by_failure(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        assert store.put(make_record("r1", "FINISHED"))
+        assert not store.put(make_record("r1", "FAILED", reason="OOM", created_at=2.0))
+        assert not store.put(make_record("r1", "KILLED", created_at=3.0))
+        assert store.get("r1").status == "FINISHED"
+
+
+def test_failed_then_finished_overwrites(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        assert store.put(make_record("r1", "FAILED", reason="OOM"))
+        assert not store.is_finished("r1")
+        assert store.put(make_record("r1", "FINISHED", created_at=2.0))
+        assert store.is_finished("r1")
+        assert [r.status for r in store.records()] == ["FINISHED"]
+
+
+def test_records_filter_and_order(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.put(make_record("b", created_at=2.0))
+        store.put(make_record("a", "FAILED", created_at=3.0))
+        store.put(make_record("c", created_at=1.0))
+        assert [r.run_id for r in store.records()] == ["c", "b", "a"]
+        assert [r.run_id for r in store.records("FINISHED")] == ["c", "b"]
+        assert [r.run_id for r in store.records("FAILED")] == ["a"]
+
+
+def test_merge_is_idempotent_and_finished_wins(tmp_path: Path) -> None:
+    with Store(tmp_path / "other.db") as other:
+        for i in range(5):
+            other.put(make_record(f"r{i}", created_at=float(i)))
+        other.put(make_record("x", "FAILED", reason="boom"))
+    with Store(tmp_path / "main.db") as main:
+        main.put(make_record("x", "FINISHED"))
+        assert main.merge_from(tmp_path / "other.db") == 5
+        assert len(main) == 6
+        assert main.merge_from(tmp_path / "other.db") == 0
+        assert len(main) == 6
+        assert main.is_finished("x")
+
+
+def test_merge_missing_source_is_store_error(tmp_path: Path) -> None:
+    with Store(tmp_path / "main.db") as main, pytest.raises(StoreError, match="no store"):
+        main.merge_from(tmp_path / "nope.db")
+
+
+def test_corrupt_file_gives_one_line_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    path.write_bytes(b"this is definitely not an sqlite database\n" * 100)
+    with pytest.raises(StoreError) as info:
+        Store(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert str(path) in msg and "--store" in msg
+    assert isinstance(info.value, ValueError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_foreign_sqlite_db_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE something (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a controlbench store"):
+        Store(path)
+
+
+def test_two_processes_write_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spawned children inherit sys.path; make this module importable whatever the cwd.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[len(__name__.split(".")) - 1]))
+    path = str(tmp_path / "shared.db")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(path, p, 50)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with Store(path) as store:
+        assert len(store.records()) == 100
