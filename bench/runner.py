@@ -130,6 +130,8 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
 
     image_dir = out_dir / "images" / spec.run_id
     image_dir.mkdir(parents=True, exist_ok=True)
+    for stale in image_dir.glob(".*.tmp*"):  # left by a killed earlier attempt
+        stale.unlink(missing_ok=True)
     metrics = {m: METRICS.get(m)().to(device) for m in spec.metrics}
     latencies = []
     loader = torch.utils.data.DataLoader(eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate)

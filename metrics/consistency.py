@@ -47,7 +47,7 @@ class CannyF1(BenchMetric):
 
     def compute(self) -> Tensor:
         denom = (2 * self.tp + self.fp + self.fn).double()
-        return (self.tp / denom).float() if denom > 0 else torch.tensor(0.0)
+        return (2 * self.tp / denom).float() if denom > 0 else torch.tensor(0.0)
 
 
 @METRICS.register("seg_miou")

@@ -29,7 +29,8 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
-    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    fd = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    return fd.clamp_min(0)  # it is a squared distance; rounding can push equal sets to -1e-9
 
 
 def _stats(feats: Tensor) -> tuple[Tensor, Tensor]:
