@@ -94,6 +94,24 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
+def quiet_libraries() -> None:
+    """Keep run output to our progress bars: library chatter hides real errors."""
+    import logging
+    import warnings
+
+    import diffusers
+    import transformers
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
     """Train, generate and score one run. Raises on failure; the caller records it."""
     from bench.base_model import BaseModel
@@ -103,6 +121,7 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
     from bench.types import collate
 
     load_builtins()
+    quiet_libraries()
     budget = spec.budget
     L.seed_everything(spec.seed, workers=True, verbose=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"

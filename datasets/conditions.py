@@ -56,8 +56,20 @@ def seg_to_image(semantic: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(SEG_PALETTE[semantic]).permute(2, 0, 1).float().div(255)
 
 
+@dataclass(frozen=True)
+class SegmentationFromAnnotations:
+    """Segmentation inputs come from the world's exact masks; generated images are
+    re-segmented by the `seg_miou` evaluator, a model no method trains against."""
+
+    name: str = "seg"
+    version: str = "seg-gt-palette-v1"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        raise TypeError("seg conditions come from dataset annotations; use the seg_miou metric to re-segment images")
+
+
 CONDITIONS.register("canny")(Canny())
-CONDITIONS.register("seg")(None)  # ground truth from the world; re-extracted by the seg evaluator
+CONDITIONS.register("seg")(SegmentationFromAnnotations())
 
 
 def condition_from_scene(kind: str, scene) -> torch.Tensor:

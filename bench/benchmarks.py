@@ -1,0 +1,130 @@
+"""Harness overhead against a bare PyTorch loop on the same model, in one run.
+
+    python -m bench.benchmarks [--steps 40] [--batch 16] [--base proxy]
+
+Train: median wall time per step, batch start to batch start (data loading, Lightning loop and
+callbacks included) vs a bare `loss.backward(); opt.step()` loop over pre-stacked tensors.
+Sampling: `bench.sampler.generate` vs an inline scheduler/UNet/ControlNet loop. Ratios near 1.00
+mean the harness adds nothing measurable; the target is <= 1.03.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from bench.base_model import BaseModel
+from bench.budget import load_budgets
+from bench.registry import METHODS, load_builtins
+from bench.sampler import generate, initial_noise, make_scheduler, sample_generators
+from bench.types import Batch, collate
+
+
+class _Wall(L.Callback):
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+
+def _data(n: int, res: int) -> Batch:
+    from bench.datasets.shapes import ShapesWorld
+
+    world = ShapesWorld("train", n, res, seed=0, conditions=("canny",))
+    return collate([world[i] for i in range(n)])
+
+
+def train_ratio(base, budget, steps: int, batch: int) -> tuple[float, float]:
+    data = _data(batch * 4, budget.resolution)
+    torch.manual_seed(0)
+    proto = METHODS.get("controlnet")(base, "canny", budget, {})
+    warm = 3
+
+    bare = copy.deepcopy(proto).train()
+    opt = torch.optim.AdamW(bare.trainable_parameters(), lr=budget.lr)
+    times = []
+    for step in range(steps + warm):
+        t0 = time.perf_counter()
+        b = data.subset(slice((step % 4) * batch, (step % 4 + 1) * batch))
+        loss = bare.diffusion_loss(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    bare_t = statistics.median(times[warm:])
+
+    harness = copy.deepcopy(proto)
+    wall = _Wall()
+    ds = [data.subset(slice(i, i + 1)) for i in range(len(data))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
+    trainer = L.Trainer(max_steps=steps + warm + 1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        callbacks=[wall], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(harness, loader)
+    gaps = [b - a for a, b in zip(wall.starts, wall.starts[1:])]
+    return statistics.median(gaps[warm:]), bare_t
+
+
+@torch.no_grad()
+def bare_sample(base, controlnet, batch: Batch, steps: int, guidance: float, seed: int) -> torch.Tensor:
+    text = base.encode_prompt(batch.prompts)
+    embeds = torch.cat([base.encode_prompt([""] * len(batch)), text])
+    cond = torch.cat([batch.conditions["canny"]] * 2)
+    sched = make_scheduler(base.scheduler, "ddim")
+    sched.set_timesteps(steps)
+    lat = initial_noise((3, *batch.image.shape[-2:]), sample_generators(seed, batch.ids)) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.scale_model_input(torch.cat([lat] * 2), t)
+        down, mid = controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=cond, return_dict=False)
+        pred = base.unet(x, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        u, c = pred.chunk(2)
+        lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+    return base.decode(lat)
+
+
+def sample_ratio(base, budget, n: int, repeats: int) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    method = METHODS.get("controlnet")(base, "canny", budget, {}).eval()
+    batch = _data(n, budget.resolution)
+    kw = dict(steps=budget.inference_steps, guidance=budget.guidance_scale, seed=0)
+    ours_t, bare_t = [], []
+    for _ in range(repeats):  # interleaved so drift in machine load hits both alike
+        t0 = time.perf_counter()
+        ours = generate(base, method, batch, sampler="ddim", steps=kw["steps"], guidance_scale=kw["guidance"], seed=0)
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = bare_sample(base, method.controlnet, batch, **kw)
+        bare_t.append(time.perf_counter() - t0)
+    return statistics.median(ours_t), statistics.median(bare_t), (ours - ref).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="proxy", help="base model: 'proxy' or a local diffusers directory")
+    p.add_argument("--steps", type=int, default=40, help="timed train steps (after 3 warm-up steps)")
+    p.add_argument("--batch", type=int, default=16, help="train batch size")
+    p.add_argument("--samples", type=int, default=32, help="images per sampling repeat")
+    p.add_argument("--repeats", type=int, default=5, help="sampling repeats (median reported)")
+    args = p.parse_args(argv)
+    load_builtins()
+    budget = load_budgets()["quick"]
+    base = BaseModel.load(args.base)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu, base {args.base}")
+    h, b = train_ratio(base, budget, args.steps, args.batch)
+    print(f"train step  (controlnet, bs {args.batch}): harness {h * 1000:7.1f} ms  bare {b * 1000:7.1f} ms  "
+          f"ratio {h / b:.3f}")
+    o, r, diff = sample_ratio(base, budget, args.samples, args.repeats)
+    print(f"sampling    ({args.samples} images, {budget.inference_steps} steps, CFG): harness {o:6.2f} s  bare "
+          f"{r:6.2f} s  ratio {o / r:.3f}  (max |diff| {diff:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
