@@ -104,6 +104,20 @@ def sample_ratio(base, budget, n: int, repeats: int) -> tuple[float, float, floa
     return statistics.median(ours_t), statistics.median(bare_t), (ours - ref).abs().max().item()
 
 
+def time_quickstart(out_dir: str) -> float:
+    """Wall time of the quickstart from an empty output dir and data cache (the shipped base is used)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="controlbench-cache-")
+    env = {**os.environ, "CONTROLBENCH_CACHE": cache}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bench.cli", "run", f"out_dir={out_dir}", "--quiet"], env=env, check=True)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="train batch size")
     p.add_argument("--samples", type=int, default=32, help="images per sampling repeat")
     p.add_argument("--repeats", type=int, default=5, help="sampling repeats (median reported)")
+    p.add_argument("--quickstart", metavar="OUT_DIR", help="instead, time the whole quickstart into an empty OUT_DIR")
     args = p.parse_args(argv)
+    if args.quickstart:
+        print(f"quickstart wall time: {time_quickstart(args.quickstart):.0f} s (limit 900 s)")
+        return 0
     load_builtins()
     budget = load_budgets()["quick"]
     base = BaseModel.load(args.base)

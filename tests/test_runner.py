@@ -1,0 +1,48 @@
+"""Failures become FAILED records with a reason, and a sweep goes on past them."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench.spec import apply_overrides, load_config, resolve
+from bench.store import RunRecord, Store
+
+
+def _specs(base_dir, tmp_path, **over):
+    pairs = [("budget", "smoke"), ("base_model", str(base_dir)), ("out_dir", str(tmp_path / "out"))]
+    pairs += list(over.items())
+    return resolve(apply_overrides(load_config(None), pairs))
+
+
+def test_nan_loss_raises_a_clear_error(proxy_arch_dir, smoke_budget):
+    import bench.methods  # noqa: F401
+    from bench.base_model import BaseModel
+    from bench.datasets.shapes import ShapesWorld
+    from bench.registry import METHODS
+    from bench.types import collate
+
+    method = METHODS.get("controlnet")(BaseModel.load(str(proxy_arch_dir)), "canny", smoke_budget, {})
+    batch = collate([ShapesWorld("train", 2, 32, conditions=("canny",))[i] for i in range(2)])
+    batch.image[:] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss.*lower lr"):
+        method.training_step(batch, 0)
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
+    from bench.runner import run_specs
+
+    (good,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"])
+    bad = dataclasses.replace(good, base_model=str(tmp_path / "missing"))
+    with Store(tmp_path / "store.sqlite") as store:
+        records = run_specs([bad, good], store, out, progress=False)
+        assert [r.status for r in records] == ["FAILED", "FINISHED"]
+        assert "base model file missing" in records[0].reason
+        stored = store.get(bad.run_id)
+        assert isinstance(stored, RunRecord) and stored.status == "FAILED"
+        finished = store.get(good.run_id)
+        assert set(finished.metrics) == {"canny_f1", "prompt_fidelity", "fd_segnet"}
+        assert all(torch.isfinite(torch.tensor(v)) for v in finished.metrics.values())
+        assert finished.compute["params_trainable"] == 0 and finished.compute["peak_mem_mb"] > 0
+        assert finished.spec["budget_key"] == good.budget.key() and finished.git_sha
