@@ -129,15 +129,17 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
     method = METHODS.get(spec.method)(base, spec.condition, budget, dict(spec.hparams))
     conds = (spec.condition,) if spec.condition else ()
     build = DATASETS.get(spec.dataset)
-    train_set = materialize(build(split="train", size=budget.train_size, resolution=budget.resolution, conditions=conds), progress)
     eval_set = materialize(build(split="eval", size=budget.eval_samples, resolution=budget.resolution, conditions=conds), progress)
+    trainable = method.trainable_parameters()
+    train = bool(trainable) and budget.train_steps > 0
+    if train:
+        train_set = materialize(build(split="train", size=budget.train_size, resolution=budget.resolution, conditions=conds), progress)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = rss_mb()
 
     timer = StepTimer()
-    trainable = method.trainable_parameters()
-    if trainable and budget.train_steps > 0:
+    if train:
         loader = torch.utils.data.DataLoader(train_set, batch_size=budget.batch_size, shuffle=True, collate_fn=collate,
                                              drop_last=True, generator=torch.Generator().manual_seed(spec.seed))
         trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=device, devices=1,
