@@ -15,7 +15,7 @@ run: $(STAMP)
 	$(VENV)/bin/bench run
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.benchmarks

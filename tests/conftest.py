@@ -43,7 +43,7 @@ def save_tiny_sd(directory: Path, seed: int = 0) -> Path:
                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                          norm_num_groups=1).save_pretrained(directory / "unet")
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False).save_pretrained(directory / "scheduler")
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
     AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                   latent_channels=4, norm_num_groups=2).save_pretrained(directory / "vae")

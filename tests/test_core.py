@@ -102,13 +102,13 @@ def test_shipped_proxy_base_matches_code_config():
     assert size < 20 * 2**20
 
 
-def test_package_namespacing():
-    import importlib.util
+def test_package_namespacing(tmp_path):
+    """Only `bench` is installed: no top-level datasets/metrics/methods to shadow other packages."""
+    import subprocess
+    import sys
 
-    import bench.datasets
-    import bench.methods
-    import bench.metrics  # noqa: F401
-
-    for top in ("methods", "metrics"):
-        spec = importlib.util.find_spec(top)
-        assert spec is None or "site-packages" in str(spec.origin), f"a top-level {top!r} is importable"
+    code = ("import importlib.util as u, bench.datasets, bench.methods, bench.metrics; "
+            "print([m for m in ('methods', 'metrics') if u.find_spec(m)]); print(bench.datasets.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split("\n")[:2] == ["[]", "bench.datasets"]

@@ -1,7 +1,6 @@
 """Store: round trip, WAL, FINISHED-wins, merge idempotence, corrupt files, concurrent writers."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import sqlite3
 from pathlib import Path
 
@@ -23,13 +22,6 @@ def make_record(run_id: str, status: str = "FINISHED", created_at: float = 1.0, 
         metric_meta=kw.pop("metric_meta", {"canny_f1": {"version": "1", "higher_is_better": True}}),
         **kw,
     )
-
-
-def _write_many(path: str, prefix: str, n: int) -> None:
-    # Top-level so the spawn start method can import it in the child.
-    with Store(path) as store:
-        for i in range(n):
-            store.put(make_record(f"{prefix}-{i}", created_at=float(i)))
 
 
 def test_record_json_round_trip() -> None:
@@ -132,16 +124,23 @@ def test_foreign_sqlite_db_is_refused(tmp_path: Path) -> None:
         Store(path)
 
 
-def test_two_processes_write_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Spawned children inherit sys.path; make this module importable whatever the cwd.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[len(__name__.split(".")) - 1]))
+_WRITER = """
+import sys
+from bench.store import RunRecord, Store
+path, prefix = sys.argv[1], sys.argv[2]
+with Store(path) as store:
+    for i in range(50):
+        store.put(RunRecord(run_id=f"{prefix}-{i}", spec={"method": "m", "budget_key": "k", "seed": i},
+                            status="FINISHED", created_at=float(i)))
+"""
+
+
+def test_two_processes_write_concurrently(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     path = str(tmp_path / "shared.db")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_write_many, args=(path, p, 50)) for p in ("a", "b")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, p]) for p in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
     with Store(path) as store:
         assert len(store.records()) == 100
