@@ -19,6 +19,7 @@ import torch
 
 from bench.base_model import BaseModel
 from bench.budget import load_budgets
+from bench.data import MaterializedDataset, quantize
 from bench.registry import METHODS, load_builtins
 from bench.sampler import generate, initial_noise, make_scheduler, sample_generators
 from bench.types import Batch, collate
@@ -45,29 +46,31 @@ def train_ratio(base, budget, steps: int, batch: int) -> tuple[float, float]:
     proto = METHODS.get("controlnet")(base, "canny", budget, {})
     warm = 3
 
-    bare = copy.deepcopy(proto).train()
-    opt = torch.optim.AdamW(bare.trainable_parameters(), lr=budget.lr)
-    times = []
-    for step in range(steps + warm):
-        t0 = time.perf_counter()
-        b = data.subset(slice((step % 4) * batch, (step % 4 + 1) * batch))
-        loss = bare.diffusion_loss(b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    bare_t = statistics.median(times[warm:])
+    def bare_loop() -> float:
+        bare = copy.deepcopy(proto).train()
+        opt = torch.optim.AdamW(bare.trainable_parameters(), lr=budget.lr)
+        times = []
+        for step in range(steps + warm):
+            t0 = time.perf_counter()
+            b = data.subset(slice((step % 4) * batch, (step % 4 + 1) * batch))
+            loss = bare.diffusion_loss(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[warm:])
 
+    bare_before = bare_loop()
     harness = copy.deepcopy(proto)
     wall = _Wall()
-    ds = [data.subset(slice(i, i + 1)) for i in range(len(data))]
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
+    loader = torch.utils.data.DataLoader(MaterializedDataset(quantize(data)), batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
     trainer = L.Trainer(max_steps=steps + warm + 1, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         callbacks=[wall], num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(harness, loader)
     gaps = [b - a for a, b in zip(wall.starts, wall.starts[1:])]
-    return statistics.median(gaps[warm:]), bare_t
+    # bare timed before and after the harness, so drift in machine load cancels
+    return statistics.median(gaps[warm:]), (bare_before + bare_loop()) / 2
 
 
 @torch.no_grad()

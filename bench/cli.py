@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from bench.errors import ConfigError
+from bench.store import StoreError
 
 EPILOG = """examples:
   bench run                                  # the quickstart: baseline/controlnet/t2i_adapter on shapes/canny
@@ -15,6 +16,9 @@ EPILOG = """examples:
   bench run my.yaml --seeds 0,1,2 budget.train_steps=900 hparams.controlnet.conditioning_scale=0.8
   bench report --store runs/quickstart/store.sqlite --out runs/quickstart/report
   bench list
+  bench sweep sweeps/spatial.yaml --local      # the W&B sweep file as a local grid (resumable, shareable)
+  bench check --baseline sweeps/regression/baseline.json --store runs/regression/store.sqlite
+  bench store merge all.sqlite machine1.sqlite machine2.sqlite
 """
 
 
@@ -38,7 +42,7 @@ def _run(args) -> int:
     t0 = time.time()
     with Store(store_path) as store:
         records = run_specs(specs, store, out_dir, progress=not args.quiet)
-        report = write_report(store.records(), out_dir / "report", {"git_sha": git_sha()})
+        report = write_report(store.records(), out_dir / "report", {"git_sha": git_sha()}, plots=True, html=True)
     done = sum(r.status == "FINISHED" for r in records)
     print(f"{done}/{len(records)} runs finished in {time.time() - t0:.0f}s")
     print(f"store:       {store_path}")
@@ -71,11 +75,19 @@ def _report(args) -> int:
     from bench.runner import git_sha
     from bench.store import Store
 
-    if not Path(args.store).exists():
+    if args.from_wandb:
+        from bench.wandb_mirror import fetch_records
+
+        records = fetch_records(args.from_wandb)
+    elif not args.store:
+        raise ConfigError("bench report needs --store PATH or --from-wandb ENTITY/PROJECT")
+    elif not Path(args.store).exists():
         raise ConfigError(f"store {args.store} does not exist; run `bench run` first or pass --store PATH")
-    with Store(args.store, read_only=True) as store:
-        path = write_report(store.records(), Path(args.out), {"git_sha": git_sha()})
-    print(f"leaderboard: {path}")
+    else:
+        with Store(args.store, read_only=True) as store:
+            records = store.records()
+    path = write_report(records, Path(args.out), {"git_sha": git_sha()}, plots=True, html=args.html)
+    print(f"leaderboard: {path}" + (f"\nhtml:        {path.with_suffix('.html')}" if args.html else ""))
     return 0
 
 
@@ -113,6 +125,66 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from bench.sweep import run_local
+
+    if not args.local:
+        raise ConfigError("bench sweep runs sweeps locally: add --local (with a W&B server, use "
+                          f"`wandb sweep {args.file}` then `wandb agent SWEEP_ID`)")
+    outcome = run_local(Path(args.file), Path(args.store) if args.store else None,
+                        Path(args.out) if args.out else None, args.count, args.seed, progress=not args.quiet)
+    print(f"sweep {args.file}: {outcome}")
+    return 1 if outcome.failed else 0
+
+
+def _check(args) -> int:
+    from bench.check import check
+    from bench.store import Store
+
+    if not Path(args.store).is_file():
+        raise ConfigError(f"store {args.store} does not exist; run `bench sweep`/`bench run` first or pass --store")
+    with Store(args.store, read_only=True) as store:
+        records = store.records()
+    return check(records, Path(args.baseline), args.update_baseline)
+
+
+def _store_merge(args) -> int:
+    from bench.store import Store
+
+    with Store(args.into) as dest:
+        for src in args.sources:
+            if not Path(src).is_file():
+                raise ConfigError(f"store {src} does not exist")
+            print(f"{src}: {dest.merge_from(src)} records merged into {args.into}")
+        print(f"{args.into}: {len(dest)} records")
+    return 0
+
+
+def add_scale_out_commands(sub) -> None:
+    """sweep, check and store merge: the commands for sweeps, CI gates and several machines."""
+    sw = sub.add_parser("sweep", help="run a W&B sweep file as a local grid; processes sharing a store split the "
+                        "work and never run a config twice")
+    sw.add_argument("file", help="W&B sweep YAML (sweeps/*.yaml)")
+    sw.add_argument("--local", action="store_true", help="enumerate and run the configs here (no W&B server)")
+    sw.add_argument("--count", type=int, help="random/bayes: number of draws (default: the file's run_cap)")
+    sw.add_argument("--seed", type=int, default=0, help="random/bayes: seed of the draws")
+    sw.add_argument("--store", help="SQLite store (default: OUT_DIR/store.sqlite)")
+    sw.add_argument("--out", help="output directory (default: the configs' out_dir)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=_sweep)
+    ck = sub.add_parser("check", help="regression gate: compare a store with a baseline file; exit 1 on regression")
+    ck.add_argument("--baseline", required=True, help="baseline JSON (e.g. sweeps/regression/baseline.json)")
+    ck.add_argument("--store", default="runs/default/store.sqlite", help="SQLite store to check")
+    ck.add_argument("--update-baseline", action="store_true", help="write the store's results as the new baseline")
+    ck.set_defaults(func=_check)
+    st = sub.add_parser("store", help="store maintenance")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    mg = st_sub.add_parser("merge", help="merge stores (e.g. one per machine) into the first; idempotent by run id")
+    mg.add_argument("into", help="destination store (created if missing)")
+    mg.add_argument("sources", nargs="+", help="stores to merge in")
+    mg.set_defaults(func=_store_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="controlbench: compare controllable-generation methods "
                                 "under identical data and budgets.", epilog=EPILOG,
@@ -128,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
     rep = sub.add_parser("report", help="write the Markdown leaderboard from a store")
-    rep.add_argument("--store", required=True, help="SQLite store written by `bench run`")
+    rep.add_argument("--store", help="SQLite store written by `bench run`")
+    rep.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="build the leaderboard from W&B runs "
+                     "mirrored by controlbench instead of a store (needs W&B access)")
     rep.add_argument("--out", required=True, help="directory for leaderboard.md")
+    rep.add_argument("--html", action="store_true", help="also write a self-contained leaderboard.html")
     rep.set_defaults(func=_report)
     ls = sub.add_parser("list", help="print registered methods, metrics, datasets, conditions and budgets")
     ls.set_defaults(func=_list)
@@ -139,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--analyzers", action="store_true", help="also retrain the proxy analyzers (segnet)")
     pt.add_argument("--analyzers-only", action="store_true", help="only retrain the proxy analyzers")
     pt.set_defaults(func=_pretrain)
+    add_scale_out_commands(sub)
     return p
 
 
@@ -153,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra + args.overrides
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,16 +8,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
 from bench.store import RunRecord
+
+if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
+    from bench.claims import ClaimResult
+    from bench.plots import Figure, SampleGrid
 
 COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     # (compute key, header, divisor)
@@ -179,6 +184,8 @@ def leaderboard(
             "base_model": base_model,
             "metric_versions": {m: v for m, v in sorted(mv)},
             "git_shas": sorted({r.git_sha for r in kept} - {""}),
+            # one budget key means one set of budget fields; shown so the table is reproducible
+            "budget_fields": kept[0].spec.get("budget_fields", {}) if kept else {},
         }
         ds = f"{dataset}@{dataset_version}" if dataset_version else dataset
         title = f"{ds} · {condition} · budget {group['budget'] or '?'} ({budget_key[:12]})"
@@ -215,10 +222,78 @@ def _fmt_ci(mean: float, half: float) -> str:
     return f"{mean:.{d}f} ± {ci}"
 
 
+def metric_header(t: Table, metric: str) -> str:
+    return f"{metric} {'↑' if t.higher_is_better[metric] else '↓'}"
+
+
+def row_cells(t: Table, r: Row) -> list[str]:
+    """Formatted, unescaped cells after the method name, shared by Markdown and HTML."""
+    cells = [str(r.n_seeds)]
+    cells += [_fmt_ci(*r.metrics.get(m, (math.nan, math.nan))) for m in t.columns]
+    cells += [_fmt(r.compute[k] / div) if k in r.compute else "–" for k, _, div in COMPUTE_COLUMNS]
+    return cells
+
+
+CLAIM_HEADERS = ("claim", "source", "statement", "definition", "expected", "measured",
+                 "verdict", "detail", "caveats")
+
+
+def claim_cells(result: ClaimResult) -> list[str]:
+    """Unescaped cells in CLAIM_HEADERS order."""
+    c = result.claim
+    measured = "–" if result.measured is None else _fmt(result.measured)
+    return [c.id, c.source, c.statement, c.definition, c.target, measured, result.verdict,
+            result.detail, c.caveats]
+
+
+def _markdown_extras(claims: Sequence[ClaimResult] | None, figures: Sequence[Figure],
+                     grids: Sequence[SampleGrid], base: Path | None) -> list[str]:
+    """Claims, plots and sample grids; image paths are relative to the report's directory."""
+    out: list[str] = []
+    if claims is not None:
+        out += ["## Claims", "", "Verdicts are computed from the runs above; a claim whose runs "
+                "are missing is _not measured_.", ""]
+        out.append("| " + " | ".join(CLAIM_HEADERS) + " |")
+        out.append("|" + "|".join("---" for _ in CLAIM_HEADERS) + "|")
+        out += ["| " + " | ".join(_esc(x) for x in claim_cells(r)) + " |" for r in claims]
+        out.append("")
+
+    def img(path: Path | None, alt: str) -> str:
+        if path is None:
+            return "–"
+        rel = Path(path).relative_to(base) if base else Path(path)
+        return f"![{_esc(alt)}]({rel.as_posix()})"
+
+    if figures:
+        out += ["## Plots", ""]
+        for f in figures:
+            out += [f"### {_esc(f.title)}", "", img(f.path, f.title), ""]
+            out += [f"_{_esc(f.note)}_", ""] if f.note else []
+    for g in grids:
+        out += [f"## Samples · {_esc(g.table_title)}", "",
+                f"Seed {_esc(g.seed)}; per method: condition · generated · re-extracted.", ""]
+        if g.note:
+            out += [f"_{_esc(g.note)}_", ""]
+        if not g.ids:
+            continue
+        out.append("| id | prompt | " + " | ".join(_esc(m) for m in g.methods) + " |")
+        out.append("|" + "|".join("---" for _ in range(len(g.methods) + 2)) + "|")
+        for sid in g.ids:
+            cells = [" ".join(img(p, n) for p, n in zip(
+                (g.cells[(m, sid)].condition, g.cells[(m, sid)].generated, g.cells[(m, sid)].reextracted),
+                ("condition", "generated", "re-extracted"))) for m in g.methods]
+            out.append(f"| {_esc(sid)} | {_esc(g.prompts.get(sid, ''))} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def render_markdown(
-    tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any]
+    tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any],
+    claims: Sequence[ClaimResult] | None = None, figures: Sequence[Figure] = (),
+    grids: Sequence[SampleGrid] = (), base: Path | None = None,
 ) -> str:
-    """Markdown leaderboard; deterministic for the same inputs (no clock reads here)."""
+    """Markdown leaderboard; deterministic for the same inputs (no clock reads here).
+    ``base`` is the report directory, so figure links are relative to it."""
     out = ["# controlbench leaderboard", ""]
     for k, v in meta.items():
         out.append(f"- **{_esc(k)}**: {_esc(v)}")
@@ -237,18 +312,15 @@ def render_markdown(
         out.append(f"- metric versions: {mv}")
         if g.get("git_shas"):
             out.append(f"- git: {', '.join(_esc(s[:12]) for s in g['git_shas'])}")
+        if g.get("budget_fields"):
+            out.append(f"- budget fields: `{_esc(json.dumps(g['budget_fields'], sort_keys=True))}`")
         out.append("")
-        heads = ["method", "seeds"]
-        heads += [f"{_esc(m)} {'↑' if t.higher_is_better[m] else '↓'}" for m in t.columns]
+        heads = ["method", "seeds"] + [_esc(metric_header(t, m)) for m in t.columns]
         heads += [h for _, h, _ in COMPUTE_COLUMNS]
         out.append("| " + " | ".join(heads) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
         for r in t.rows:
-            cells = [_esc(r.method), str(r.n_seeds)]
-            cells += [_fmt_ci(*r.metrics.get(m, (math.nan, math.nan))) for m in t.columns]
-            cells += [_fmt(r.compute[k] / div) if k in r.compute else "–"
-                      for k, _, div in COMPUTE_COLUMNS]
-            out.append("| " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join([_esc(r.method)] + row_cells(t, r)) + " |")
         out.append("")
     out += ["## Excluded runs", ""]
     if excluded:
@@ -257,16 +329,45 @@ def render_markdown(
             out.append(f"| {_esc(rec.run_id[:12])} | {_esc(rec.method)} | {_esc(why)} |")
     else:
         out.append("_None._")
-    return "\n".join(out) + "\n"
+    out += [""] + _markdown_extras(claims, figures, grids, base)
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
-def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any]) -> Path:
-    """Write ``leaderboard.md`` atomically, so a reader never sees a half-written report."""
+FIGURES_DIR = "figures"
+
+
+def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any], *,
+                 plots: bool = False, html: bool = False) -> Path:
+    """Write ``leaderboard.md`` (with claim verdicts); ``plots`` adds PNG figures and sample
+    grids under figures/, ``html`` also writes the self-contained ``leaderboard.html``.
+    Returns the Markdown path."""
+    from bench.claims import evaluate_all
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(*leaderboard(records), meta)
-    target = out_dir / "leaderboard.md"
-    tmp = out_dir / f".leaderboard.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tables, excluded = leaderboard(records)
+    claims = evaluate_all(records)
+    figures, grids = [], []
+    if plots or html:
+        from bench.plots import write_plots, write_sample_grids
+
+        fig_dir = out_dir / FIGURES_DIR
+        shutil.rmtree(fig_dir, ignore_errors=True)  # stale figures would describe other runs
+        figures = write_plots(tables, records, fig_dir)
+        grids = write_sample_grids(tables, records, fig_dir / "samples")
+    text = render_markdown(tables, excluded, meta, claims, figures, grids, out_dir)
+    if html:
+        from bench.report_html import render_html
+
+        atomic_write(out_dir / "leaderboard.html",
+                     render_html(tables, excluded, meta, claims, figures, grids))
+    return atomic_write(out_dir / "leaderboard.md", text)
+
+
+def atomic_write(target: Path, text: str) -> Path:
+    """Write via a temp file and rename, so a reader never sees a half-written report."""
+    out_dir = target.parent
+    tmp = out_dir / f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
@@ -112,8 +113,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
-    """Train, generate and score one run. Raises on failure; the caller records it."""
+def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
+    """Train, generate and score one run. Raises on failure; the caller records it.
+    Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records."""
     from bench.base_model import BaseModel
     from bench.data import materialize
     from bench.registry import DATASETS, METHODS, METRICS, load_builtins
@@ -142,11 +144,15 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
     if train:
         loader = torch.utils.data.DataLoader(train_set, batch_size=budget.batch_size, shuffle=True, collate_fn=collate,
                                              drop_last=True, generator=torch.Generator().manual_seed(spec.seed))
-        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=device, devices=1,
+        opts = dict(spec.trainer)
+        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=device,
+                            devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, callbacks=[timer], num_sanity_val_steps=0,
                             limit_val_batches=0)
         trainer.fit(method, loader)
+        if trainer.global_rank != 0:
+            return None
     method.to(device).eval()
 
     image_dir = out_dir / "images" / spec.run_id
@@ -204,6 +210,11 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         record = failed(spec, f"{type(e).__name__}: {first}"[:500])
         traceback.print_exc(file=sys.stderr)
+    if record is None:  # a non-zero rank: rank 0 writes the result
+        return
+    from bench.wandb_mirror import mirror
+
+    record = mirror(record, Path(out_dir))  # never raises: a W&B failure is noted in the record
     tmp = Path(result_path + ".tmp")
     tmp.write_text(record.to_json())
     os.replace(tmp, result_path)
@@ -236,7 +247,8 @@ def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool 
             records.append(existing)
             continue
         record = run_isolated(spec, out_dir, progress)
-        store.put(record)
+        if rank_zero_only.rank == 0:  # a DDP launcher re-runs this command on every rank
+            store.put(record)
         records.append(record)
         if record.status != "FINISHED":
             tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")

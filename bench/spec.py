@@ -15,7 +15,8 @@ from bench.registry import DATASETS, METHODS, METRICS, UnknownNameError, load_bu
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
-            "seeds", "budgets_file"}
+            "seeds", "budgets_file", "strategy", "devices"}
+TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
 LIST_KEYS = {"methods", "metrics", "seeds"}
 
 
@@ -32,13 +33,17 @@ class RunSpec:
     metrics: tuple[str, ...]
     metric_versions: tuple[tuple[str, str], ...]
     hparams: tuple[tuple[str, Any], ...] = field(default=())
+    trainer: tuple[tuple[str, Any], ...] = field(default=())  # strategy/devices; empty = one device
 
     def to_dict(self) -> dict:
-        return dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
+        d = dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
                     dataset_version=self.dataset_version, condition=self.condition, budget=self.budget.name,
                     budget_key=self.budget.key(), budget_fields={k: v for k, v in vars(self.budget).items()},
                     seed=self.seed, base_model=self.base_model, metrics=list(self.metrics),
                     metric_versions=dict(self.metric_versions), hparams=dict(self.hparams))
+        if self.trainer:  # only when set, so single-device run ids stay what they were
+            d["trainer"] = dict(self.trainer)
+        return d
 
     @property
     def run_id(self) -> str:
@@ -54,7 +59,8 @@ class RunSpec:
                    dataset_version=d["dataset_version"], condition=d["condition"], budget=budget, seed=d["seed"],
                    base_model=d["base_model"], metrics=tuple(d["metrics"]),
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
-                   hparams=tuple(sorted(d["hparams"].items())))
+                   hparams=tuple(sorted(d["hparams"].items())),
+                   trainer=tuple(sorted(d.get("trainer", {}).items())))
 
 
 def load_config(path: Path | None) -> dict:
@@ -109,6 +115,8 @@ def apply_overrides(cfg: dict, overrides: list[tuple[str, Any]]) -> dict:
         if not rest:
             cfg[head] = value
             continue
+        if head == "budget" and isinstance(cfg.get("budget"), str):
+            cfg["budget"] = {"name": cfg["budget"]}  # `budget.train_steps=9` refines the named budget
         node = cfg.setdefault(head, {})
         parts = rest.split(".")
         for p in parts[:-1]:
@@ -162,6 +170,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     for m in hparams:
         if m not in classes:
             raise ConfigError(f"hparams given for {m!r}, which is not in methods {method_names}")
+    trainer = tuple(sorted((k, cfg[k]) for k in TRAINER_KEYS if cfg.get(k) not in (None, "")))
     specs = []
     for m in method_names:
         hp = hparams.get(m) or {}
@@ -173,5 +182,6 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
             specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
                                  dataset_version=dataset_version, condition=condition, budget=budget, seed=int(seed),
                                  base_model=str(_need(cfg, "base_model")), metrics=metric_names,
-                                 metric_versions=metric_versions, hparams=tuple(sorted(hp.items()))))
+                                 metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
+                                 trainer=trainer))
     return specs, Path(cfg.get("out_dir") or "runs/default")

@@ -6,8 +6,11 @@ FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
+# A claim from another host cannot be probed for liveness; after this long it is presumed dead.
+CLAIM_LEASE_S = 12 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -26,6 +31,32 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at REAL
 )
 """
+# Who is running which run_id right now: lets several sweep processes share one store.
+_CLAIMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    run_id     TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    claimed_at REAL NOT NULL
+)
+"""
+
+
+def _claimant() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
+
+
+def _claim_is_live(host: str, pid: int, claimed_at: float) -> bool:
+    """A claim is stale once its process is gone (same host) or its lease ran out (other host)."""
+    if host != socket.gethostname():
+        return time.time() - claimed_at < CLAIM_LEASE_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class StoreError(ValueError):
@@ -115,6 +146,19 @@ def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
     return conn
 
 
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    """Switching journal mode can fail with SQLITE_BUSY without consulting busy_timeout when
+    two processes create the same store at once; retry until the timeout instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """SQLite store of RunRecords; safe for several processes writing at once (WAL)."""
 
@@ -145,7 +189,7 @@ class Store:
     def _init_schema(self) -> None:
         conn = self._db
         if not self.read_only:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _enable_wal(conn)
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -164,10 +208,20 @@ class Store:
             if "runs" not in tables:
                 raise StoreError(f"store {self.path} is empty (no runs table); check the path")
             return
+        with self._transaction():
+            conn.execute(_SCHEMA)
+            conn.execute(_CLAIMS_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self):
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (see _connect)."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} was opened read-only")
+        conn = self._db
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            yield conn
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -194,12 +248,8 @@ class Store:
 
     def _write(self, record: RunRecord, merge: bool) -> bool:
         """Upsert one record in its own transaction; see put/merge_from for the rules."""
-        if self.read_only:
-            raise StoreError(f"store {self.path} was opened read-only")
-        conn = self._db
         text = record.to_json()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             row = conn.execute(
                 "SELECT status, record FROM runs WHERE run_id = ?", (record.run_id,)
             ).fetchone()
@@ -221,10 +271,6 @@ class Store:
                     (record.run_id, record.status, record.method, record.budget_key,
                      text, time.time()),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return write
 
     def put(self, record: RunRecord) -> bool:
@@ -252,6 +298,25 @@ class Store:
             ).fetchall()
         recs = [self._decode(rid, text) for rid, text in rows]
         return sorted(recs, key=lambda r: (r.created_at, r.run_id))
+
+    def claim(self, run_id: str) -> bool:
+        """Take the right to run ``run_id`` in this process. False when it is already FINISHED
+        or a live process holds the claim; a stale claim (see _claim_is_live) is taken over."""
+        me = _claimant()
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id = ? AND status = 'FINISHED'", (run_id,)).fetchone():
+                return False
+            row = conn.execute("SELECT host, pid, claimed_at FROM claims WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and tuple(row[:2]) != me and _claim_is_live(*row):
+                return False
+            conn.execute("INSERT OR REPLACE INTO claims (run_id, host, pid, claimed_at) VALUES (?, ?, ?, ?)",
+                         (run_id, *me, time.time()))
+        return True
+
+    def release(self, run_id: str) -> None:
+        """Drop this process's claim on ``run_id`` (after its record is stored)."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM claims WHERE run_id = ? AND host = ? AND pid = ?", (run_id, *_claimant()))
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])

@@ -42,8 +42,10 @@ class Batch:
         )
 
 
-def collate(samples: list[Batch]) -> Batch:
+def collate(samples: list[Batch] | Batch) -> Batch:
     """Concatenate batches (e.g. single-sample batches from a Dataset) along dim 0."""
+    if isinstance(samples, Batch):  # already batched by a dataset's __getitems__
+        return samples
     first = samples[0]
     refs: dict[str, Any] = {}
     for k, v in first.refs.items():

@@ -1,0 +1,173 @@
+"""Self-contained HTML leaderboard: one file, images inlined as data URIs, no network.
+
+Every string from a record (method names, prompts, hparams, reasons) goes through ``_e``;
+a Content-Security-Policy forbids any request leaving the file, so a missed escape or a
+stray URL cannot load anything.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from bench.claims import ClaimResult
+from bench.plots import Figure, SampleGrid
+from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, Table, claim_cells, metric_header,
+                          row_cells)
+from bench.store import RunRecord
+
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'")
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:.25em .5em;font-size:.9em;vertical-align:top}
+th.sortable{cursor:pointer;background:#f3f3f3} td.num{text-align:right;white-space:nowrap}
+.reproduced{background:#d9f2d9} .not-reproduced{background:#f8d7d7} .not-measured{color:#777}
+img.sample{width:64px;height:64px;image-rendering:pixelated}
+figure{display:inline-block;margin:0 1em 1em 0} code{font-size:.85em}
+table.claims td{font-size:.75em;max-width:20em}
+"""
+
+# Sorts by data-sort (numbers) or text; on load it records what the acceptance test reads.
+_SCRIPT = """
+function sortTable(th){
+  const table=th.closest('table'), body=table.tBodies[0], col=th.cellIndex;
+  const asc=th.dataset.dir!=='asc'; th.dataset.dir=asc?'asc':'desc';
+  const key=r=>{const c=r.cells[col]; const v=parseFloat(c.dataset.sort);
+                return isNaN(v)?c.textContent:v;};
+  const rows=Array.from(body.rows).sort((a,b)=>{const x=key(a),y=key(b);
+    if(typeof x==='number'&&typeof y==='number')return asc?x-y:y-x;
+    return asc?String(x).localeCompare(String(y)):String(y).localeCompare(String(x));});
+  rows.forEach(r=>body.appendChild(r));
+}
+document.querySelectorAll('th.sortable').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
+window.addEventListener('load',()=>{
+  const imgs=Array.from(document.images);
+  const b=document.body.dataset;
+  b.images=imgs.length;
+  b.brokenImages=imgs.filter(i=>!i.complete||i.naturalWidth===0).length;
+  b.leaderboardRows=document.querySelectorAll('table.leaderboard tbody tr').length;
+  b.ready='1';
+});
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _data_uri(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _img(path: Path | None, alt: str, cls: str = "") -> str:
+    uri = _data_uri(path)
+    if uri is None:
+        return "–"
+    return f'<img class="{_e(cls)}" src="{uri}" alt="{_e(alt)}" title="{_e(alt)}">'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """Cells are HTML already (escaped by the caller); headers are plain text."""
+    head = "".join(f'<th class="sortable" title="click to sort">{_e(h)}</th>' for h in headers)
+    body = "".join("<tr>" + "".join(rows_) + "</tr>" for rows_ in rows)
+    return f'<table class="{_e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _num_td(text: str, value: float | None) -> str:
+    sort = "" if value is None or not math.isfinite(value) else f' data-sort="{value!r}"'
+    return f'<td class="num"{sort}>{_e(text)}</td>'
+
+
+def _leaderboard(t: Table) -> str:
+    g = t.group
+    spec = [("budget", f"{g['budget'] or '?'} (key {g['budget_key']})"),
+            ("dataset", f"{g['dataset']} version {g['dataset_version'] or '?'}"),
+            ("condition", g["condition"]), ("base model", g["base_model"] or "?"),
+            ("metric versions", ", ".join(f"{m}@{v}" for m, v in g["metric_versions"].items())),
+            ("git", ", ".join(s[:12] for s in g.get("git_shas", [])) or "?"),
+            ("budget fields", json.dumps(g.get("budget_fields", {}), sort_keys=True))]
+    items = "".join(f"<li><b>{_e(k)}</b>: <code>{_e(v)}</code></li>" for k, v in spec)
+    headers = ["method", "seeds"] + [metric_header(t, m) for m in t.columns]
+    headers += [h for _, h, _ in COMPUTE_COLUMNS]
+    rows = []
+    for r in t.rows:
+        cells = row_cells(t, r)
+        values = [float(r.n_seeds)] + [r.metrics.get(m, (math.nan,))[0] for m in t.columns]
+        values += [r.compute.get(k, math.nan) / div for k, _, div in COMPUTE_COLUMNS]
+        rows.append([f'<td data-method="{_e(r.method)}">{_e(r.method)}</td>']
+                    + [_num_td(c, v) for c, v in zip(cells, values)])
+    return (f"<h2>{_e(t.title)}</h2><ul>{items}</ul>"
+            + _table(headers, rows, "leaderboard"))
+
+
+def _excluded(excluded: list[tuple[RunRecord, str]]) -> str:
+    if not excluded:
+        return "<h2>Excluded runs</h2><p><i>None.</i></p>"
+    rows = [[f"<td><code>{_e(rec.run_id[:12])}</code></td>", f"<td>{_e(rec.method)}</td>",
+             f"<td>{_e(why)}</td>"] for rec, why in excluded]
+    return "<h2>Excluded runs</h2>" + _table(["run", "method", "reason"], rows, "excluded")
+
+
+def _claims(claims: Sequence[ClaimResult]) -> str:
+    rows = []
+    for r in claims:
+        cells = claim_cells(r)
+        tds = [f"<td>{_e(c)}</td>" for c in cells]
+        tds[CLAIM_HEADERS.index("measured")] = _num_td(cells[CLAIM_HEADERS.index("measured")], r.measured)
+        tds[CLAIM_HEADERS.index("verdict")] = (
+            f'<td class="{_e(r.verdict.replace(" ", "-"))}"><b>{_e(r.verdict)}</b></td>')
+        rows.append(tds)
+    return ("<h2>Claims</h2><p>Verdicts are computed from the stored runs; a claim whose runs "
+            "are missing is <i>not measured</i>.</p>" + _table(CLAIM_HEADERS, rows, "claims"))
+
+
+def _figures(figures: Sequence[Figure]) -> str:
+    parts = [f"<figure>{_img(f.path, f.title)}<figcaption>{_e(f.title)}"
+             + (f"<br><i>{_e(f.note)}</i>" if f.note else "") + "</figcaption></figure>"
+             for f in figures]
+    return "<h2>Plots</h2>" + "".join(parts) if parts else ""
+
+
+def _grid(g: SampleGrid) -> str:
+    head = (f"<h2>Samples · {_e(g.table_title)}</h2><p>Seed {_e(g.seed)}; per method: "
+            "condition · generated · re-extracted condition.</p>")
+    head += f"<p><i>{_e(g.note)}</i></p>" if g.note else ""
+    if not g.ids:
+        return head
+    rows = []
+    for sid in g.ids:
+        tds = [f"<td><code>{_e(sid)}</code></td>", f"<td>{_e(g.prompts.get(sid, ''))}</td>"]
+        for m in g.methods:
+            c = g.cells[(m, sid)]
+            imgs = (_img(c.condition, f"{sid} condition", "sample")
+                    + _img(c.generated, f"{sid} {m} generated", "sample")
+                    + _img(c.reextracted, f"{sid} {m} re-extracted", "sample"))
+            tds.append(f"<td>{imgs}</td>")
+        rows.append(tds)
+    return head + _table(["id", "prompt", *g.methods], rows, "samples")
+
+
+def render_html(tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any],
+                claims: Sequence[ClaimResult], figures: Sequence[Figure],
+                grids: Sequence[SampleGrid]) -> str:
+    """The whole report as one HTML document (deterministic for the same inputs)."""
+    info = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in meta.items())
+    body = [f"<h1>controlbench leaderboard</h1><ul>{info}</ul>",
+            "<p>Values are mean ± 95% CI half-width (Student t over seeds); ↑ higher is better, "
+            "↓ lower is better. Runs from different budgets or metric versions are never merged. "
+            "Click a column header to sort.</p>"]
+    body += [_leaderboard(t) for t in tables] or ["<p><i>No finished runs to compare.</i></p>"]
+    body += [_excluded(excluded), _figures(figures)]
+    body += [_grid(g) for g in grids] + [_claims(claims)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">'
+            f"<title>controlbench leaderboard</title><style>{_STYLE}</style></head>"
+            f"<body>{''.join(body)}<script>{_SCRIPT}</script></body></html>\n")

@@ -1,0 +1,235 @@
+"""W&B sweep files, run as a local grid when there is no W&B server.
+
+A sweep file is W&B's format (program, method, metric, parameters, command); each parameter
+is a `bench run` override key (methods, budget, budget.train_steps, hparams.controlnet.x, ...)
+and `wandb agent` passes it on as `--key=value`. `bench sweep FILE --local` enumerates the same
+configs itself (the grid, or N seeded random draws) and shares the work between processes
+through the store's claims, so no config runs twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import ConfigError
+from bench.spec import RunSpec, apply_overrides, load_config, resolve
+
+SWEEP_METHODS = ("grid", "random", "bayes")
+SWEEP_KEYS = {"program", "method", "metric", "parameters", "command", "name", "description", "project", "entity",
+              "run_cap", "early_terminate"}
+NOT_SWEEPS = {"budgets.yaml"}  # sweeps/ also holds the named budgets
+DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values")
+_PACKAGES = ("bench", "bench.methods", "bench.metrics", "bench.datasets")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    method: str
+    parameters: dict[str, dict[str, Any]]
+    run_cap: int | None
+
+
+def sweep_files(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).glob("*.yaml") if p.name not in NOT_SWEEPS)
+
+
+def _check_parameter(path: Path, name: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or not ({"value", "values", "distribution"} & set(spec)):
+        raise ConfigError(f"{path}: parameter {name!r} needs value:, values: or distribution:")
+    if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+        raise ConfigError(f"{path}: parameter {name!r} values: must be a non-empty list")
+    if "distribution" in spec and "values" not in spec and "value" not in spec:
+        if spec["distribution"] not in DISTRIBUTIONS or not {"min", "max"} <= set(spec):
+            raise ConfigError(f"{path}: parameter {name!r}: local sweeps support distribution "
+                              f"{'/'.join(DISTRIBUTIONS)} with min and max")
+
+
+def load_sweep(path: Path) -> Sweep:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"sweep file {path} is not valid YAML") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
+        raise ConfigError(f"sweep file {path} must be a W&B sweep mapping with parameters:")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r} (W&B keys: {', '.join(sorted(SWEEP_KEYS))})")
+    if raw.get("method") not in SWEEP_METHODS:
+        raise ConfigError(f"{path}: method must be one of {', '.join(SWEEP_METHODS)}, got {raw.get('method')!r}")
+    for name, spec in raw["parameters"].items():
+        _check_parameter(path, name, spec)
+    cap = raw.get("run_cap")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise ConfigError(f"{path}: run_cap must be a positive integer, got {cap!r}")
+    return Sweep(path=path, method=raw["method"], parameters=raw["parameters"], run_cap=cap)
+
+
+def _choices(spec: dict[str, Any]) -> list[Any]:
+    return [spec["value"]] if "value" in spec else list(spec["values"])
+
+
+def _draw(spec: dict[str, Any], rng: random.Random) -> Any:
+    if "value" in spec or "values" in spec:
+        return rng.choice(_choices(spec))
+    lo, hi = spec["min"], spec["max"]
+    if spec["distribution"] == "int_uniform":
+        return rng.randint(int(lo), int(hi))
+    if spec["distribution"] == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return rng.uniform(lo, hi)
+
+
+def configs(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The grid, or `count` (default run_cap) seeded random draws; bayes draws at random locally,
+    since its controller lives on the W&B server."""
+    names = sorted(sweep.parameters)
+    if sweep.method == "grid":
+        if any("distribution" in sweep.parameters[n] and "values" not in sweep.parameters[n] for n in names):
+            raise ConfigError(f"{sweep.path}: a grid sweep needs value:/values: for every parameter")
+        grid = itertools.product(*(_choices(sweep.parameters[n]) for n in names))
+        return [dict(zip(names, combo)) for combo in grid]
+    n = count or sweep.run_cap
+    if not n:
+        raise ConfigError(f"{sweep.path}: a {sweep.method} sweep needs run_cap: in the file or --count N")
+    rng = random.Random(seed)
+    return [{name: _draw(sweep.parameters[name], rng) for name in names} for _ in range(n)]
+
+
+def overrides(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """`bench run` overrides for one config; `budget` before `budget.x`, so refinements apply last."""
+    return sorted(((k.replace("-", "_"), v) for k, v in config.items()), key=lambda kv: (kv[0].count("."), kv[0]))
+
+
+def resolve_sweep(sweep: Sweep, count: int | None = None, seed: int = 0) -> tuple[list[RunSpec], Path]:
+    """Every distinct run spec of the sweep (the quickstart config plus each config's overrides)."""
+    base = load_config(None)
+    specs: dict[str, RunSpec] = {}
+    out_dir = None
+    for cfg in configs(sweep, count, seed):
+        try:
+            run_specs, cfg_out = resolve(apply_overrides(base, overrides(cfg)))
+        except ConfigError as e:
+            raise ConfigError(f"{sweep.path}: config {cfg}: {e}") from None
+        out_dir = out_dir or cfg_out
+        specs.update((s.run_id, s) for s in run_specs)
+    return list(specs.values()), out_dir
+
+
+def _plan_key(sweep: Sweep, count: int | None, seed: int) -> str:
+    """Hash of everything run ids are resolved from: the sweep, default config, budgets and the
+    package sources (versions live in code). Equal key => equal run ids, without importing torch."""
+    from bench.budget import BUDGETS_FILE
+    from bench.spec import DEFAULT_CONFIG
+
+    h = hashlib.sha256(json.dumps([count, seed]).encode())
+    files = [sweep.path, DEFAULT_CONFIG, BUDGETS_FILE]
+    files += [Path(v) for c in configs(sweep, count, seed) for k, v in c.items() if k == "budgets_file"]
+    for pkg in _PACKAGES:
+        for loc in importlib.util.find_spec(pkg).submodule_search_locations:
+            files += sorted(Path(loc).glob("*.py")) + sorted(Path(loc).glob("assets/**/*.json"))
+    for f in files:
+        h.update(str(f).encode() + (f.read_bytes() if f.is_file() else b"<missing>"))
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    total: int
+    ran: int
+    failed: int
+    already_finished: int
+    claimed_elsewhere: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.total} runs: {self.ran} ran here ({self.failed} failed), {self.already_finished} already "
+                f"finished, {self.claimed_elsewhere} claimed by another process; {self.seconds:.2f}s")
+
+
+def _write_plan(path: Path, run_ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(run_ids))
+    os.replace(tmp, path)
+
+
+def _noop(plan: Path, store_path: Path, t0: float) -> SweepOutcome | None:
+    """The fast path: every run id of a known plan is FINISHED, so nothing is imported or run."""
+    from bench.store import Store
+
+    if not plan.is_file() or not store_path.is_file():
+        return None
+    try:
+        ids = json.loads(plan.read_text())
+    except ValueError:  # a damaged cache only costs the slow path
+        return None
+    with Store(store_path) as store:
+        if not all(store.is_finished(i) for i in ids):
+            return None
+    return SweepOutcome(len(ids), 0, 0, len(ids), 0, time.perf_counter() - t0)
+
+
+def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, count: int | None = None,
+              seed: int = 0, progress: bool = True) -> SweepOutcome:
+    """Run every config not FINISHED and not claimed by a live process; FAILED runs don't stop it."""
+    t0 = time.perf_counter()
+    sweep = load_sweep(sweep_path)
+    if out_dir is None:  # the first config's out_dir, as `bench run` would use (no torch import)
+        first = apply_overrides(load_config(None), overrides(configs(sweep, count, seed)[0]))
+        out_dir = Path(first.get("out_dir") or "runs/default")
+    store_path = store_path or out_dir / "store.sqlite"
+    plan = store_path.parent / ".sweep-plans" / f"{_plan_key(sweep, count, seed)}.json"
+    done = _noop(plan, store_path, t0)
+    if done is not None:
+        return done
+
+    from bench.base_model import preflight, resolve_base_path
+    from bench.store import Store
+
+    specs, _ = resolve_sweep(sweep, count, seed)
+    for base in sorted({s.base_model for s in specs}):
+        preflight(resolve_base_path(base))
+    _write_plan(plan, [s.run_id for s in specs])
+    ran = failed = finished = elsewhere = 0
+    with Store(store_path) as store:
+        for spec in specs:
+            if store.is_finished(spec.run_id):
+                finished += 1
+            elif not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
+                if store.is_finished(spec.run_id):
+                    finished += 1
+                else:
+                    elsewhere += 1
+            else:
+                record = _run_claimed(store, spec, out_dir, progress)
+                ran, failed = ran + 1, failed + (not record.finished)
+    return SweepOutcome(len(specs), ran, failed, finished, elsewhere, time.perf_counter() - t0)
+
+
+def _run_claimed(store, spec: RunSpec, out_dir: Path, progress: bool):
+    from bench.runner import run_isolated
+
+    try:
+        record = run_isolated(spec, out_dir, progress)
+        store.put(record)
+    finally:
+        store.release(spec.run_id)
+    if not record.finished:
+        print(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}", file=sys.stderr)
+    return record

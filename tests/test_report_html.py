@@ -1,0 +1,139 @@
+"""HTML report: escaping, self-containment, figures, and the acceptance check in real
+headless Chromium (rows per method, no broken image, nothing fetched from outside)."""
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bench.claims import evaluate_all
+from bench.plots import write_plots, write_sample_grids
+from bench.report import leaderboard, write_report
+from bench.report_html import render_html
+from bench.store import RunRecord
+from bench.types import Batch
+
+EVIL = "ev\"il'<script>alert(1)</script>"
+EVIL_PROMPT = "<script>alert(\"prompt\")</script> 'quoted' & \"double\""
+F1 = {"version": "1", "higher_is_better": True}
+N_IDS = 3
+
+
+def _pngs(directory: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(N_IDS):
+        img = np.zeros((32, 32, 3), np.uint8)
+        cv2.rectangle(img, (4 + i, 6), (20 + i, 24), tuple(int(c) for c in rng.integers(60, 255, 3)), -1)
+        cv2.imwrite(str(directory / f"eval-{i:06d}.png"), img)
+    return directory
+
+
+def rec(tmp: Path, run_id: str, method: str, seed: int, f1: float, train_steps: int = 100,
+        status: str = "FINISHED", hparams: dict | None = None) -> RunRecord:
+    budget = {"train_steps": train_steps, "resolution": 32, "eval_samples": N_IDS, "seeds": [0, 1]}
+    spec = {"method": method, "method_version": "1", "dataset": "shapes", "dataset_version": "shapes-v1/seed0/32px",
+            "condition": "canny", "budget": f"b{train_steps}", "budget_key": f"key{train_steps}", "seed": seed,
+            "base_model": "proxy", "hparams": hparams or {}, "budget_fields": budget}
+    return RunRecord(run_id=run_id, spec=spec, status=status, reason="OOM <b>" if status != "FINISHED" else "",
+                     metrics={"canny_f1": f1}, metric_meta={"canny_f1": F1}, git_sha="abc123",
+                     compute={"params_total": 2e6, "params_trainable": 5e5, "step_time_s": 0.1 + f1 / 10,
+                              "peak_mem_mb": 900 + 100 * f1},
+                     artifacts={"images": str(_pngs(tmp / "images" / run_id, seed))})
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> list[RunRecord]:
+    out = []
+    for seed in (0, 1):
+        out.append(rec(tmp_path, f"cn{seed}", "controlnet", seed, 0.7 + 0.01 * seed))
+        out.append(rec(tmp_path, f"t2i{seed}", "t2i_adapter", seed, 0.5 + 0.02 * seed))
+        out.append(rec(tmp_path, f"evil{seed}", EVIL, seed, 0.3, hparams={"q": EVIL}))
+        out.append(rec(tmp_path, f"cn400_{seed}", "controlnet", seed, 0.8, train_steps=400))
+    out.append(rec(tmp_path, "failed", "t2i_adapter", 2, 0.0, status="FAILED"))
+    return out
+
+
+def fake_item(record: RunRecord, index: int) -> Batch:
+    """An eval input whose prompt carries markup, to prove the grid escapes it."""
+    cond = torch.zeros(1, 3, 32, 32)
+    cond[:, :, 8:24, 8] = 1.0
+    return Batch(ids=[f"eval-{index:06d}"], image=torch.zeros(1, 3, 32, 32), prompts=[EVIL_PROMPT],
+                 conditions={"canny": cond})
+
+
+def render(records: list[RunRecord], out: Path) -> str:
+    tables, excluded = leaderboard(records)
+    figures = write_plots(tables, records, out / "figures")
+    grids = write_sample_grids(tables, records, out / "figures" / "samples", load_item=fake_item)
+    text = render_html(tables, excluded, {"git_sha": "abc123"}, evaluate_all(records), figures, grids)
+    (out / "leaderboard.html").write_text(text, encoding="utf-8")
+    return text
+
+
+def test_everything_user_provided_is_escaped(records: list[RunRecord], tmp_path: Path) -> None:
+    text = render(records, tmp_path / "report")
+    assert text.count("<script") == 1  # ours only; planted tags arrive as text
+    assert "alert(1)</script>" not in text and "alert(\"prompt\")" not in text
+    assert "&lt;script&gt;alert(&quot;prompt&quot;)&lt;/script&gt; &#x27;quoted&#x27; &amp;" in text
+    assert 'data-method="ev&quot;il&#x27;&lt;script&gt;' in text
+    assert "OOM &lt;b&gt;" in text
+
+
+def test_self_contained_with_plots_grids_and_spec(records: list[RunRecord], tmp_path: Path) -> None:
+    text = render(records, tmp_path / "report")
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)
+    # and the browser refuses any request leaving the file
+    assert 'http-equiv="Content-Security-Policy" content="default-src &#x27;none&#x27;; img-src data:;' in text
+    assert "memory vs step time".lower() in text.lower() and "Parameters ·" in text
+    assert "canny_f1 vs train steps" in text  # controlnet at 100 and 400 steps -> a curve
+    # condition, generated, re-extracted per method and id: 3 methods in key100, 1 in key400
+    assert text.count('<img class="sample"') == 3 * N_IDS * (3 + 1)
+    assert "canny_f1 ↑" in text and "key100" in text and "abc123" in text and "canny_f1@1" in text
+
+
+def test_write_report_html_and_markdown_parity(records: list[RunRecord], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    md_path = write_report(records, out, {"git_sha": "abc123"}, plots=True, html=True)
+    md, html_text = md_path.read_text(encoding="utf-8"), (out / "leaderboard.html").read_text(encoding="utf-8")
+    for verdict_line in (ln for ln in md.splitlines() if ln.startswith("| t2i-adapter-")):
+        cid, verdict = verdict_line.split(" | ")[0][2:], verdict_line.split(" | ")[6]
+        assert cid in html_text and f"<b>{verdict}</b>" in html_text
+    for png in re.findall(r"\]\((figures/[^)]+\.png)\)", md):
+        assert (out / png).is_file(), png
+    assert "figures/compute_0.png" in md and "## Samples" in md
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp / 'chromium-profile'}"]
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=90, check=True)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed "
+                    "(apt-get install -y chromium; .ci/run installs it)")
+def test_acceptance_in_headless_chromium(records: list[RunRecord], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    text = render(records, out)
+    url = (out / "leaderboard.html").as_uri()
+    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", url, tmp=tmp_path).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+    assert attrs.get("ready") == "1", body
+    assert attrs["broken-images"] == "0" and int(attrs["images"]) == text.count("<img ")
+    methods = [html.unescape(m) for m in re.findall(r'<td data-method="([^"]*)"', dom)]
+    # key100 table: controlnet, t2i_adapter, evil; key400 table: controlnet
+    assert sorted(methods) == sorted(["controlnet", "controlnet", "t2i_adapter", EVIL])
+    assert attrs["leaderboard-rows"] == "4"
+    shot = tmp_path / "report.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1280,2000", url, tmp=tmp_path)
+    assert shot.is_file() and cv2.imread(str(shot)).shape[:2] == (2000, 1280)

@@ -1,0 +1,118 @@
+"""W&B mirror: offline run dir named by the harness run id, no duplicates on re-run, failures only
+noted; `bench report --from-wandb` conversion from recorded API responses."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.report import leaderboard
+from bench.store import RunRecord, Store
+from bench.wandb_mirror import mirror, records_from_wandb
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wandb_runs.json"
+
+
+def _offline_dirs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_offline_mirror_uses_the_harness_run_id_and_never_duplicates(tmp_path, proxy_arch_dir, monkeypatch):
+    from bench.runner import run_specs
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    cfg = apply_overrides(load_config(None), parse_overrides(
+        ["budget=smoke", "methods=baseline", "metrics=canny_f1", f"base_model={proxy_arch_dir}"]))
+    specs, _ = resolve(cfg)
+    with Store(tmp_path / "s.sqlite") as store:
+        (record,) = run_specs(specs, store, out, progress=False)
+        assert record.finished, record.reason
+        dirs = _offline_dirs(out)
+        assert [d.name.rsplit("-", 1)[1] for d in dirs] == [record.run_id]
+        assert record.artifacts["wandb"] == str(dirs[0])
+        run_specs(specs, store, out, progress=False)  # identical run: skipped, nothing mirrored
+        assert _offline_dirs(out) == dirs
+    mirror(record, out)  # even a forced re-mirror replaces the run dir instead of adding one
+    assert [d.name.rsplit("-", 1)[1] for d in _offline_dirs(out)] == [record.run_id]
+    log = next(_offline_dirs(out)[0].glob("*.wandb")).read_bytes()  # offline runs keep summary in the log
+    assert record.run_id.encode() in log and b"metrics/canny_f1" in log and b"compute/peak_mem_mb" in log
+
+
+def _record() -> RunRecord:
+    return RunRecord(run_id="r1", spec={"method": "baseline", "seed": 0}, status="FINISHED", metrics={"m": 1.0})
+
+
+def test_a_wandb_failure_is_noted_never_raised_and_never_leaks_the_key(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+
+    def broken_init(**kwargs):
+        raise RuntimeError(f"auth failed for key {secret}")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    rec = mirror(_record(), tmp_path)
+    assert rec.finished and rec.artifacts["wandb"].startswith("mirror failed: RuntimeError")
+    assert secret not in rec.artifacts["wandb"] and secret not in capsys.readouterr().err
+
+
+def test_disabled_mode_mirrors_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    rec = _record()
+    assert mirror(rec, tmp_path) is rec
+    assert not (tmp_path / "wandb").exists()
+
+
+def _api_runs() -> tuple[list, list[dict]]:
+    """`wandb.apis.public.Run` objects built from a recorded GraphQL `runs` response."""
+    from wandb.apis.public import Run
+
+    data = json.loads(FIXTURE.read_text())
+    edges = data["response"]["data"]["project"]["runs"]["edges"]
+    runs = [Run(None, "ent", "proj", e["node"]["name"], attrs=dict(e["node"])) for e in edges]
+    return runs, data["expected_records"]
+
+
+def test_records_from_wandb_match_the_store_records():
+    runs, expected = _api_runs()
+    records = records_from_wandb(runs)
+    assert len(runs) > len(records)  # a foreign run and a still-running run are skipped
+    assert [r.run_id for r in records] == [e["run_id"] for e in expected]
+    for rec, exp in zip(records, expected):
+        got = rec.to_dict()
+        assert got.pop("artifacts") == {"wandb": f"ent/proj/{rec.run_id}"}
+        exp = {k: v for k, v in exp.items() if k != "artifacts"}
+        assert json.dumps(got, sort_keys=True) == json.dumps(exp, sort_keys=True)  # NaN-safe equality
+    tables, _ = leaderboard(records)
+    assert tables and {row.method for row in tables[0].rows} == {"baseline", "controlnet"}
+
+
+def test_report_from_wandb_writes_the_leaderboard(tmp_path, monkeypatch):
+    import wandb
+
+    runs, _ = _api_runs()
+
+    class FakeApi:  # the network boundary only; the conversion code is the real one
+        def __init__(self, timeout=None):
+            pass
+
+        def runs(self, path):
+            assert path == "ent/proj"
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert main(["report", "--from-wandb", "ent/proj", "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "leaderboard.md").read_text()
+    assert "controlnet" in text and "canny_f1" in text
+
+
+def test_report_from_wandb_bad_path_exits_2(tmp_path, capsys):
+    assert main(["report", "--from-wandb", "no-slash", "--out", str(tmp_path)]) == 2
+    assert "ENTITY/PROJECT" in capsys.readouterr().err
