@@ -48,6 +48,7 @@ def _run(args) -> int:
     print(f"store:       {store_path}")
     print(f"images:      {out_dir / 'images'}")
     print(f"leaderboard: {report}")
+    print(f"html report: {report.with_suffix('.html')}")
     return 0 if done == len(records) else 1
 
 
