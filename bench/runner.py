@@ -6,7 +6,6 @@ writes the store.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -254,7 +253,3 @@ def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool 
             tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
     return records
 
-
-def describe(records: list[RunRecord]) -> str:
-    ok = sum(r.status == "FINISHED" for r in records)
-    return json.dumps({"finished": ok, "failed": len(records) - ok})
