@@ -28,12 +28,17 @@ class Method(L.LightningModule):
         super().__init__()
         if self.conditions and condition not in self.conditions:
             raise ConfigError(f"method {type(self).__name__} needs condition in {self.conditions}, got {condition!r}")
-        unknown = set(hparams or {}) - set(self.hparam_defaults) - {"empty_prompt_prob"}
-        if unknown:
-            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {type(self).__name__}; "
-                              f"known: {', '.join(sorted(self.hparam_defaults)) or 'none'}")
+        self.check_hparams(hparams or {})
         self.hp = {"empty_prompt_prob": 0.5, **self.hparam_defaults, **(hparams or {})}
         self.base, self.condition, self.budget = base, condition, budget
+
+    @classmethod
+    def check_hparams(cls, hparams: dict) -> None:
+        """Reject unknown hparams at config time, before any run starts."""
+        unknown = set(hparams) - set(cls.hparam_defaults) - {"empty_prompt_prob"}
+        if unknown:
+            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {cls.__name__}; "
+                              f"known: {', '.join(sorted(cls.hparam_defaults)) or 'none'}")
 
     # ---- parameters ---------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -174,10 +174,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     specs = []
     for m in method_names:
         hp = hparams.get(m) or {}
-        unknown = set(hp) - set(classes[m].hparam_defaults) - {"empty_prompt_prob"}
-        if unknown:
-            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {m}; known: "
-                              f"{', '.join(sorted(classes[m].hparam_defaults)) or 'none'}")
+        classes[m].check_hparams(hp)
         for seed in seeds:
             specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
                                  dataset_version=dataset_version, condition=condition, budget=budget, seed=int(seed),
