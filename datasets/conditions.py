@@ -18,6 +18,9 @@ SEG_PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 255, 64], [64, 64, 255]],
 
 
 class ConditionExtractor(Protocol):
+    """Images -> condition maps. Extractors whose input comes from annotations (seg, depth,
+    layout) also define `from_scene(scene) -> [3,H,W]`, which `condition_from_scene` prefers."""
+
     name: str
     version: str
 
@@ -67,6 +70,9 @@ class SegmentationFromAnnotations:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raise TypeError("seg conditions come from dataset annotations; use the seg_miou metric to re-segment images")
 
+    def from_scene(self, scene) -> torch.Tensor:
+        return seg_to_image(scene.semantic)
+
 
 CONDITIONS.register("canny")(Canny())
 CONDITIONS.register("seg")(SegmentationFromAnnotations())
@@ -74,8 +80,8 @@ CONDITIONS.register("seg")(SegmentationFromAnnotations())
 
 def condition_from_scene(kind: str, scene) -> torch.Tensor:
     """The input condition for one rendered scene, [3,H,W] in [0,1]."""
-    if kind == "seg":
-        return seg_to_image(scene.semantic)
     extractor = CONDITIONS.get(kind)
+    if hasattr(extractor, "from_scene"):
+        return extractor.from_scene(scene)
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(255).unsqueeze(0)
     return extractor(image)[0]
