@@ -64,6 +64,10 @@ class BaseModel(nn.Module):
             source=str(name_or_path),
         )
 
+    def with_unet(self, unet) -> "BaseModel":
+        """The same bundle around another UNet (a method's private, partly tuned copy)."""
+        return BaseModel(unet, self.scheduler, self.tokenizer, self.text_encoder, self.vae, self.source)
+
     @property
     def scale_factor(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)

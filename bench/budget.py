@@ -10,6 +10,7 @@ import yaml
 
 from bench.errors import ConfigError
 
+TUPLE_FIELDS = ("seeds", "curve_steps")
 BUDGETS_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "budgets.yaml"
 
 
@@ -28,10 +29,21 @@ class Budget:
     guidance_scale: float = 3.0
     eval_samples: int = 64
     seeds: tuple[int, ...] = (0, 1)
+    curve_steps: tuple[int, ...] = ()  # training steps at which consistency is also measured
+    curve_samples: int = 16  # the first N eval samples, the same subset at every step
+
+    def as_dict(self) -> dict:
+        """All fields; without a curve its two fields are left out: the sample count then changes
+        no number, and keys and run ids from before curves existed stay valid."""
+        d = asdict(self)
+        if not self.curve_steps:
+            d.pop("curve_steps")
+            d.pop("curve_samples")
+        return d
 
     def key(self) -> str:
         """Hash of every number-changing field; the name is a label and is left out."""
-        d = asdict(self)
+        d = self.as_dict()
         d.pop("name")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -40,7 +52,7 @@ class Budget:
         bad = sorted(set(overrides) - set(known))
         if bad:
             raise ConfigError(f"unknown budget field {bad[0]!r}; valid fields: {', '.join(sorted(known))}")
-        values = {k: tuple(v) if k == "seeds" else v for k, v in overrides.items()}
+        values = {k: tuple(v) if k in TUPLE_FIELDS else v for k, v in overrides.items()}
         try:
             b = replace(self, **values)
             b.validate()
@@ -57,6 +69,12 @@ class Budget:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if not all(isinstance(s, int) and 0 <= s <= self.train_steps for s in self.curve_steps):
+            raise ValueError(f"curve_steps must be integers in [0, train_steps={self.train_steps}], "
+                             f"got {list(self.curve_steps)!r}")
+        if self.curve_steps and not (isinstance(self.curve_samples, int) and 1 <= self.curve_samples <= self.eval_samples):
+            raise ValueError(f"curve_samples must be an integer in [1, eval_samples={self.eval_samples}], "
+                             f"got {self.curve_samples!r}")
 
 
 def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
@@ -69,7 +87,7 @@ def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
     out = {}
     for name, values in raw.items():
         try:
-            b = Budget(name=name, **{k: tuple(v) if k == "seeds" else v for k, v in values.items()})
+            b = Budget(name=name, **{k: tuple(v) if k in TUPLE_FIELDS else v for k, v in values.items()})
             b.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"budget {name!r} in {path}: {e}") from None

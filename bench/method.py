@@ -4,10 +4,12 @@ Training and sampling share the same hooks, so what a method learns is exactly w
 shared sampler runs:
 - `prompt_embeds`: modify text embeddings (PhotoMaker);
 - `prepare`: compute once per generation (adapter features, control image for CFG);
-- `unet_kwargs`: per-step extra UNet inputs (ControlNet residuals, adapter features, tokens).
+- `unet_kwargs`: per-step extra UNet inputs (ControlNet residuals, adapter features, tokens);
+- `denoise`: the UNet call itself, for methods that inject inside the UNet (ControlNeXt).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
@@ -17,6 +19,38 @@ import torch.nn.functional as F
 from bench.budget import Budget
 from bench.errors import ConfigError
 from bench.types import Batch
+
+
+@dataclass
+class Noised:
+    """One training forward: clean x0, the noise, timesteps, noisy input, and the prediction."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    noisy: torch.Tensor
+    embeds: torch.Tensor
+    state: Any
+    pred: torch.Tensor
+
+
+def predict_x0(scheduler, pred: torch.Tensor, t: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """One-step estimate of the clean sample from a prediction at timesteps t, as DDIM's
+    `pred_original_sample` (clipped when the scheduler clips)."""
+    a = scheduler.alphas_cumprod.to(noisy.device, torch.float32)[t].reshape(-1, *[1] * (noisy.ndim - 1))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0 = (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+    elif kind == "sample":
+        x0 = pred
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred
+    else:
+        raise ValueError(f"unknown prediction_type {kind!r}")
+    if scheduler.config.get("clip_sample", False):
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    return x0
 
 
 class Method(L.LightningModule):
@@ -63,12 +97,23 @@ class Method(L.LightningModule):
     def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, state: Any) -> dict:
         return {}
 
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, state: Any) -> torch.Tensor:
+        """One UNet prediction; the sampler and the training loss both call this."""
+        return self.base.unet(x, t, encoder_hidden_states=embeds, **self.unet_kwargs(x, t, embeds, state)).sample
+
+    @classmethod
+    def reward_model_ids(cls, condition: str | None, hparams: dict) -> tuple[str, ...]:
+        """Identities of models this method trains against; the harness refuses a run whose
+        metrics score with one of them (a method must not grade its own homework)."""
+        return ()
+
     def control_image(self, batch: Batch, cfg: bool) -> torch.Tensor:
         image = batch.conditions[self.condition].to(self.base.unet.dtype)
         return torch.cat([image] * 2) if cfg else image
 
     # ---- training -----------------------------------------------------------------
-    def diffusion_loss(self, batch: Batch) -> torch.Tensor:
+    def noised_prediction(self, batch: Batch) -> "Noised":
+        """Noise the batch at random timesteps and predict with this method (one UNet call)."""
         base, sched = self.base, self.base.scheduler
         x0 = base.encode_images(batch.image)
         prompts = [("" if torch.rand(()) < self.hp["empty_prompt_prob"] else p) for p in batch.prompts]
@@ -77,15 +122,20 @@ class Method(L.LightningModule):
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
         noisy = sched.add_noise(x0, noise, t)
         state = self.prepare(batch, embeds, cfg=False)
-        pred = base.unet(noisy, t, encoder_hidden_states=embeds, **self.unet_kwargs(noisy, t, embeds, state)).sample
-        kind = sched.config.prediction_type
-        target = {"epsilon": noise, "sample": x0}.get(kind)
+        return Noised(x0, noise, t, noisy, embeds, state, self.denoise(noisy, t, embeds, state))
+
+    def diffusion_loss(self, n: "Noised") -> torch.Tensor:
+        sched = self.base.scheduler
+        target = {"epsilon": n.noise, "sample": n.x0}.get(sched.config.prediction_type)
         if target is None:
-            target = sched.get_velocity(x0, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+            target = sched.get_velocity(n.x0, n.noise, n.t)
+        return F.mse_loss(n.pred.float(), target.float())
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        return self.diffusion_loss(self.noised_prediction(batch))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
+        loss = self.training_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; lower lr in the budget")
         if self.global_step % 10 == 0:  # Lightning's per-call logging cost ~5% of a tiny-model step

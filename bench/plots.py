@@ -111,20 +111,36 @@ def consistency_metric(condition: str, metrics: list[str]) -> str | None:
 
 def _curve_key(rec: RunRecord, metric: str) -> tuple:
     """Everything that must match for points on one curve, except train_steps."""
-    budget = {k: v for k, v in rec.spec.get("budget_fields", {}).items() if k not in ("train_steps", "name")}
+    budget = {k: v for k, v in rec.spec.get("budget_fields", {}).items()
+              if k not in ("train_steps", "name", "curve_steps")}
     return (rec.dataset, str(rec.spec.get("dataset_version", "")), rec.condition,
             str(rec.spec.get("base_model", "")), metric,
             str(rec.metric_meta.get(metric, {}).get("version", "")), json.dumps(budget, sort_keys=True))
 
 
 def consistency_curves(records: list[RunRecord], out_dir: Path) -> list[Figure]:
-    """One figure per comparable group where some method was run at two or more train_steps."""
+    """Consistency against training steps, one figure per comparable group.
+
+    Points come from in-run checkpoints (`RunRecord.curve`: fixed steps, fixed eval subset),
+    or else from separate runs at different train_steps. Untrained methods (baseline) are a
+    flat reference line.
+    """
     groups: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    flat: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         metric = consistency_metric(rec.condition, list(rec.metrics))
         steps = rec.spec.get("budget_fields", {}).get("train_steps")
-        if rec.finished and metric and steps is not None:
-            groups[_curve_key(rec, metric)][rec.method].setdefault(int(steps), []).append(rec.metrics[metric])
+        if not (rec.finished and metric and steps is not None):
+            continue
+        key = _curve_key(rec, metric)
+        if rec.curve:
+            for p in rec.curve:
+                if p["metric"] == metric:
+                    groups[key][rec.method].setdefault(int(p["step"]), []).append(p["value"])
+        elif rec.compute.get("params_trainable", 1) == 0:
+            flat[key][rec.method].append(rec.metrics[metric])
+        else:
+            groups[key][rec.method].setdefault(int(steps), []).append(rec.metrics[metric])
     figures = []
     for n, (key, methods) in enumerate(sorted(groups.items())):
         if max(len(by_step) for by_step in methods.values()) < 2:
@@ -135,6 +151,8 @@ def consistency_curves(records: list[RunRecord], out_dir: Path) -> list[Figure]:
             stats = [ci95(by_step[x]) for x in xs]
             ax.errorbar(xs, [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats],
                         marker="o", capsize=3, label=method)
+        for method, values in sorted(flat[key].items()):
+            ax.axhline(float(np.mean(values)), linestyle="--", color="gray", label=f"{method} (untrained)")
         ax.set_xlabel("train steps")
         ax.set_ylabel(key[4])
         ax.legend(fontsize=8)
@@ -195,6 +213,11 @@ def _reextract(condition: str, png: Path, path: Path) -> Path | None:
     if bgr is None:
         return None
     image = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float().div(255)[None]
+    if condition == "seg":  # annotation-built input: re-extract with the seg_miou evaluator
+        from bench.datasets.conditions import seg_to_image
+        from bench.metrics.analyzers import load_segnet
+
+        return _write_png(seg_to_image(load_segnet().segment(image)[0].numpy())[None], path)
     return _write_png(CONDITIONS.get(condition)(image), path)
 
 

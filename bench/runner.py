@@ -94,6 +94,28 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
+class ConsistencyCurve(L.Callback):
+    """Consistency metrics at fixed training steps on one fixed eval subset, so every method's
+    curve has the same x positions and the same samples."""
+
+    def __init__(self, steps: tuple[int, ...], measure):
+        self.steps, self.measure = set(steps), measure  # measure(method, step) -> None
+        self.done: set[int] = set()
+
+    def _maybe(self, step: int, module) -> None:
+        if step in self.steps and step not in self.done:
+            self.done.add(step)
+            module.eval()
+            self.measure(module, step)
+            module.train()
+
+    def on_train_start(self, trainer, module):
+        self._maybe(0, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._maybe(trainer.global_step, module)
+
+
 def quiet_libraries() -> None:
     """Keep run output to our progress bars: library chatter hides real errors."""
     import logging
@@ -133,13 +155,34 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
     eval_set = materialize(build(split="eval", size=budget.eval_samples, resolution=budget.resolution, conditions=conds), progress)
     trainable = method.trainable_parameters()
     train = bool(trainable) and budget.train_steps > 0
-    if train:
+    metrics = {m: METRICS.get(m)() for m in spec.metrics}
+    synthesizers = [m for m in metrics.values() if hasattr(m, "synthesize")]
+    if train or synthesizers:
         train_set = materialize(build(split="train", size=budget.train_size, resolution=budget.resolution, conditions=conds), progress)
+
+    def sample(batch):
+        return generate(base, method, batch, sampler=budget.sampler, steps=budget.inference_steps,
+                        guidance_scale=budget.guidance_scale, seed=spec.seed)
+
+    curve: list[dict] = []
+    curve_metrics = [m for m in spec.metrics if spec.condition and METRICS.get(m).condition == spec.condition
+                     and not hasattr(METRICS.get(m), "synthesize")]
+    curve_batch = collate([eval_set[i] for i in range(min(budget.curve_samples, len(eval_set)))])
+
+    def measure_curve(module, step: int) -> None:
+        images = sample(curve_batch)
+        for name in curve_metrics:
+            metric = METRICS.get(name)().to(images.device)
+            metric.update(images, curve_batch.to(images.device))
+            curve.append({"step": step, "metric": name, "value": float(metric.compute())})
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = rss_mb()
 
     timer = StepTimer()
+    curve_steps = tuple(s for s in budget.curve_steps if s < budget.train_steps) if train and curve_metrics else ()
+    callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
     if train:
         loader = torch.utils.data.DataLoader(train_set, batch_size=budget.batch_size, shuffle=True, collate_fn=collate,
                                              drop_last=True, generator=torch.Generator().manual_seed(spec.seed))
@@ -147,18 +190,20 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
         trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=device,
                             devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, callbacks=[timer], num_sanity_val_steps=0,
+                            enable_progress_bar=progress, callbacks=callbacks, num_sanity_val_steps=0,
                             limit_val_batches=0)
         trainer.fit(method, loader)
         if trainer.global_rank != 0:
             return None
     method.to(device).eval()
+    if curve_steps:  # the end point, on the same subset as the others
+        measure_curve(method, budget.train_steps)
 
     image_dir = out_dir / "images" / spec.run_id
     image_dir.mkdir(parents=True, exist_ok=True)
     for stale in image_dir.glob(".*.tmp*"):  # left by a killed earlier attempt
         stale.unlink(missing_ok=True)
-    metrics = {m: METRICS.get(m)().to(device) for m in spec.metrics}
+    metrics = {name: m.to(device) for name, m in metrics.items()}
     latencies = []
     loader = torch.utils.data.DataLoader(eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate)
     for batch in loader:
@@ -171,9 +216,11 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
             metric.update(images, batch)
         for i, image in zip(batch.ids, images):
             save_png(image, image_dir / f"{i}.png")
+    for metric in synthesizers:  # e.g. detector_map: generate its own pseudo-layouts, train on them
+        metric.synthesize(sample, train_set, spec.seed)
 
     steps = timer.times[WARMUP_STEPS:] or timer.times
-    n_total = sum(p.numel() for p in method.parameters())
+    n_total = sum(p.numel() for n, p in method.named_parameters() if n.startswith("base.")) + method.inference_parameters()
     compute = dict(params_total=float(n_total), params_trainable=float(sum(p.numel() for p in trainable)),
                    params_added=float(method.inference_parameters()),
                    step_time_s=statistics.median(steps) if steps else float("nan"),
@@ -183,10 +230,16 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
     else:  # isolated process: peak RSS of this run, and its rise over the loaded model
         compute["peak_mem_mb"] = peak_rss_mb()
         compute["peak_mem_delta_mb"] = peak_rss_mb() - rss_loaded
-    values = {name: float(m.compute()) for name, m in metrics.items()}
-    meta = {name: {"version": m.version, "higher_is_better": bool(m.higher_is_better)} for name, m in metrics.items()}
+    values, meta = {}, {}
+    for name, m in metrics.items():
+        result = m.compute()  # a tensor, or a dict of named parts recorded as name_part
+        parts = result.items() if isinstance(result, dict) else [(None, result)]
+        for part, value in parts:
+            key = f"{name}_{part}" if part else name
+            values[key] = float(value)
+            meta[key] = {"version": m.version, "higher_is_better": bool(m.higher_is_better)}
     return RunRecord(run_id=spec.run_id, spec=spec.to_dict(), status="FINISHED", metrics=values, metric_meta=meta,
-                     compute=compute, artifacts={"images": str(image_dir)}, git_sha=git_sha(),
+                     compute=compute, artifacts={"images": str(image_dir)}, curve=curve, git_sha=git_sha(),
                      versions=package_versions())
 
 

@@ -65,7 +65,7 @@ def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: f
     for t in tqdm(scheduler.timesteps, desc="sample", leave=False, disable=not progress):
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
-        pred = base.unet(x, t, encoder_hidden_states=embeds, **method.unet_kwargs(x, t, embeds, state)).sample
+        pred = method.denoise(x, t, embeds, state)
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)

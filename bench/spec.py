@@ -9,15 +9,15 @@ from typing import Any
 
 import yaml
 
-from bench.budget import BUDGETS_FILE, Budget, load_budgets
+from bench.budget import BUDGETS_FILE, TUPLE_FIELDS, Budget, load_budgets
 from bench.errors import ConfigError
-from bench.registry import DATASETS, METHODS, METRICS, UnknownNameError, load_builtins
+from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError, load_builtins
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
             "seeds", "budgets_file", "strategy", "devices"}
 TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
-LIST_KEYS = {"methods", "metrics", "seeds"}
+LIST_KEYS = {"methods", "metrics", "seeds", "condition"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class RunSpec:
     def to_dict(self) -> dict:
         d = dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
                     dataset_version=self.dataset_version, condition=self.condition, budget=self.budget.name,
-                    budget_key=self.budget.key(), budget_fields={k: v for k, v in vars(self.budget).items()},
+                    budget_key=self.budget.key(), budget_fields=self.budget.as_dict(),
                     seed=self.seed, base_model=self.base_model, metrics=list(self.metrics),
                     metric_versions=dict(self.metric_versions), hparams=dict(self.hparams))
         if self.trainer:  # only when set, so single-device run ids stay what they were
@@ -53,7 +53,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
-        budget = Budget(name=d["budget"], **{k: tuple(v) if k == "seeds" else v
+        budget = Budget(name=d["budget"], **{k: tuple(v) if k in TUPLE_FIELDS else v
                                              for k, v in d["budget_fields"].items() if k != "name"})
         return cls(method=d["method"], method_version=d["method_version"], dataset=d["dataset"],
                    dataset_version=d["dataset_version"], condition=d["condition"], budget=budget, seed=d["seed"],
@@ -133,6 +133,29 @@ def _need(cfg: dict, key: str):
     return cfg[key]
 
 
+def _conditions(value) -> tuple[str | None, ...]:
+    """`condition: canny` or `condition: [canny, seg]`: each method runs on every listed
+    condition it supports; metrics run on the condition they score (or on all, if none)."""
+    if value in (None, "", []):
+        return (None,)
+    values = value if isinstance(value, list) else [value]
+    try:
+        for c in values:
+            CONDITIONS.get(c)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    return tuple(values)
+
+
+def _refuse_self_grading(method: str, cls, condition, hparams: dict, metrics: dict) -> None:
+    rewards = set(cls.reward_model_ids(condition, hparams))
+    for name, metric in metrics.items():
+        shared = rewards & set(getattr(metric, "evaluator_ids", ()))
+        if shared:
+            raise ConfigError(f"{method} trains against {sorted(shared)[0]}, the model that scores {name}; "
+                              f"choose another reward_model in hparams.{method} or another metric")
+
+
 def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     """Resolve names against the registries; returns the run specs and the output directory."""
     load_builtins()
@@ -152,14 +175,12 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     seeds = tuple(cfg.get("seeds") or budget.seeds)
     if seeds != budget.seeds:
         budget = budget.with_overrides({"seeds": seeds})
+    conditions = _conditions(cfg.get("condition"))
     try:
         dataset_name = _need(cfg, "dataset")
         build = DATASETS.get(dataset_name)
-        condition = cfg.get("condition")
-        dataset_version = build(split="eval", size=1, resolution=budget.resolution,
-                                conditions=(condition,) if condition else ()).version
-        metric_names = tuple(_need(cfg, "metrics"))
-        metric_versions = tuple(sorted((m, METRICS.get(m).version) for m in metric_names))
+        dataset_version = build(split="eval", size=1, resolution=budget.resolution, conditions=()).version
+        metric_classes = {m: METRICS.get(m) for m in _need(cfg, "metrics")}
         method_names = list(_need(cfg, "methods"))
         classes = {m: METHODS.get(m) for m in method_names}
     except UnknownNameError as e:
@@ -170,15 +191,27 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     for m in hparams:
         if m not in classes:
             raise ConfigError(f"hparams given for {m!r}, which is not in methods {method_names}")
+    for m, cls in metric_classes.items():
+        if cls.condition is not None and cls.condition not in conditions:
+            raise ConfigError(f"metric {m} scores condition {cls.condition!r}, which is not in condition: "
+                              f"{list(conditions)}; add it or drop the metric")
     trainer = tuple(sorted((k, cfg[k]) for k in TRAINER_KEYS if cfg.get(k) not in (None, "")))
     specs = []
     for m in method_names:
         hp = hparams.get(m) or {}
         classes[m].check_hparams(hp)
-        for seed in seeds:
-            specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
-                                 dataset_version=dataset_version, condition=condition, budget=budget, seed=int(seed),
-                                 base_model=str(_need(cfg, "base_model")), metrics=metric_names,
-                                 metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
-                                 trainer=trainer))
+        usable = [c for c in conditions if not classes[m].conditions or c in classes[m].conditions]
+        if not usable:
+            raise ConfigError(f"method {m} needs condition in {classes[m].conditions}, the config has "
+                              f"{list(conditions)}")
+        for condition in usable:
+            metric_names = tuple(n for n, c in metric_classes.items() if c.condition in (None, condition))
+            _refuse_self_grading(m, classes[m], condition, hp, {n: metric_classes[n] for n in metric_names})
+            metric_versions = tuple(sorted((n, metric_classes[n].version) for n in metric_names))
+            for seed in seeds:
+                specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
+                                     dataset_version=dataset_version, condition=condition, budget=budget,
+                                     seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
+                                     metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
+                                     trainer=trainer))
     return specs, Path(cfg.get("out_dir") or "runs/default")

@@ -80,6 +80,7 @@ class RunRecord:
     metric_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     compute: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # [{step, metric, value}] during training
     git_sha: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)

@@ -59,7 +59,7 @@ def test_training_step_changes_only_trainable_parameters(name, base, smoke_budge
         return
     method.train()
     opt = method.configure_optimizers()["optimizer"]
-    loss = method.diffusion_loss(_batch(4))
+    loss = method.training_loss(_batch(4))
     assert torch.isfinite(loss)
     loss.backward()
     opt.step()

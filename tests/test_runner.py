@@ -46,3 +46,15 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
         assert all(torch.isfinite(torch.tensor(v)) for v in finished.metrics.values())
         assert finished.compute["params_trainable"] == 0 and finished.compute["peak_mem_mb"] > 0
         assert finished.spec["budget_key"] == good.budget.key() and finished.git_sha
+
+
+def test_consistency_curve_is_measured_on_fixed_steps_and_subset(proxy_arch_dir, tmp_path):
+    from bench.runner import execute
+
+    (spec, *_), out = _specs(proxy_arch_dir, tmp_path, methods=["controlnet"], metrics=["canny_f1", "fd_segnet"],
+                             **{"budget.curve_steps": [0, 2], "budget.curve_samples": 4})
+    rec = execute(spec, out, progress=False)
+    points = {(p["step"], p["metric"]) for p in rec.curve}
+    assert points == {(0, "canny_f1"), (2, "canny_f1"), (4, "canny_f1")}  # fd is not a consistency metric
+    assert all(0 <= p["value"] <= 1 for p in rec.curve)
+    assert len(rec.metrics) == 2 and rec.compute["step_time_s"] > 0

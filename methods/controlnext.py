@@ -1,0 +1,110 @@
+"""ControlNeXt (Peng et al. 2024): a light conv branch added to the UNet's first hidden state.
+
+Instead of ControlNet's encoder copy and zero convs, the branch output is *cross-normalized*
+(given the mean and std of the main branch's features, per sample) and added once, right
+after `conv_in`, as the public ControlNeXt SVD/Flux code does. Optionally a chosen subset of
+UNet weights is fine-tuned too; those count as trainable. Not in diffusers, so written here.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+from torch import nn
+
+from bench.errors import ConfigError
+from bench.method import Method
+from bench.registry import METHODS
+
+
+def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Give `control` the per-sample mean and std (over C,H,W) of `main`."""
+    dims = tuple(range(1, main.ndim))
+    c_mean, c_std = control.mean(dims, keepdim=True), control.std(dims, keepdim=True)
+    m_mean, m_std = main.mean(dims, keepdim=True), main.std(dims, keepdim=True)
+    return (control - c_mean) / (c_std + eps) * m_std + m_mean
+
+
+class ControlBranch(nn.Module):
+    """Condition image -> features of the UNet's `conv_in` width at latent resolution.
+
+    A conv stem, then `blocks` time-conditioned ResNet blocks, with one 2x downsampling per
+    power of two between pixel and latent size (8x for SD, none in pixel space).
+    """
+
+    def __init__(self, out_channels: int, scale_factor: int, channels: int = 32, blocks: int = 2):
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+        super().__init__()
+        temb = channels * 4
+        self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(channels, temb)
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        groups = math.gcd(channels, 8)
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=temb,
+                                                   groups=groups) for _ in range(blocks))
+        levels = int(math.log2(scale_factor))
+        self.downs = nn.ModuleList(Downsample2D(channels, use_conv=True) for _ in range(levels))
+        self.out = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).expand(cond.shape[0]) if t.numel() in (1, cond.shape[0]) else t
+        emb = self.time_embedding(self.time_proj(t).to(cond.dtype))
+        h = self.stem(cond)
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if i == 0:
+                for down in self.downs:
+                    h = down(h)
+        return self.out(h)
+
+
+@METHODS.register("controlnext")
+class ControlNeXt(Method):
+    version = "controlnext-v1"
+    conditions = ("canny", "seg", "depth")
+    hparam_defaults = {"controlnext_scale": 1.0, "branch_channels": 0, "branch_blocks": 2,  # 0: 2x conv_in width
+                       "unet_trainable": ""}  # regex over UNet parameter names; "" trains none
+
+    def __init__(self, base, condition, budget, hparams=None):
+        super().__init__(base, condition, budget, hparams)
+        pattern = self.hp["unet_trainable"]
+        if pattern:
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"controlnext unet_trainable {pattern!r} is not a valid regex: {e}") from None
+            # A private UNet copy: tuning it must never change a base shared with other methods.
+            self.base = base.with_unet(copy.deepcopy(base.unet))
+            self.tuned = [p for n, p in self.base.unet.named_parameters() if regex.search(n)]
+            if not self.tuned:
+                raise ConfigError(f"controlnext unet_trainable {pattern!r} matches no UNet parameter")
+            for p in self.tuned:
+                p.requires_grad_(True)
+        else:
+            self.tuned = []
+        width = base.unet.conv_in.out_channels
+        self.branch = ControlBranch(width, base.scale_factor, self.hp["branch_channels"] or 2 * width,
+                                    self.hp["branch_blocks"])
+
+    def trainable_parameters(self):
+        return super().trainable_parameters() + self.tuned
+
+    def prepare(self, batch, embeds, cfg):
+        return self.control_image(batch, cfg)
+
+    def denoise(self, x, t, embeds, state):
+        control = self.branch(state, t)
+        scale = self.hp["controlnext_scale"]
+
+        def inject(module, inputs, output):
+            return output + scale * cross_normalize(control.to(output.dtype), output)
+
+        handle = self.base.unet.conv_in.register_forward_hook(inject)
+        try:
+            return super().denoise(x, t, embeds, state)
+        finally:  # the hook lives for this one call, so the base UNet stays untouched
+            handle.remove()
