@@ -120,9 +120,10 @@ def _pretrain(args) -> int:
     if not args.analyzers_only:
         print(f"proxy base: {pretrain(PROXY_BASE_DIR, steps=args.steps)}")
     if args.analyzers or args.analyzers_only:
-        from bench.metrics.analyzers import train_segnet
+        from bench.metrics.analyzers import ANALYZERS
 
-        print(f"segnet: {train_segnet()}")
+        for analyzer in ANALYZERS:  # one after another: each uses the CPU fully
+            print(f"{analyzer.name}: {analyzer.train()}", flush=True)
     return 0
 
 

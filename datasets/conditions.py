@@ -5,6 +5,7 @@ images, so consistency metrics compare like with like.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.datasets.shapes import sample_objects
 from bench.registry import CONDITIONS
 
 SEG_PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 255, 64], [64, 64, 255]], np.uint8)  # bg + SHAPES
@@ -74,8 +76,36 @@ class SegmentationFromAnnotations:
         return seg_to_image(scene.semantic)
 
 
+# The world's own limit, read from its sampler so the depth scale cannot drift from it.
+MAX_OBJECTS: int = inspect.signature(sample_objects).parameters["max_objects"].default
+
+
+def depth_from_scene(scene) -> np.ndarray:
+    """uint8 [H,W] depth from z-order: background 0, object z (drawn later = nearer) 255*(z+1)/MAX_OBJECTS."""
+    if scene.instance.max() > MAX_OBJECTS:
+        raise ValueError(f"scene has {scene.instance.max()} objects; the depth scale covers {MAX_OBJECTS}")
+    lut = np.round(255 * np.arange(MAX_OBJECTS + 1) / MAX_OBJECTS).astype(np.uint8)
+    return lut[scene.instance]
+
+
+@dataclass(frozen=True)
+class DepthFromAnnotations:
+    """Depth inputs come from the world's z-order; generated images are re-estimated by the
+    `depth_rmse` evaluator (depthnet), a model no method trains against."""
+
+    name: str = "depth"
+    version: str = f"depth-zorder{MAX_OBJECTS}-v1"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        raise TypeError("depth conditions come from dataset annotations; use the depth_rmse metric to estimate depth")
+
+    def from_scene(self, scene) -> torch.Tensor:
+        return torch.from_numpy(depth_from_scene(scene)).float().div(255).expand(3, -1, -1).contiguous()
+
+
 CONDITIONS.register("canny")(Canny())
 CONDITIONS.register("seg")(SegmentationFromAnnotations())
+CONDITIONS.register("depth")(DepthFromAnnotations())
 
 
 def condition_from_scene(kind: str, scene) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""The shapes world's own evaluators: a small learned segmenter and a classical detector.
+"""The shapes world's own analyzers: small learned segmenters and depth nets, and a classical detector.
 
 Evaluators must differ from any reward model a method trains against (ControlNet++ gamed
-its own metric that way), so these live here and are used only by metrics.
+its own metric that way): segnet and depthnet are used only by metrics; reward_segnet and
+reward_depthnet (another seed and architecture) only by bench/rewards.py.
 """
 from __future__ import annotations
 
@@ -23,39 +24,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import bench
+from bench.datasets.conditions import depth_from_scene
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, ShapesWorld
 
 # Via the bench package, not __file__: bench.metrics sits elsewhere in editable vs normal installs.
-SEGNET_PATH = Path(bench.__file__).resolve().parent / "assets" / "analyzers" / "segnet.safetensors"
-SEGNET_VERSION = "segnet-v1"
+ANALYZERS_DIR = Path(bench.__file__).resolve().parent / "assets" / "analyzers"
 NUM_CLASSES = 1 + len(SHAPES)  # background + shapes, as in Scene.semantic
+PRETRAIN_HINT = "run `bench pretrain --analyzers`"
 
 
-# ---------------------------------------------------------------------------- segmenter
-def segnet_config() -> dict:
-    return dict(channels=(16, 32, 64), num_classes=NUM_CLASSES, norm_groups=4, mid_dilation=2)
-
-
-def recipe() -> dict:
-    # Many small steps beat few large ones at equal CPU time (0.89 at batch 8 vs 0.57 at batch 48 in probes);
-    # up-weighting the shapes against the 80% background speeds up learning their classes.
-    # Augmentation ranges cover what a slightly noisy, blurry, off-colour generator produces.
-    return dict(steps=7000, batch_size=8, lr=3e-3, warmup=50, weight_decay=1e-4, train_scenes=3000,
-                class_weights=(0.5, 2.0, 2.0, 2.0),
-                resolution=32, world_seed=0, world=ShapesWorld.VERSION, seed=0,
-                noise_max=0.08, blur_p=0.5, blur_sigma_max=0.9, brightness=0.1, contrast=0.2,
-                channel_gain=0.1, saturation=0.3)
-
-
-def config_hash(steps: int | None = None, seed: int | None = None) -> str:
-    """Hash of architecture + recipe; the shipped weights store it and loading checks it."""
-    r = recipe()
-    r["steps"] = r["steps"] if steps is None else steps
-    r["seed"] = r["seed"] if seed is None else seed
-    blob = json.dumps(dict(version=SEGNET_VERSION, arch=segnet_config(), recipe=r), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
+# ---------------------------------------------------------------------------- networks
 def _block(cin: int, cout: int, groups: int, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
@@ -103,25 +81,184 @@ class SegNet(nn.Module):
         return self._encode(images)[2].mean((2, 3))
 
 
-def render_split(split: str, n: int, resolution: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """n scenes of a ShapesWorld split as (images float [n,3,H,W] in [0,1], labels int64 [n,H,W])."""
+class DepthNet(SegNet):
+    """The same U-Net with one output channel: depth/255 regressed per pixel."""
+
+    @torch.no_grad()
+    def depth(self, images: Tensor) -> Tensor:
+        """[B,3,H,W] in [0,1] -> depth float [B,H,W] on the condition's 0-255 scale."""
+        return self(images)[:, 0].clamp(0, 1) * 255
+
+
+# ------------------------------------------------------------------------------ recipes
+def _recipe(**changes) -> dict:
+    # Many small steps beat few large ones at equal CPU time (0.89 at batch 8 vs 0.57 at batch 48 in probes);
+    # up-weighting the shapes against the 80% background speeds up learning their classes.
+    # Augmentation ranges cover what a slightly noisy, blurry, off-colour generator produces.
+    r = dict(steps=7000, batch_size=8, lr=3e-3, warmup=50, weight_decay=1e-4, train_scenes=3000,
+             class_weights=(0.5, 2.0, 2.0, 2.0),
+             resolution=32, world_seed=0, world=ShapesWorld.VERSION, seed=0,
+             noise_max=0.08, blur_p=0.5, blur_sigma_max=0.9, brightness=0.1, contrast=0.2,
+             channel_gain=0.1, saturation=0.3)
+    r.update(changes)
+    return {k: v for k, v in r.items() if v is not None}
+
+
+@dataclass(frozen=True, eq=False)
+class Analyzer:
+    """A shipped learned analyzer: architecture + training recipe, trained from a seed by
+    `train()`; its weights file stores the hash of both and `load()` refuses any other.
+
+    task "seg" classifies pixels into Scene.semantic; "depth" regresses depth_from_scene/255.
+    """
+
+    name: str
+    version: str
+    task: str
+    arch: dict
+    recipe: dict
+
+    @property
+    def path(self) -> Path:
+        return ANALYZERS_DIR / f"{self.name}.safetensors"
+
+    def config_hash(self, steps: int | None = None, seed: int | None = None) -> str:
+        r = dict(self.recipe)
+        r["steps"] = r["steps"] if steps is None else steps
+        r["seed"] = r["seed"] if seed is None else seed
+        blob = json.dumps(dict(version=self.version, arch=self.arch, recipe=r), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def model_id(self) -> str:
+        """Identity compared between evaluators and reward models (see BenchMetric.evaluator_ids)."""
+        return f"{self.name}-{self.config_hash()}"
+
+    def build(self) -> SegNet:
+        return (DepthNet if self.task == "depth" else SegNet)(**self.arch)
+
+    def load(self, path: Path | str | None = None, device: torch.device | str = "cpu") -> SegNet:
+        """The shipped weights, frozen and in eval mode; refuses weights from another recipe."""
+        path = Path(path or self.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name} weights not found at {path}; {PRETRAIN_HINT}")
+        stored, expected = analyzer_metadata(path).get("config_hash"), self.config_hash()
+        if stored != expected:
+            raise ValueError(f"{path} has config_hash {stored}, {self.name} code expects {expected}; {PRETRAIN_HINT}")
+        net = self.build()
+        net.load_state_dict(load_file(str(path)))
+        return net.eval().requires_grad_(False).to(device)
+
+    def quality(self, net: SegNet, n: int = 256) -> dict[str, str]:
+        """Accuracy on clean eval scenes: mIoU for seg, pooled RMSE (0-255) for depth."""
+        images, target = render_split("eval", n, self.recipe["resolution"], target=self.task)
+        if self.task == "depth":
+            return {"eval_rmse": f"{depth_rmse(net.depth(images), target * 255):.2f}"}
+        return {"eval_miou": f"{float(miou_from_confusion(confusion_matrix(net.segment(images), target))):.4f}"}
+
+    def train(self, out_path: Path | str | None = None, steps: int | None = None, seed: int | None = None,
+              progress: bool = False) -> Path:
+        """Train from the seed on ShapesWorld('train') and save atomically with the config hash."""
+        r = self.recipe
+        steps = r["steps"] if steps is None else steps
+        seed = r["seed"] if seed is None else seed
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        images, targets = render_split("train", r["train_scenes"], r["resolution"], r["world_seed"], self.task)
+        net = self.build()
+        weights = torch.tensor(r["class_weights"]) if self.task == "seg" else None
+        opt = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / r["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        t0 = time.time()
+        net.train()
+        for step in range(steps):
+            idx = torch.randint(0, len(images), (r["batch_size"],), generator=g)
+            x, y = augment(images[idx], targets[idx], r, g)
+            out = net(x)
+            loss = F.l1_loss(out[:, 0], y) if self.task == "depth" else F.cross_entropy(out, y, weight=weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress and (step % 100 == 0 or step + 1 == steps):
+                print(f"{self.name} step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        train_seconds = time.time() - t0
+        net.eval()
+        meta = {"config_hash": self.config_hash(steps, seed), "version": self.version,
+                "train_seconds": f"{train_seconds:.1f}", **self.quality(net)}
+        return _save_atomic(net, Path(out_path or self.path), meta)
+
+
+def _save_atomic(net: nn.Module, out_path: Path, meta: dict[str, str]) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}-", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped weights must be readable by everyone
+    os.replace(tmp, out_path)  # readers never see a half-written file
+    return out_path
+
+
+def analyzer_metadata(path: Path | str) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# Evaluators (used only by metrics) and reward models (see bench/rewards.py) differ in seed
+# AND architecture, so a method optimising a reward cannot overfit the evaluator's quirks.
+SEGNET = Analyzer("segnet", "segnet-v1", "seg",
+                  dict(channels=(16, 32, 64), num_classes=NUM_CLASSES, norm_groups=4, mid_dilation=2), _recipe())
+DEPTHNET = Analyzer("depthnet", "depthnet-v1", "depth",
+                    dict(channels=(16, 32, 64), num_classes=1, norm_groups=4, mid_dilation=2),
+                    _recipe(class_weights=None, seed=1))
+REWARD_SEGNET = Analyzer("reward_segnet", "reward_segnet-v1", "seg",
+                         dict(channels=(24, 48, 96), num_classes=NUM_CLASSES, norm_groups=8, mid_dilation=1),
+                         _recipe(steps=3500, seed=2))
+REWARD_DEPTHNET = Analyzer("reward_depthnet", "reward_depthnet-v1", "depth",
+                           dict(channels=(24, 48, 96), num_classes=1, norm_groups=8, mid_dilation=1),
+                           _recipe(steps=3500, class_weights=None, seed=3))
+ANALYZERS = (SEGNET, DEPTHNET, REWARD_SEGNET, REWARD_DEPTHNET)
+
+
+def canny_model_id(canny) -> str:
+    """Identity of a cv2 Canny extractor used as an evaluator."""
+    return f"cv2-canny-{canny.low}-{canny.high}"
+
+
+# The segnet names the rest of the code and the tests use.
+SEGNET_PATH, SEGNET_VERSION = SEGNET.path, SEGNET.version
+config_hash, load_segnet, segnet_metadata = SEGNET.config_hash, SEGNET.load, analyzer_metadata
+load_depthnet = DEPTHNET.load
+
+
+def segnet_config() -> dict:
+    return dict(SEGNET.arch)
+
+
+def render_split(split: str, n: int, resolution: int = 32, seed: int = 0, target: str = "seg") -> tuple[Tensor, Tensor]:
+    """n scenes of a ShapesWorld split as (images float [n,3,H,W] in [0,1], targets [n,H,W]):
+    int64 labels for target "seg", float depth/255 for "depth"."""
     world = ShapesWorld(split, n, resolution, seed)
     scenes = [world.scene(i) for i in range(n)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float().div(255)
+    if target == "depth":
+        return images, torch.from_numpy(np.stack([depth_from_scene(s) for s in scenes])).float().div(255)
     return images, torch.from_numpy(np.stack([s.semantic for s in scenes]))
 
 
-def augment(images: Tensor, labels: Tensor, r: dict, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Flips/rot90 (shape classes are invariant), colour jitter, slight blur and gaussian noise."""
+def augment(images: Tensor, targets: Tensor, r: dict, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Flips/rot90 (shape classes and z-order are invariant), colour jitter, slight blur and
+    gaussian noise. targets: any per-pixel map [B,H,W] (labels or depth), moved with the image."""
     b = images.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> Tensor:
         return torch.rand((b, *shape), generator=g) * (hi - lo) + lo
 
     k = int(torch.randint(4, (1,), generator=g))
-    images, labels = images.rot90(k, (2, 3)), labels.rot90(k, (1, 2))
+    images, targets = images.rot90(k, (2, 3)), targets.rot90(k, (1, 2))
     if torch.rand(1, generator=g) < 0.5:
-        images, labels = images.flip(3), labels.flip(2)
+        images, targets = images.flip(3), targets.flip(2)
     gray = images.mean(1, keepdim=True)
     x = gray + (images - gray) * u(1 - r["saturation"], 1 + r["saturation"], 1, 1, 1)
     mean = x.mean((1, 2, 3), keepdim=True)
@@ -136,7 +273,7 @@ def augment(images: Tensor, labels: Tensor, r: dict, g: torch.Generator) -> tupl
     x = F.pad(x.reshape(1, b * 3, h, w), (2, 2, 2, 2), mode="replicate")
     x = F.conv2d(F.conv2d(x, k1[:, None, None, :], groups=b * 3), k1[:, None, :, None], groups=b * 3).reshape(b, 3, h, w)
     x = x + torch.randn(x.shape, generator=g) * u(0, r["noise_max"], 1, 1, 1)
-    return x.clamp(0, 1), labels
+    return x.clamp(0, 1), targets
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int = NUM_CLASSES) -> Tensor:
@@ -154,65 +291,9 @@ def miou_from_confusion(conf: Tensor) -> Tensor:
     return (tp[present] / union[present]).mean().float() if present.any() else torch.tensor(float("nan"))
 
 
-def evaluate_segnet(net: SegNet, n: int = 256, resolution: int = 32) -> float:
-    images, labels = render_split("eval", n, resolution)
-    return float(miou_from_confusion(confusion_matrix(net.segment(images), labels)))
-
-
-def train_segnet(out_path: Path | str = SEGNET_PATH, steps: int | None = None, seed: int = 0, progress: bool = False) -> Path:
-    """Train the segmenter from its seed on ShapesWorld('train') and save it atomically."""
-    r = recipe()
-    steps = r["steps"] if steps is None else steps
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    images, labels = render_split("train", r["train_scenes"], r["resolution"], r["world_seed"])
-    net = SegNet(**segnet_config())
-    weights = torch.tensor(r["class_weights"])
-    opt = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / r["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    t0 = time.time()
-    net.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (r["batch_size"],), generator=g)
-        x, y = augment(images[idx], labels[idx], r, g)
-        loss = F.cross_entropy(net(x), y, weight=weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress and (step % 100 == 0 or step + 1 == steps):
-            print(f"segnet step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-    train_seconds = time.time() - t0
-    net.eval()
-    meta = {"config_hash": config_hash(steps, seed), "version": SEGNET_VERSION,
-            "train_seconds": f"{train_seconds:.1f}", "eval_miou": f"{evaluate_segnet(net):.4f}"}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".segnet-", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped weights must be readable by everyone
-    os.replace(tmp, out_path)  # readers never see a half-written file
-    return out_path
-
-
-def segnet_metadata(path: Path | str = SEGNET_PATH) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def load_segnet(path: Path | str = SEGNET_PATH, device: torch.device | str = "cpu") -> SegNet:
-    """The shipped segmenter, frozen and in eval mode; refuses weights from another recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights not found at {path}; run `bench pretrain --analyzers`")
-    stored, expected = segnet_metadata(path).get("config_hash"), config_hash()
-    if stored != expected:
-        raise ValueError(f"{path} has config_hash {stored}, code expects {expected}; run `bench pretrain --analyzers`")
-    net = SegNet(**segnet_config())
-    net.load_state_dict(load_file(str(path)))
-    return net.eval().requires_grad_(False).to(device)
+def depth_rmse(pred: Tensor, target: Tensor) -> float:
+    """Pooled RMSE over every pixel of every map (same units as the inputs)."""
+    return float((pred.double() - target.double()).square().mean().sqrt())
 
 
 # ----------------------------------------------------------------------------- detector

@@ -21,6 +21,7 @@ class BenchMetric(torchmetrics.Metric):
     version: str
     higher_is_better: bool
     condition: str | None = None
+    evaluator_ids: tuple[str, ...] = ()  # identities of the models that score; a method may not train against them
     full_state_update = False  # states only accumulate, so per-batch forward() is cheap
     is_differentiable = False
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
-from bench.metrics.analyzers import SEGNET_VERSION, config_hash, load_segnet
+from bench.metrics.analyzers import SEGNET, SEGNET_VERSION, config_hash, load_segnet
 from bench.metrics.base import BenchMetric
 from bench.registry import METRICS
 from bench.types import Batch
@@ -50,6 +50,7 @@ class FDSegnet(BenchMetric):
     higher_is_better = False
     condition = None
     version = f"fd_segnet-v1/{SEGNET_VERSION}-{config_hash()}"
+    evaluator_ids = (SEGNET.model_id,)
 
     def __init__(self, extractor: Callable[[Tensor], Tensor] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
