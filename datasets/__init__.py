@@ -1,2 +1,2 @@
 """Datasets and condition extractors; importing registers them."""
-from bench.datasets import conditions, shapes  # noqa: F401
+from bench.datasets import conditions, layouts, shapes  # noqa: F401

@@ -25,7 +25,7 @@ COLORS = {  # RGB, well separated in hue so a classical detector can read them b
     "cyan": (40, 200, 210),
 }
 BACKGROUND = (245, 245, 245)
-SPLIT_CODE = {"train": 0, "eval": 1}
+SPLIT_CODE = {"train": 0, "eval": 1, "test": 2}
 SUPERSAMPLE = 4
 
 

@@ -1,2 +1,2 @@
 """torchmetrics-style benchmark metrics; importing registers them in METRICS."""
-from bench.metrics import consistency, fd, prompt_fidelity  # noqa: F401
+from bench.metrics import consistency, detector, fd, layout, prompt_fidelity  # noqa: F401

@@ -30,6 +30,7 @@ class PromptFidelity(BenchMetric):
     higher_is_better = True
     condition = None
     version = "prompt_fidelity-v1/detector-cv2-v1"
+    evaluator_ids = ("detector-cv2-v1",)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
