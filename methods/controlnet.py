@@ -12,6 +12,7 @@ class ControlNet(Method):
     version = "controlnet-v1"
     conditions = ("canny", "seg", "depth")
     hparam_defaults = {"conditioning_scale": 1.0}
+    conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 
     def __init__(self, base, condition, budget, hparams=None):
         from diffusers import ControlNetModel
@@ -20,7 +21,8 @@ class ControlNet(Method):
         # The condition encoder downsamples pixels to latent size: 8x for SD, none in pixel space.
         levels = int(math.log2(base.scale_factor))
         channels = (16, 32, 96, 256)[: levels + 1]
-        self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels)
+        self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels,
+                                                    conditioning_channels=self.conditioning_channels)
         self.controlnet.train()
 
     def prepare(self, batch, embeds, cfg):

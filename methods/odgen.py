@@ -10,15 +10,12 @@ Both read refs["boxes"]/refs["labels"]; the `layout` condition image is only for
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.datasets.layouts import box_slices
 from bench.datasets.shapes import SHAPES, ShapeObject, render
-from bench.method import Method
 from bench.methods.controlnet import ControlNet
 from bench.registry import METHODS
 from bench.types import Batch
@@ -37,15 +34,16 @@ def class_sprites(size: int = 64) -> list[Tensor]:
 
 
 @METHODS.register("odgen")
-class ODGEN(Method):
+class ODGEN(ControlNet):
+    """A ControlNet whose conditioning input is the layout encoding instead of an image."""
+
     version = "odgen-v1"
     conditions = ("layout",)
-    hparam_defaults = {"conditioning_scale": 1.0, "sprite_prob": 0.5}
+    hparam_defaults = {**ControlNet.hparam_defaults, "sprite_prob": 0.5}
     text_channels = 8
+    conditioning_channels = text_channels + 3 * len(SHAPES)
 
     def __init__(self, base, condition, budget, hparams=None):
-        from diffusers import ControlNetModel
-
         super().__init__(base, condition, budget, hparams)
         names = [f"a {s}" for s in SHAPES]
         tok = base.tokenizer(names, padding="max_length", max_length=base.tokenizer.model_max_length,
@@ -60,11 +58,6 @@ class ODGEN(Method):
         # before painting: the same function as convolving [D,H,W] canvases, at k/D of the memory.
         self.text_proj = nn.Linear(d, k, bias=False)
         self.text_net = nn.Sequential(nn.Conv2d(k, k, 3, padding=1), nn.SiLU(), nn.Conv2d(k, self.text_channels, 3, padding=1))
-        levels = int(math.log2(base.scale_factor))
-        channels = (16, 32, 96, 256)[: levels + 1]  # as methods/controlnet.py
-        self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels,
-                                                    conditioning_channels=self.text_channels + 3 * len(SHAPES))
-        self.controlnet.train()
 
     # ---- layout encoders ------------------------------------------------------------
     def box_counts(self, batch: Batch) -> Tensor:
@@ -112,5 +105,3 @@ class ODGEN(Method):
     def prepare(self, batch, embeds, cfg):
         cond = self.layout_features(batch).to(self.base.unet.dtype)
         return torch.cat([cond] * 2) if cfg else cond
-
-    unet_kwargs = ControlNet.unet_kwargs  # same residual injection; only the conditioning input differs
