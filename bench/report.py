@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
 COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     # (compute key, header, divisor)
     ("params_trainable", "trainable params (M)", 1e6),
+    ("params_total", "total params (M)", 1e6),
     ("step_time_s", "step time (s)", 1.0),
     ("peak_mem_mb", "peak mem (MB)", 1.0),
     ("sample_latency_s", "sample latency (s)", 1.0),

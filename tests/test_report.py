@@ -118,7 +118,7 @@ def test_markdown_escapes_pipes_and_newlines() -> None:
     for line in md.splitlines():
         if line.startswith("| evil"):
             # unescaped pipes = column separators: 2 fixed + 2 metrics + 4 compute + 1 edge
-            assert line.replace("\\|", "").count("|") == 9
+            assert line.replace("\\|", "").count("|") == 10
 
 
 def test_markdown_arrows_and_header() -> None:
