@@ -195,6 +195,11 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         if cls.condition is not None and cls.condition not in conditions:
             raise ConfigError(f"metric {m} scores condition {cls.condition!r}, which is not in condition: "
                               f"{list(conditions)}; add it or drop the metric")
+    from bench.weights import needed_weights, preflight
+
+    # Before any compute: every weight the run needs, with the first missing one named.
+    preflight(needed_weights(*metric_classes.values(), *classes.values(),
+                             *(CONDITIONS.get(c) for c in conditions if c)))
     trainer = tuple(sorted((k, cfg[k]) for k in TRAINER_KEYS if cfg.get(k) not in (None, "")))
     specs = []
     for m in method_names:
