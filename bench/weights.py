@@ -1,7 +1,6 @@
 """External weights: each is a named file or directory under one local root, never downloaded.
 
-The root is `$CONTROLBENCH_WEIGHTS` (default `~/.cache/controlbench/weights`), or the run
-config's `weights_dir:`. Components (metrics, condition extractors, methods) list the weight
+The root is `$CONTROLBENCH_WEIGHTS` (default `~/.cache/controlbench/weights`). Components (metrics, condition extractors, methods) list the weight
 names they need in a `weights` class attribute; `preflight` checks them all before any compute
 and names the first missing path and how to get it; `bench doctor` prints the whole table.
 """
