@@ -51,6 +51,10 @@ class BaseModel(nn.Module):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from bench.arch import ARCHS, build_arch
+
+        if name_or_path in ARCHS:  # an architecture with random weights, for compute profiling
+            return build_arch(name_or_path)
         path = resolve_base_path(name_or_path)
         preflight(path)
         kw = dict(use_safetensors=True)

@@ -4,9 +4,8 @@ training cost of each method relative to ControlNet.
     python -m bench.benchmarks [--steps 40] [--batch 16] [--base proxy]
     python -m bench.benchmarks --methods controlnet,t2i_adapter,controlnext,controlnet_pp:reward_start=0
 
-Method costs: each variant (`name` or `name:key=value,...`) in its own spawned process; median
-step time of a bare training loop after warm-up, and peak memory (CUDA allocator, or on CPU the
-process's peak RSS above its RSS with the model loaded), as ratios against the first variant.
+Method costs (`bench.profile` on the proxy at the `quick` budget's resolution): each variant
+(`name` or `name:key=value,...`) in its own spawned process, as ratios against the first.
 
 Train: median wall time per step, batch start to batch start (data loading, Lightning loop and
 callbacks included) vs a bare `loss.backward(); opt.step()` loop over pre-stacked tensors.
@@ -113,74 +112,6 @@ def sample_ratio(base, budget, n: int, repeats: int) -> tuple[float, float, floa
     return statistics.median(ours_t), statistics.median(bare_t), (ours - ref).abs().max().item()
 
 
-def _one_method_cost(variant: str, base_name: str, steps: int, batch: int, condition: str) -> dict:
-    """Runs in a fresh process, so peak RSS belongs to this variant alone."""
-    import resource
-
-    from bench.runner import quiet_libraries, rss_mb
-
-    load_builtins()
-    quiet_libraries()
-    name, _, rest = variant.partition(":")
-    import yaml
-
-    hp = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget = load_budgets()["quick"]
-    base = BaseModel.load(base_name)
-    torch.manual_seed(0)
-    method = METHODS.get(name)(base, condition, budget, hp).to(device).train()
-    world_batch = _data(batch * 2, budget.resolution)
-    if condition == "seg":  # a canny batch carries seg labels in refs; add the seg input too
-        from bench.datasets.conditions import seg_to_image
-
-        world_batch.conditions["seg"] = torch.stack([seg_to_image(s.numpy()) for s in world_batch.refs["semantic"]])
-    data = [world_batch.subset(slice(i * batch, (i + 1) * batch)).to(device) for i in range(2)]
-    opt = torch.optim.AdamW(method.trainable_parameters(), lr=budget.lr)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss0, times = rss_mb(), []
-    for step in range(steps + 3):
-        t0 = time.perf_counter()
-        loss = method.training_loss(data[step % 2])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0)
-    return dict(variant=variant, step_s=statistics.median(times[3:]), peak_mb=peak,
-                trainable=sum(p.numel() for p in method.trainable_parameters()))
-
-
-def _split_variants(text: str) -> list[str]:
-    """'a,b:x=1,y=2,c' -> ['a', 'b:x=1,y=2', 'c']: a comma before `k=v` continues the variant."""
-    out: list[str] = []
-    for part in text.split(","):
-        if "=" in part and out and ":" in out[-1]:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return out
-
-
-def method_costs(variants: list[str], base_name: str, steps: int, batch: int, condition: str) -> list[dict]:
-    import multiprocessing as mp
-
-    rows = []
-    for v in variants:
-        with mp.get_context("spawn").Pool(1) as pool:
-            rows.append(pool.apply(_one_method_cost, (v, base_name, steps, batch, condition)))
-    ref = rows[0]
-    print(f"{'variant':44s} {'trainable':>10s} {'step ms':>8s} {'x ref':>6s} {'peak MB':>8s} {'x ref':>6s}")
-    for r in rows:
-        print(f"{r['variant']:44s} {r['trainable']:10d} {r['step_s'] * 1000:8.1f} {r['step_s'] / ref['step_s']:6.2f} "
-              f"{r['peak_mb']:8.1f} {r['peak_mb'] / max(ref['peak_mb'], 1e-9):6.2f}")
-    return rows
-
-
 def time_quickstart(out_dir: str) -> float:
     """Wall time of the quickstart from an empty output dir and data cache (the shipped base is used)."""
     import os
@@ -206,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quickstart", metavar="OUT_DIR", help="instead, time the whole quickstart into an empty OUT_DIR")
     p.add_argument("--methods", help="instead, training cost per method variant (name or name:k=v,...), "
                                      "as ratios against the first")
-    p.add_argument("--condition", default="canny", help="condition for --methods (canny or seg)")
+    p.add_argument("--condition", default="canny", help="condition for --methods (canny, seg, depth, layout)")
     args = p.parse_args(argv)
     if args.methods:
-        method_costs(_split_variants(args.methods), args.base, args.steps, args.batch, args.condition)
+        from bench.profile import ProfileSetup, format_table, profile, split_variants
+
+        setup = ProfileSetup(args.base, load_budgets()["quick"].resolution, args.batch, "fp32", args.steps, args.condition)
+        print(format_table(profile(split_variants(args.methods), setup)))
         return 0
     if args.quickstart:
         print(f"quickstart wall time: {time_quickstart(args.quickstart):.0f} s (limit 900 s)")

@@ -19,6 +19,7 @@ EPILOG = """examples:
   bench sweep sweeps/spatial.yaml --local      # the W&B sweep file as a local grid (resumable, shareable)
   bench check --baseline sweeps/regression/baseline.json --store runs/regression/store.sqlite
   bench store merge all.sqlite machine1.sqlite machine2.sqlite
+  bench profile --arch sd15 --methods finetune,frozen,controlnet,t2i_adapter,controlnext --resolution 256
 """
 
 
@@ -162,6 +163,33 @@ def _store_merge(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from bench.arch import ARCHS
+    from bench.profile import PRECISIONS, ProfileSetup, format_table, profile, split_variants, to_records
+    from bench.registry import METHODS, UnknownNameError, load_builtins
+    from bench.store import Store
+
+    load_builtins()
+    variants = split_variants(args.methods)
+    try:
+        for v in variants:
+            METHODS.get(v.partition(":")[0])
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    if args.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    base = f"{args.arch}-arch" if f"{args.arch}-arch" in ARCHS else args.arch
+    setup = ProfileSetup(base, args.resolution, args.batch, args.precision, args.steps, args.condition)
+    rows = profile(variants, setup, progress=not args.quiet)
+    print(format_table(rows))
+    if args.store:
+        with Store(args.store) as store:
+            for rec in to_records(rows, setup):
+                store.put(rec)
+        print(f"records: {args.store}")
+    return 0
+
+
 def add_scale_out_commands(sub) -> None:
     """sweep, check and store merge: the commands for sweeps, CI gates and several machines."""
     sw = sub.add_parser("sweep", help="run a W&B sweep file as a local grid; processes sharing a store split the "
@@ -216,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--analyzers", action="store_true", help="also retrain the proxy analyzers (evaluators and reward models)")
     pt.add_argument("--analyzers-only", action="store_true", help="only retrain the proxy analyzers")
     pt.set_defaults(func=_pretrain)
+    pf = sub.add_parser("profile", help="params, train step time and peak memory per method, each in its own process",
+                        description="Profile methods on a base model or a full-scale architecture with random "
+                        "weights (sd15). Prints time/memory ratios against finetune (whole UNet trained) and frozen "
+                        "(backward through the locked UNet) when they are among --methods.")
+    pf.add_argument("--arch", default="sd15", help="sd15 (random-weight SD1.5 architecture), proxy, or a local "
+                    "diffusers directory")
+    pf.add_argument("--methods", default="finetune,frozen,controlnet,t2i_adapter,controlnext",
+                    help="comma-separated method variants, name or name:key=value,...")
+    pf.add_argument("--resolution", type=int, default=256, help="image resolution in pixels")
+    pf.add_argument("--batch", type=int, default=1, help="batch size")
+    pf.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (autocast)")
+    pf.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
+    pf.add_argument("--condition", default="canny", help="control condition for the methods that need one")
+    pf.add_argument("--store", help="also write one record per method to this SQLite store")
+    pf.add_argument("--quiet", action="store_true", help="no progress bar")
+    pf.set_defaults(func=_profile)
     add_scale_out_commands(sub)
     return p
 

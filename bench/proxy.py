@@ -63,11 +63,11 @@ def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return parts
 
 
-def build_tokenizer(directory: Path):
+def build_tokenizer(directory: Path, model_max_length: int = MAX_TOKENS):
     from transformers import CLIPTokenizer
 
     write_tokenizer_files(directory)
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=MAX_TOKENS)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length)
 
 
 def text_encoder_config(vocab_size: int) -> dict:

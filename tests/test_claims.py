@@ -44,7 +44,7 @@ def test_missing_runs_are_not_measured_with_reason() -> None:
     for cid in SEED_CLAIMS - {"t2i-adapter-faster-step", "t2i-adapter-less-memory"}:
         assert results[cid].verdict == "not measured" and results[cid].measured is None
         assert "no FINISHED run" in results[cid].detail, cid
-    assert "finetune_sd" in results["controlnet-memory-vs-finetune"].detail
+    assert "finetune" in results["controlnet-memory-vs-finetune"].detail
 
 
 def test_changing_one_number_flips_the_verdict() -> None:
@@ -57,7 +57,7 @@ def test_changing_one_number_flips_the_verdict() -> None:
 
 def test_approx_with_tolerance_and_increase() -> None:
     claim = by_id("controlnet-memory-vs-finetune")
-    runs = [rec("f", "finetune_sd", mem=1000.0)]
+    runs = [rec("f", "finetune", mem=1000.0)]
     assert evaluate(claim, runs + [rec("c", "controlnet", mem=1250.0)]).verdict == "reproduced"
     result = evaluate(claim, runs + [rec("c", "controlnet", mem=1400.0)])
     assert result.verdict == "not reproduced" and result.measured == pytest.approx(0.4)

@@ -1,0 +1,39 @@
+"""Full-scale architectures with random weights, built from configs kept in the repo.
+
+Parameter counts, step time and peak memory do not depend on weight values, so
+`base_model=sd15-arch` profiles SD1.5 anywhere, with nothing downloaded. The tokenizer is the
+project's locally built BPE (token ids differ from CLIP's; the shapes of everything do not).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCH_DIR = Path(__file__).parent / "configs" / "arch"
+ARCHS = {"sd15-arch": "sd15"}
+
+
+def _config(arch: str, part: str) -> dict:
+    raw = json.loads((ARCH_DIR / arch / f"{part}.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}  # "_note" records the source
+
+
+def build_arch(name: str, seed: int = 0):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.base_model import BaseModel
+    from bench.proxy import build_tokenizer
+
+    arch = ARCHS[name]
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(**_config(arch, "text_encoder"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp), model_max_length=text_config.max_position_embeddings)
+    return BaseModel(unet=UNet2DConditionModel(**_config(arch, "unet")),
+                     scheduler=DDIMScheduler(**_config(arch, "scheduler")),
+                     tokenizer=tokenizer, text_encoder=CLIPTextModel(text_config),
+                     vae=AutoencoderKL(**_config(arch, "vae")), source=name)
