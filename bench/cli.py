@@ -190,6 +190,50 @@ def _profile(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    """The preflight as a table: every weight the config needs, where it must be, and how to get it."""
+    from bench.base_model import preflight, resolve_base_path
+    from bench.registry import CONDITIONS, METHODS, METRICS, load_builtins
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.weights import WEIGHTS, needed_weights, weight_status
+
+    load_builtins()
+    rows = []
+    if args.all:
+        names = WEIGHTS.names()
+    else:
+        overrides = list(args.overrides)
+        cfg_path = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
+        cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
+        try:
+            resolve(cfg)  # every other config error still surfaces here
+        except ConfigError as e:
+            if not str(e).startswith("missing weight"):
+                raise
+        conds = cfg.get("condition") or []
+        names = needed_weights(*(METRICS.get(m) for m in cfg["metrics"]), *(METHODS.get(m) for m in cfg["methods"]),
+                               *(CONDITIONS.get(c) for c in (conds if isinstance(conds, list) else [conds])))
+        base = resolve_base_path(str(cfg["base_model"]))
+        try:
+            preflight(base)
+            rows.append(("base_model", str(base), "yes", ""))
+        except ConfigError as e:
+            rows.append(("base_model", str(base), "no", str(e).split("; ", 1)[-1]))
+    for name in names:
+        spec, path, present = weight_status(name)
+        rows.append((name, str(path), "yes" if present else "no", "" if present else spec.how))
+    if not rows:
+        print("this config needs no external weights")
+        return 0
+    rows.insert(0, ("weight", "path", "present", "how to get it"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    missing = sum(r[2] == "no" for r in rows)
+    print(f"{missing} missing" if missing else "all present")
+    return 1 if missing else 0
+
+
 def add_scale_out_commands(sub) -> None:
     """sweep, check and store merge: the commands for sweeps, CI gates and several machines."""
     sw = sub.add_parser("sweep", help="run a W&B sweep file as a local grid; processes sharing a store split the "
@@ -260,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--store", help="also write one record per method to this SQLite store")
     pf.add_argument("--quiet", action="store_true", help="no progress bar")
     pf.set_defaults(func=_profile)
+    dr = sub.add_parser("doctor", help="list the weights a config needs, whether each is present and how to get "
+                        "it; exit 1 if any is missing")
+    dr.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ...")
+    dr.add_argument("--all", action="store_true", help="list every registered weight instead")
+    dr.set_defaults(func=_doctor)
     add_scale_out_commands(sub)
     return p
 

@@ -1,3 +1,3 @@
 """torchmetrics-style benchmark metrics; importing registers them in METRICS."""
 from bench.metrics import consistency, detector, fd, layout, prompt_fidelity  # noqa: F401
-from bench.metrics import clip_score, fid  # noqa: F401  (real-weight metrics; weights checked at construction)
+from bench.metrics import clip_score, fid  # noqa: F401

@@ -38,7 +38,9 @@ def test_registered_names_and_directions() -> None:
         cls = METRICS.get(name)
         assert cls.name == name and cls.higher_is_better is higher and cls.version
     # A proxy Fréchet distance must never pass for FID.
-    assert not any(n.startswith("fid") for n in METRICS.names())
+    # The only "fid" is the real one, and it needs the Inception weights.
+    assert [n for n in METRICS.names() if n.startswith("fid")] == ["fid"]
+    assert METRICS.get("fid").weights == ("inception-fid",)
     assert "fid" not in (FDSegnet.name + FDSegnet.version).lower()
     assert Canny().version in CannyF1.version
 
