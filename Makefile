@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,face,pose]'
+	# mediapipe/rtmlib without their declared deps (protobuf<5 vs wandb; opencv-python vs headless): see pyproject
+	$(VENV)/bin/pip install --quiet --no-deps mediapipe==0.10.14 rtmlib
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,3 +1,5 @@
 """torchmetrics-style benchmark metrics; importing registers them in METRICS."""
 from bench.metrics import consistency, detector, fd, layout, prompt_fidelity  # noqa: F401
 from bench.metrics import clip_score, fid  # noqa: F401
+from bench.metrics import pose, softedge  # noqa: F401
+from bench.metrics import face  # noqa: F401

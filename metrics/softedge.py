@@ -1,0 +1,56 @@
+"""Soft-edge consistency (ControlNet++ protocol): SSIM between the input soft-edge map and the
+map the same extractor re-extracts from the generated image.
+
+Plain single-scale SSIM (torchmetrics structural_similarity_index_measure, gaussian 11x11,
+sigma 1.5, data_range 1), mean over images, on the first channel; not MS-SSIM: MS-SSIM's five downsamplings need
+images of 161+ px. One metric per soft-edge condition: `softedge_ssim` scores `hed` (the
+ControlNet++ soft-edge task), `pidinet_ssim` and `lineart_ssim` the other two.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+from bench.metrics.base import BenchMetric
+from bench.registry import CONDITIONS, METRICS
+from bench.types import Batch
+
+
+class SoftEdgeSSIM(BenchMetric):
+    name = "softedge_ssim"
+    condition = "hed"
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.extractor = CONDITIONS.get(self.condition)  # the SAME extractor that built the input
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor, batch: Batch) -> None:
+        self._check(images, batch)
+        if self.condition not in batch.conditions:
+            raise KeyError(f"{self.name} needs batch.conditions[{self.condition!r}]; the batch has "
+                           f"{sorted(batch.conditions)}")
+        with torch.no_grad():
+            pred = self.extractor(images)[:, :1]
+        target = batch.conditions[self.condition][:, :1].to(pred.device)
+        per_image = ssim(pred.float(), target.float(), data_range=1.0, reduction="none")
+        self.total += per_image.double().sum().to(self.total.device)
+        self.count += per_image.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+def _register(name: str, condition: str) -> None:
+    extractor = CONDITIONS.get(condition)
+    cls = type(f"SSIM_{condition}", (SoftEdgeSSIM,), dict(
+        name=name, condition=condition, weights=extractor.weights, evaluator_ids=(extractor.version,),
+        version=f"{name}-ssim-g11-v1/{extractor.version}", __doc__=f"SSIM (not MS-SSIM) of {condition} maps."))
+    METRICS.register(name)(cls)
+
+
+for _name, _condition in (("softedge_ssim", "hed"), ("pidinet_ssim", "pidinet"), ("lineart_ssim", "lineart")):
+    _register(_name, _condition)
