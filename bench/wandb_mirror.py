@@ -36,6 +36,8 @@ def wandb_summary(record: RunRecord) -> dict[str, Any]:
     out: dict[str, Any] = {"status": record.status, "reason": record.reason, "created_at": record.created_at}
     out.update({METRIC_PREFIX + k: v for k, v in record.metrics.items()})
     out.update({COMPUTE_PREFIX + k: v for k, v in record.compute.items()})
+    if record.curve:
+        out["curve"] = record.curve
     return out
 
 
@@ -56,6 +58,8 @@ def _log(record: RunRecord, out_dir: Path, mode: str) -> str:
                      name=f"{record.method}-s{record.seed}-{record.run_id[:8]}",
                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
     try:
+        for p in sorted(record.curve, key=lambda p: p["step"]):  # W&B charts: consistency vs train step
+            run.log({f"curve/{p['metric']}": p["value"], "train_step": p["step"]})
         run.summary.update(wandb_summary(record))
     finally:
         run.finish(exit_code=0 if record.finished else 1)
@@ -90,6 +94,7 @@ def record_from_wandb(run: Any) -> RunRecord | None:
     return RunRecord(run_id=run.id, spec=config["spec"], status=status, reason=summary.get("reason") or "",
                      metrics=_floats(summary, METRIC_PREFIX), metric_meta=config.get("metric_meta") or {},
                      compute=_floats(summary, COMPUTE_PREFIX), artifacts={"wandb": "/".join(run.path)},
+                     curve=list(summary.get("curve") or []),
                      git_sha=config.get("git_sha") or "", versions=config.get("versions") or {},
                      created_at=float(summary.get("created_at") or 0.0))
 
