@@ -51,7 +51,7 @@ def split_variants(text: str) -> list[str]:
     """'a,b:x=1,y=2,c' -> ['a', 'b:x=1,y=2', 'c']: a comma before `k=v` continues the variant."""
     out: list[str] = []
     for part in text.split(","):
-        if "=" in part and out and ":" in out[-1]:
+        if "=" in part and ":" not in part.split("=")[0] and out and ":" in out[-1]:
             out[-1] += "," + part
         else:
             out.append(part)
