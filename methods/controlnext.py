@@ -30,8 +30,9 @@ def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-5
 class ControlBranch(nn.Module):
     """Condition image -> features of the UNet's `conv_in` width at latent resolution.
 
-    A conv stem, then `blocks` time-conditioned ResNet blocks, with one 2x downsampling per
-    power of two between pixel and latent size (8x for SD, none in pixel space).
+    A conv stem, one time-conditioned ResNet block and 2x downsampling per power of two between
+    pixel and latent size (8x for SD, none in pixel space), widening towards `channels` so the
+    full-resolution layers stay narrow, then `blocks` ResNet blocks at latent resolution.
     """
 
     def __init__(self, out_channels: int, scale_factor: int, channels: int = 32, blocks: int = 2):
@@ -40,31 +41,35 @@ class ControlBranch(nn.Module):
 
         super().__init__()
         temb = channels * 4
+        levels = int(math.log2(scale_factor))
+        widths = [max(channels >> (levels - i), 8) for i in range(levels + 1)]
+
+        def resnet(cin: int, cout: int) -> nn.Module:
+            return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=math.gcd(cin, 8),
+                                 groups_out=math.gcd(cout, 8))
+
         self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(channels, temb)
-        self.stem = nn.Conv2d(3, channels, 3, padding=1)
-        groups = math.gcd(channels, 8)
-        self.resnets = nn.ModuleList(ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=temb,
-                                                   groups=groups) for _ in range(blocks))
-        levels = int(math.log2(scale_factor))
-        self.downs = nn.ModuleList(Downsample2D(channels, use_conv=True) for _ in range(levels))
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.down_resnets = nn.ModuleList(resnet(widths[i], widths[i + 1]) for i in range(levels))
+        self.downs = nn.ModuleList(Downsample2D(widths[i + 1], use_conv=True) for i in range(levels))
+        self.resnets = nn.ModuleList(resnet(channels, channels) for _ in range(blocks))
         self.out = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(cond.shape[0]) if t.numel() in (1, cond.shape[0]) else t
         emb = self.time_embedding(self.time_proj(t).to(cond.dtype))
         h = self.stem(cond)
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
-            if i == 0:
-                for down in self.downs:
-                    h = down(h)
+        for res, down in zip(self.down_resnets, self.downs):
+            h = down(res(h, emb))
+        for res in self.resnets:
+            h = res(h, emb)
         return self.out(h)
 
 
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
-    version = "controlnext-v1"
+    version = "controlnext-v2"  # v2: narrow full-resolution layers at SD scale; the proxy branch is unchanged
     conditions = ("canny", "seg", "depth")
     hparam_defaults = {"controlnext_scale": 1.0, "branch_channels": 0, "branch_blocks": 2,  # 0: 2x conv_in width
                        "unet_trainable": ""}  # regex over UNet parameter names; "" trains none
