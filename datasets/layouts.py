@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from bench.datasets.conditions import SEG_PALETTE, to_uint8
 from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
@@ -66,9 +65,15 @@ def layout_objects(boxes, labels, colors: list[str]) -> tuple[ShapeObject, ...]:
     return tuple(out)
 
 
+def _box_iou(a: Tensor, b: Tensor) -> Tensor:
+    from torchvision.ops import box_iou  # imported here: torchvision adds ~1.3 s to every `import bench.datasets`
+
+    return box_iou(a, b)
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[N,M] IoUs of xyxy boxes."""
-    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
+    return _box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
 
 
 @dataclass
@@ -180,7 +185,7 @@ def filter_detected(images: Tensor, batch: Batch, iou: float = 0.5) -> Tensor:
     """bool [B]: True where the classical detector re-finds every conditioning box with its class at IoU >= iou."""
     keep = []
     for (det_boxes, _, det_labels), boxes, labels in zip(redetect(images), batch.refs["boxes"], batch.refs["labels"]):
-        ok = box_iou(boxes.float().cpu(), det_boxes) >= iou
+        ok = _box_iou(boxes.float().cpu(), det_boxes) >= iou
         ok &= labels.cpu()[:, None] == det_labels[None, :]
         keep.append(bool(ok.any(1).all()))
     return torch.tensor(keep, dtype=torch.bool)
