@@ -160,14 +160,16 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
     if train or synthesizers:
         train_set = materialize(build(split="train", size=budget.train_size, resolution=budget.resolution, conditions=conds), progress)
 
-    def sample(batch):
+    def sample(batch, show: bool = False):  # the one generation call: eval set, curves, synthesizers
         return generate(base, method, batch, sampler=budget.sampler, steps=budget.inference_steps,
-                        guidance_scale=budget.guidance_scale, seed=spec.seed)
+                        guidance_scale=budget.guidance_scale, seed=spec.seed, progress=show)
 
     curve: list[dict] = []
     curve_metrics = [m for m in spec.metrics if spec.condition and METRICS.get(m).condition == spec.condition
                      and not hasattr(METRICS.get(m), "synthesize")]
-    curve_batch = collate([eval_set[i] for i in range(min(budget.curve_samples, len(eval_set)))])
+    curve_steps = tuple(s for s in budget.curve_steps if s < budget.train_steps) if train and curve_metrics else ()
+    if curve_steps:
+        curve_batch = collate([eval_set[i] for i in range(min(budget.curve_samples, len(eval_set)))])
 
     def measure_curve(module, step: int) -> None:
         images = sample(curve_batch)
@@ -181,7 +183,6 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
     rss_loaded = rss_mb()
 
     timer = StepTimer()
-    curve_steps = tuple(s for s in budget.curve_steps if s < budget.train_steps) if train and curve_metrics else ()
     callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
     if train:
         loader = torch.utils.data.DataLoader(train_set, batch_size=budget.batch_size, shuffle=True, collate_fn=collate,
@@ -208,8 +209,7 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
     loader = torch.utils.data.DataLoader(eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate)
     for batch in loader:
         t0 = time.perf_counter()
-        images = generate(base, method, batch, sampler=budget.sampler, steps=budget.inference_steps,
-                          guidance_scale=budget.guidance_scale, seed=spec.seed, progress=progress)
+        images = sample(batch, progress)
         latencies.append((time.perf_counter() - t0) / len(batch))
         batch = batch.to(device)
         for metric in metrics.values():
