@@ -67,19 +67,31 @@ def _draw(canvas: np.ndarray, obj: ShapeObject, value, scale: float) -> None:
         cv2.fillPoly(canvas, [_polygon(obj, scale)], value, cv2.LINE_8, 4)
 
 
-def prompt_for(objects: tuple[ShapeObject, ...]) -> str:
-    names = [f"a {o.color} {o.shape}" for o in objects]
+def join_phrases(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def render(objects: tuple[ShapeObject, ...], resolution: int) -> Scene:
-    """Rasterise at 4x and area-downsample the image; masks take the pixel-centre label."""
+def prompt_for(objects: tuple[ShapeObject, ...]) -> str:
+    return join_phrases([f"a {o.color} {o.shape}" for o in objects])
+
+
+def render(objects: tuple[ShapeObject, ...], resolution: int, paint=None) -> Scene:
+    """Rasterise at 4x and area-downsample the image; masks take the pixel-centre label.
+
+    `paint(rgb, inst)` may draw surface detail (the identity world's patterns) in place on the
+    supersampled uint8 canvas [4H,4W,3], given its z-index map (0 background, 1 + z); big pixel
+    (row j, col i) sits at (i, j) / 4 in ShapeObject coordinates. Annotations do not change.
+    """
     big = resolution * SUPERSAMPLE
     inst_big = np.zeros((big, big), np.int32)
     for z, obj in enumerate(objects):  # later objects are drawn on top
         _draw(inst_big, obj, z + 1, SUPERSAMPLE)
     palette = np.array([BACKGROUND] + [COLORS[o.color] for o in objects], np.uint8)
-    image = cv2.resize(palette[inst_big], (resolution, resolution), interpolation=cv2.INTER_AREA)
+    rgb = palette[inst_big]
+    if paint is not None:
+        paint(rgb, inst_big)
+    image = cv2.resize(rgb, (resolution, resolution), interpolation=cv2.INTER_AREA)
     c = SUPERSAMPLE // 2
     instance = inst_big[c::SUPERSAMPLE, c::SUPERSAMPLE].astype(np.int64)
     sem_lut = np.array([0] + [1 + SHAPES.index(o.shape) for o in objects], np.int64)
