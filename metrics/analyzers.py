@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -156,27 +157,41 @@ class Analyzer:
             return {"eval_rmse": f"{depth_rmse(net.depth(images), target * 255):.2f}"}
         return {"eval_miou": f"{float(miou_from_confusion(confusion_matrix(net.segment(images), target))):.4f}"}
 
+    def _data(self) -> tuple[Tensor, Tensor]:
+        """The whole training set: (images [N,3,H,W] in [0,1], targets [N,...])."""
+        r = self.recipe
+        return render_split("train", r["train_scenes"], r["resolution"], r["world_seed"], self.task)
+
+    def _objective(self, net: nn.Module) -> tuple[list[Tensor], Callable[[Tensor, Tensor], Tensor]]:
+        """Extra trainable tensors beside net's (none here) and loss(net output, targets)."""
+        if self.task == "depth":
+            return [], lambda out, y: F.l1_loss(out[:, 0], y)
+        weights = torch.tensor(self.recipe["class_weights"])
+        return [], lambda out, y: F.cross_entropy(out, y, weight=weights)
+
+    def _augment(self, images: Tensor, targets: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        return augment(images, targets, self.recipe, g)
+
     def train(self, out_path: Path | str | None = None, steps: int | None = None, seed: int | None = None,
               progress: bool = False) -> Path:
-        """Train from the seed on ShapesWorld('train') and save atomically with the config hash."""
+        """Train from the seed on the training set and save atomically with the config hash."""
         r = self.recipe
         steps = r["steps"] if steps is None else steps
         seed = r["seed"] if seed is None else seed
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        images, targets = render_split("train", r["train_scenes"], r["resolution"], r["world_seed"], self.task)
+        images, targets = self._data()
         net = self.build()
-        weights = torch.tensor(r["class_weights"]) if self.task == "seg" else None
-        opt = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+        extra, loss_fn = self._objective(net)
+        opt = torch.optim.AdamW([*net.parameters(), *extra], lr=r["lr"], weight_decay=r["weight_decay"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / r["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         t0 = time.time()
         net.train()
         for step in range(steps):
             idx = torch.randint(0, len(images), (r["batch_size"],), generator=g)
-            x, y = augment(images[idx], targets[idx], r, g)
-            out = net(x)
-            loss = F.l1_loss(out[:, 0], y) if self.task == "depth" else F.cross_entropy(out, y, weight=weights)
+            x, y = self._augment(images[idx], targets[idx], g)
+            loss = loss_fn(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -248,15 +263,17 @@ def render_split(split: str, n: int, resolution: int = 32, seed: int = 0, target
 
 
 def augment(images: Tensor, targets: Tensor, r: dict, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Flips/rot90 (shape classes and z-order are invariant), colour jitter, slight blur and
-    gaussian noise. targets: any per-pixel map [B,H,W] (labels or depth), moved with the image."""
+    """Flips/rot90 (shape classes and z-order are invariant; recipe key rot90=False turns rot90
+    off), colour jitter, slight blur and gaussian noise. targets: any per-pixel map [B,H,W]
+    (labels or depth), moved with the image."""
     b = images.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> Tensor:
         return torch.rand((b, *shape), generator=g) * (hi - lo) + lo
 
     k = int(torch.randint(4, (1,), generator=g))
-    images, targets = images.rot90(k, (2, 3)), targets.rot90(k, (1, 2))
+    if r.get("rot90", True):  # off for upright worlds (identities): the draws stay, so streams do not shift
+        images, targets = images.rot90(k, (2, 3)), targets.rot90(k, (1, 2))
     if torch.rand(1, generator=g) < 0.5:
         images, targets = images.flip(3), targets.flip(2)
     gray = images.mean(1, keepdim=True)
