@@ -1,8 +1,9 @@
 """Full-scale architectures with random weights, built from configs kept in the repo.
 
 Parameter counts, step time and peak memory do not depend on weight values, so
-`base_model=sd15-arch` profiles SD1.5 anywhere, with nothing downloaded. The tokenizer is the
-project's locally built BPE (token ids differ from CLIP's; the shapes of everything do not).
+`base_model=sd15-arch` / `sdxl-arch` profiles SD1.5 / SDXL anywhere, with nothing downloaded. The
+tokenizer is the project's locally built BPE (token ids differ from CLIP's; the shapes of
+everything do not).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
-ARCHS = {"sd15-arch": "sd15"}
+ARCHS = {"sd15-arch": "sd15", "sdxl-arch": "sdxl"}
 
 
 def _config(arch: str, part: str) -> dict:
@@ -23,7 +24,7 @@ def _config(arch: str, part: str) -> dict:
 
 def build_arch(name: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bench.base_model import BaseModel
     from bench.proxy import build_tokenizer
@@ -33,7 +34,11 @@ def build_arch(name: str, seed: int = 0):
     text_config = CLIPTextConfig(**_config(arch, "text_encoder"))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp), model_max_length=text_config.max_position_embeddings)
+    second = {}
+    if (ARCH_DIR / arch / "text_encoder_2.json").is_file():  # SDXL's second, projected text tower
+        second = dict(tokenizer_2=tokenizer,
+                      text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_config(arch, "text_encoder_2"))))
     return BaseModel(unet=UNet2DConditionModel(**_config(arch, "unet")),
                      scheduler=DDIMScheduler(**_config(arch, "scheduler")),
                      tokenizer=tokenizer, text_encoder=CLIPTextModel(text_config),
-                     vae=AutoencoderKL(**_config(arch, "vae")), source=name)
+                     vae=AutoencoderKL(**_config(arch, "vae")), source=name, **second)

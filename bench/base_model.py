@@ -1,11 +1,14 @@
-"""The base-model bundle: {unet, scheduler, tokenizer + text encoder, vae or None}.
+"""The base-model bundle: {unet, scheduler, tokenizer(s) + text encoder(s), vae or None}.
 
 Loaded with diffusers/transformers `from_pretrained` from a local diffusers-layout directory,
-so the shipped proxy and a local SD1.5 directory go through the same code. Without a `vae/`
-subfolder the model works in pixel space.
+so the shipped proxy and a local SD1.5 or SDXL directory go through the same code. Without a
+`vae/` subfolder the model works in pixel space. A `text_encoder_2/` + `tokenizer_2/` pair makes
+it SDXL-layout: prompts are encoded as StableDiffusionXLPipeline does (penultimate hidden states
+of both encoders concatenated, the second encoder's pooled projection, size/crop time ids).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +16,10 @@ import torch
 from torch import nn
 
 from bench.errors import ConfigError
+from bench.types import PromptEmbeds
 
 REQUIRED = ("unet/config.json", "scheduler/scheduler_config.json", "tokenizer", "text_encoder/config.json")
+REQUIRED_SDXL = ("tokenizer_2", "text_encoder_2/config.json")  # when the UNet takes text_time conditioning
 
 
 def resolve_base_path(name: str) -> Path:
@@ -26,7 +31,10 @@ def resolve_base_path(name: str) -> Path:
 
 def preflight(path: Path) -> None:
     """Fail before any compute, naming the first missing file and how to get it."""
-    for rel in REQUIRED:
+    required = REQUIRED
+    if (path / REQUIRED[0]).is_file() and _unet_is_sdxl(path / REQUIRED[0]):
+        required = REQUIRED + REQUIRED_SDXL
+    for rel in required:
         if not (path / rel).exists():
             fix = ("run `bench pretrain` to rebuild the proxy base" if path.name == "proxy_base"
                    else "point base_model= at a local diffusers-layout directory (e.g. a saved StableDiffusionPipeline)")
@@ -36,20 +44,32 @@ def preflight(path: Path) -> None:
                           "save the UNet with safe_serialization=True")
 
 
+def _unet_is_sdxl(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("addition_embed_type") == "text_time"
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"unreadable UNet config {config}: {e}; re-save the UNet with save_pretrained") from None
+
+
 class BaseModel(nn.Module):
     """Frozen components shared by every method; only methods add trainable parts."""
 
-    def __init__(self, unet, scheduler, tokenizer, text_encoder, vae=None, source: str = ""):
+    def __init__(self, unet, scheduler, tokenizer, text_encoder, vae=None, source: str = "",
+                 tokenizer_2=None, text_encoder_2=None):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.scheduler, self.tokenizer, self.source = scheduler, tokenizer, source
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        if self.is_sdxl and text_encoder_2 is None:
+            raise ConfigError(f"{source}: the UNet takes SDXL text_time conditioning but there is no "
+                              "text_encoder_2/ + tokenizer_2/; use a complete SDXL directory")
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
     def load(cls, name_or_path: str) -> "BaseModel":
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         from bench.arch import ARCHS, build_arch
 
@@ -59,6 +79,7 @@ class BaseModel(nn.Module):
         preflight(path)
         kw = dict(use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw) if (path / "vae").exists() else None
+        sdxl = (path / "text_encoder_2").exists()
         return cls(
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
@@ -66,21 +87,43 @@ class BaseModel(nn.Module):
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
             vae=vae,
             source=str(name_or_path),
+            tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2") if sdxl else None,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw) if sdxl else None,
         )
 
     def with_unet(self, unet) -> "BaseModel":
         """The same bundle around another UNet (a method's private, partly tuned copy)."""
-        return BaseModel(unet, self.scheduler, self.tokenizer, self.text_encoder, self.vae, self.source)
+        return BaseModel(unet, self.scheduler, self.tokenizer, self.text_encoder, self.vae, self.source,
+                         self.tokenizer_2, self.text_encoder_2)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """The UNet takes SDXL's added conditioning (pooled text embedding + time ids)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     @property
     def scale_factor(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        return self.text_encoder(tok.input_ids.to(self.text_encoder.device))[0]
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None) -> PromptEmbeds:
+        """Text embeddings for the UNet. `size` (H, W) of the images is needed by SDXL's time ids:
+        original size = target size, crop (0, 0), as StableDiffusionXLPipeline's defaults."""
+        if not self.is_sdxl:
+            return PromptEmbeds(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0])
+        if size is None:
+            raise ValueError("SDXL prompt encoding needs the image size for its time ids")
+        hidden = [self.text_encoder(self._token_ids(self.tokenizer, prompts), output_hidden_states=True).hidden_states[-2]]
+        out = self.text_encoder_2(self._token_ids(self.tokenizer_2, prompts), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=out.text_embeds.dtype, device=out.text_embeds.device)
+        return PromptEmbeds(torch.cat(hidden, -1), {"text_embeds": out.text_embeds,
+                                                    "time_ids": time_ids.repeat(len(prompts), 1)})
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        return tok.input_ids.to(self.text_encoder.device)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from bench.budget import load_budgets
 from bench.data import MaterializedDataset, quantize
 from bench.registry import METHODS, load_builtins
 from bench.sampler import generate, initial_noise, make_scheduler, sample_generators
-from bench.types import Batch, collate
+from bench.types import Batch, PromptEmbeds, collate
 
 
 class _Wall(L.Callback):
@@ -80,16 +80,16 @@ def train_ratio(base, budget, steps: int, batch: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def bare_sample(base, controlnet, batch: Batch, steps: int, guidance: float, seed: int) -> torch.Tensor:
-    text = base.encode_prompt(batch.prompts)
-    embeds = torch.cat([base.encode_prompt([""] * len(batch)), text])
+    size = tuple(batch.image.shape[-2:])
+    embeds = PromptEmbeds.cat([base.encode_prompt([""] * len(batch), size), base.encode_prompt(batch.prompts, size)])
     cond = torch.cat([batch.conditions["canny"]] * 2)
     sched = make_scheduler(base.scheduler, "ddim")
     sched.set_timesteps(steps)
     lat = initial_noise((3, *batch.image.shape[-2:]), sample_generators(seed, batch.ids)) * sched.init_noise_sigma
     for t in sched.timesteps:
         x = sched.scale_model_input(torch.cat([lat] * 2), t)
-        down, mid = controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=cond, return_dict=False)
-        pred = base.unet(x, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+        down, mid = controlnet(x, t, **embeds.unet_inputs(), controlnet_cond=cond, return_dict=False)
+        pred = base.unet(x, t, **embeds.unet_inputs(), down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         u, c = pred.chunk(2)
         lat = sched.step(u + guidance * (c - u), t, lat).prev_sample

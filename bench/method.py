@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bench.budget import Budget
 from bench.errors import ConfigError
-from bench.types import Batch
+from bench.types import Batch, PromptEmbeds
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Noised:
     noise: torch.Tensor
     t: torch.Tensor
     noisy: torch.Tensor
-    embeds: torch.Tensor
+    embeds: PromptEmbeds
     state: Any
     pred: torch.Tensor
 
@@ -88,18 +88,18 @@ class Method(L.LightningModule):
         return self
 
     # ---- sampler hooks ------------------------------------------------------------
-    def prompt_embeds(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def prompt_embeds(self, embeds: PromptEmbeds, batch: Batch) -> PromptEmbeds:
         return embeds
 
-    def prepare(self, batch: Batch, embeds: torch.Tensor, cfg: bool) -> Any:
+    def prepare(self, batch: Batch, embeds: PromptEmbeds, cfg: bool) -> Any:
         return None
 
-    def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, state: Any) -> dict:
+    def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, state: Any) -> dict:
         return {}
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, state: Any) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, state: Any) -> torch.Tensor:
         """One UNet prediction; the sampler and the training loss both call this."""
-        return self.base.unet(x, t, encoder_hidden_states=embeds, **self.unet_kwargs(x, t, embeds, state)).sample
+        return self.base.unet(x, t, **embeds.unet_inputs(), **self.unet_kwargs(x, t, embeds, state)).sample
 
     @classmethod
     def reward_model_ids(cls, condition: str | None, hparams: dict) -> tuple[str, ...]:
@@ -117,7 +117,7 @@ class Method(L.LightningModule):
         base, sched = self.base, self.base.scheduler
         x0 = base.encode_images(batch.image)
         prompts = [("" if torch.rand(()) < self.hp["empty_prompt_prob"] else p) for p in batch.prompts]
-        embeds = self.prompt_embeds(base.encode_prompt(prompts), batch)
+        embeds = self.prompt_embeds(base.encode_prompt(prompts, tuple(batch.image.shape[-2:])), batch)
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
         noisy = sched.add_noise(x0, noise, t)

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
+from bench.types import PromptEmbeds
 
 SCHEDULERS = {  # sampler name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -52,13 +53,14 @@ def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: f
     batch = batch.to(device)
     n = len(batch)
     cfg = guidance_scale > 1.0
-    text = method.prompt_embeds(base.encode_prompt(batch.prompts), batch)
-    embeds = torch.cat([base.encode_prompt([""] * n), text]) if cfg else text
+    size = tuple(batch.image.shape[-2:])
+    text = method.prompt_embeds(base.encode_prompt(batch.prompts, size), batch)
+    embeds = PromptEmbeds.cat([base.encode_prompt([""] * n, size), text]) if cfg else text
     state = method.prepare(batch, embeds, cfg)
 
     scheduler = make_scheduler(base.scheduler, sampler)
     scheduler.set_timesteps(steps, device=device)
-    h, w = batch.image.shape[-2:]
+    h, w = size
     shape = (base.unet.config.in_channels, h // base.scale_factor, w // base.scale_factor)
     latents = initial_noise(shape, sample_generators(seed, batch.ids)).to(device, base.unet.dtype)
     latents = latents * scheduler.init_noise_sigma

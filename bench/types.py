@@ -57,3 +57,36 @@ def collate(samples: list[Batch] | Batch) -> Batch:
         conditions={k: torch.cat([s.conditions[k] for s in samples]) for k in first.conditions},
         refs=refs,
     )
+
+
+@dataclass
+class PromptEmbeds:
+    """What the text side gives the UNet: the cross-attention context, plus SDXL's added
+    conditioning (pooled text embedding and size/crop time ids) when the UNet takes it.
+
+    `added` is None for SD1.5-layout UNets; for SDXL it holds {"text_embeds", "time_ids"}, the
+    keys `UNet2DConditionModel` and `ControlNetModel` expect in `added_cond_kwargs`.
+    """
+
+    hidden: torch.Tensor  # [B, T, D]
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def unet_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of a UNet or ControlNet call."""
+        out: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        if self.added is not None:
+            out["added_cond_kwargs"] = self.added
+        return out
+
+    def with_hidden(self, hidden: torch.Tensor) -> "PromptEmbeds":
+        return replace(self, hidden=hidden)
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        added = None
+        if parts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
+        return PromptEmbeds(torch.cat([p.hidden for p in parts]), added)

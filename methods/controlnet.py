@@ -29,6 +29,6 @@ class ControlNet(Method):
         return self.control_image(batch, cfg)
 
     def unet_kwargs(self, x, t, embeds, state):
-        down, mid = self.controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=state,
+        down, mid = self.controlnet(x, t, **embeds.unet_inputs(), controlnet_cond=state,
                                     conditioning_scale=self.hp["conditioning_scale"], return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

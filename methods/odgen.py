@@ -49,7 +49,7 @@ class ODGEN(ControlNet):
         tok = base.tokenizer(names, padding="max_length", max_length=base.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         eos = (tok == base.tokenizer.eos_token_id).int().argmax(1)  # the first EOS: CLIP pads with EOS too
-        hidden = base.encode_prompt(names)
+        hidden = base.encode_prompt(names, (base.unet.config.sample_size,) * 2).hidden
         # Fixed (frozen encoder): computed once here, moved with the module as a buffer.
         self.register_buffer("class_embeds", hidden[torch.arange(len(SHAPES)), eos.to(hidden.device)].float(), persistent=False)
         self.sprites = class_sprites()

@@ -8,11 +8,16 @@ from bench.registry import METHODS
 def adapter_layout(unet_config, scale_factor: int) -> dict:
     """T2IAdapter arguments whose features land on the UNet's intrablock residual positions.
 
-    SD1.5's (cross, cross, cross, plain) pattern takes `full_adapter`; SDXL's and the proxy's
-    (plain, cross, cross|plain) pattern takes `full_adapter_xl`, whose first block downsamples.
+    SD1.5's (cross, cross, cross, plain) pattern takes `full_adapter`: one feature per down block.
+    SDXL's and the proxy's (plain, cross, cross|plain) pattern takes `full_adapter_xl`, whose first
+    block downsamples; as in the released T2I-Adapter-SDXL (channels 320, 640, 1280, 1280; 79M),
+    a last feature at the deepest width feeds the mid block. FullAdapterXL places its one
+    downsampling at the third feature, so that fourth feature exists only for SDXL's 3 blocks.
     """
     channels = list(unet_config.block_out_channels)
     xl = unet_config.down_block_types[0] == "DownBlock2D"
+    if xl and len(channels) == 3:
+        channels.append(channels[-1])
     return dict(in_channels=3, channels=channels, num_res_blocks=2,
                 downscale_factor=scale_factor * (2 if xl else 1),
                 adapter_type="full_adapter_xl" if xl else "full_adapter")
@@ -20,7 +25,7 @@ def adapter_layout(unet_config, scale_factor: int) -> dict:
 
 @METHODS.register("t2i_adapter")
 class T2IAdapterMethod(Method):
-    version = "t2i_adapter-v1"
+    version = "t2i_adapter-v2"  # v2: the XL layout also feeds the mid block
     conditions = ("canny", "seg", "depth")
     hparam_defaults = {"conditioning_scale": 1.0, "num_res_blocks": 2}
 

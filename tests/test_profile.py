@@ -8,18 +8,24 @@ import bench.methods  # noqa: F401
 from bench.registry import METHODS
 
 
-def test_sd15_arch_reproduces_published_parameter_counts(smoke_budget):
-    """UNet 859.5M, ControlNet 361.3M, T2I-Adapter ~77M (the papers' and diffusers' figures)."""
+# (arch, UNet, ControlNet, T2I-Adapter, ControlNeXt's ceiling as a fraction of ControlNet).
+# SD1.5: the papers' and diffusers' 859.5M / 361.3M / ~77M. SDXL: 2.567B; ControlNet-SDXL 1251M and
+# T2I-Adapter-SDXL 79M from diffusers' T2I-Adapter-SDXL post.
+PUBLISHED_COUNTS = [("sd15-arch", 859.5e6, 361.3e6, 77e6, 0.15), ("sdxl-arch", 2567.5e6, 1251e6, 79e6, 0.05)]
+
+
+@pytest.mark.parametrize("arch,unet,controlnet,t2i,controlnext_frac", PUBLISHED_COUNTS)
+def test_arch_reproduces_published_parameter_counts(arch, unet, controlnet, t2i, controlnext_frac, smoke_budget):
     from bench.arch import build_arch
 
     with torch.device("meta"):  # counts need shapes only: no memory, no init time
-        base = build_arch("sd15-arch")
+        base = build_arch(arch)
         counts = {m: sum(p.numel() for p in METHODS.get(m)(base, "canny", smoke_budget, {}).trainable_parameters())
                   for m in ("finetune", "controlnet", "t2i_adapter", "controlnext", "frozen")}
-    assert counts["finetune"] == pytest.approx(859.5e6, rel=1e-3)
-    assert counts["controlnet"] == pytest.approx(361.3e6, rel=1e-3)
-    assert counts["t2i_adapter"] == pytest.approx(77e6, rel=0.01)
-    assert counts["controlnext"] < 0.15 * counts["controlnet"]
+    assert counts["finetune"] == pytest.approx(unet, rel=1e-3)
+    assert counts["controlnet"] == pytest.approx(controlnet, rel=1e-3)
+    assert counts["t2i_adapter"] == pytest.approx(t2i, rel=0.01)
+    assert counts["controlnext"] < controlnext_frac * counts["controlnet"]
     assert counts["frozen"] == 1
 
 

@@ -58,9 +58,48 @@ def test_shared_sampler_matches_diffusers_pipeline(method_name, tiny_sd_dir, smo
     assert (ours - ref).abs().max().item() <= 1e-4
     # the control path must matter, or the comparison above proves nothing
     if method_name != "baseline":
-        plain = generate(base, METHODS.get("baseline")(base, None, smoke_budget, {}), batch, sampler="ddim",
-                         steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
-        assert (plain - ours).abs().max().item() > 1e-3
+        _assert_control_matters(base, batch, ours, smoke_budget)
+
+
+def _assert_control_matters(base, batch, ours, budget) -> None:
+    plain = generate(base, METHODS.get("baseline")(base, None, budget, {}), batch, sampler="ddim",
+                     steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
+    assert (plain - ours).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method_name", ["controlnet", "t2i_adapter", "baseline"])
+def test_shared_sampler_matches_diffusers_sdxl_pipeline(method_name, tiny_sdxl_dir, smoke_budget):
+    """SDXL: both text encoders, the pooled embedding and the time ids reach the UNet as the
+    diffusers SDXL pipelines pass them. The negative prompt is "" (our CFG's unconditional
+    input); without one, SDXL pipelines zero it (`force_zeros_for_empty_prompt`)."""
+    import bench.methods  # noqa: F401
+    from diffusers import (StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline,
+                           StableDiffusionXLPipeline)
+
+    base = BaseModel.load(str(tiny_sdxl_dir))
+    assert base.is_sdxl and base.text_encoder_2 is not None
+    method = METHODS.get(method_name)(base, "canny", smoke_budget, {}).eval()
+    _randomize(method)
+    batch = _batch(32)
+    ours = generate(base, method, batch, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
+
+    common = dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                  tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler)
+    call = dict(prompt=batch.prompts, negative_prompt=[""] * len(batch), num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE, height=32, width=32, generator=sample_generators(SEED, batch.ids),
+                output_type="pt")
+    if method_name == "controlnet":
+        pipe = StableDiffusionXLControlNetPipeline(controlnet=method.controlnet, add_watermarker=False, **common)
+        ref = pipe(image=batch.conditions["canny"], **call)
+    elif method_name == "t2i_adapter":
+        ref = StableDiffusionXLAdapterPipeline(adapter=method.adapter, **common)(image=batch.conditions["canny"], **call)
+    else:
+        ref = StableDiffusionXLPipeline(add_watermarker=False, **common)(**call)
+    ref = torch.as_tensor(ref.images)
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    if method_name != "baseline":
+        _assert_control_matters(base, batch, ours, smoke_budget)
 
 
 def test_noise_depends_only_on_seed_and_sample_id():

@@ -159,3 +159,16 @@ def test_budget_key_and_run_ids_unchanged_without_a_curve(smoke_budget):
         curved.with_overrides({"curve_samples": 9})  # more than eval_samples
     with pytest.raises(ConfigError, match="curve_steps"):
         smoke_budget.with_overrides({"curve_steps": [99]})
+
+
+@pytest.mark.parametrize("layout", ["proxy", "tiny_sd_dir", "tiny_sdxl_dir"])
+def test_every_t2i_adapter_feature_lands_in_the_unet(layout, request, smoke_budget):
+    """The UNet pops adapter features where shapes fit and silently ignores leftovers: all must be used."""
+    base = BaseModel.load(layout if layout == "proxy" else str(request.getfixturevalue(layout)))
+    method = METHODS.get("t2i_adapter")(base, "canny", smoke_budget, {})
+    cond = torch.rand(1, 3, 32, 32)
+    feats = list(method.adapter(cond))
+    x = torch.randn(1, base.unet.config.in_channels, 32 // base.scale_factor, 32 // base.scale_factor)
+    embeds = base.encode_prompt(["a red circle"], (32, 32))
+    base.unet(x, torch.tensor([10]), **embeds.unet_inputs(), down_intrablock_additional_residuals=feats)
+    assert feats == [], f"{len(feats)} adapter features never reached the UNet"
