@@ -7,10 +7,15 @@ from bench.method import Method
 from bench.registry import METHODS
 
 
+# Condition kinds drawn as a 3-channel image, which every image-conditioned method accepts:
+# the shapes world's own, plus the controlnet-aux and pose extractors used at full scale.
+IMAGE_CONDITIONS = ("canny", "seg", "depth", "hed", "pidinet", "lineart", "depth_midas", "openpose", "pose")
+
+
 @METHODS.register("controlnet")
 class ControlNet(Method):
     version = "controlnet-v1"
-    conditions = ("canny", "seg", "depth")
+    conditions = IMAGE_CONDITIONS
     hparam_defaults = {"conditioning_scale": 1.0}
     conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 

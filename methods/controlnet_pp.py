@@ -38,6 +38,7 @@ def _reward_name(condition: str | None, hparams: dict) -> str:
 @METHODS.register("controlnet_pp")
 class ControlNetPP(ControlNet):
     version = "controlnet_pp-v1"
+    conditions = ("canny", "seg", "depth")  # those with a differentiable reward model (bench/rewards.py)
     hparam_defaults = {**ControlNet.hparam_defaults, "reward_model": "auto", "reward_weight": 0.5,
                        "reward_t_max": 200, "reward_steps": 1, "reward_start": 0.5}
 

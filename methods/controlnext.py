@@ -16,6 +16,7 @@ from torch import nn
 
 from bench.errors import ConfigError
 from bench.method import Method
+from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.registry import METHODS
 
 
@@ -70,7 +71,7 @@ class ControlBranch(nn.Module):
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
     version = "controlnext-v2"  # v2: narrow full-resolution layers at SD scale; the proxy branch is unchanged
-    conditions = ("canny", "seg", "depth")
+    conditions = IMAGE_CONDITIONS
     hparam_defaults = {"controlnext_scale": 1.0, "branch_channels": 0, "branch_blocks": 2,  # 0: 2x conv_in width
                        "unet_trainable": ""}  # regex over UNet parameter names; "" trains none
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from bench.method import Method
+from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.registry import METHODS
 
 
@@ -26,7 +27,7 @@ def adapter_layout(unet_config, scale_factor: int) -> dict:
 @METHODS.register("t2i_adapter")
 class T2IAdapterMethod(Method):
     version = "t2i_adapter-v2"  # v2: the XL layout also feeds the mid block
-    conditions = ("canny", "seg", "depth")
+    conditions = IMAGE_CONDITIONS
     hparam_defaults = {"conditioning_scale": 1.0, "num_res_blocks": 2}
 
     def __init__(self, base, condition, budget, hparams=None):

@@ -52,6 +52,17 @@ def test_missing_base_model_fails_before_compute(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_sdxl_directory_without_its_second_text_encoder_fails_before_compute(tmp_path, tiny_sdxl_dir, capsys):
+    import shutil
+
+    partial = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_dir, partial, ignore=shutil.ignore_patterns("text_encoder_2"))
+    assert main(["run", f"base_model={partial}", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "base model file missing" in err and "text_encoder_2/config.json" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _finished(store: Path) -> list[tuple[str, float]]:
     if not store.exists():
         return []
