@@ -122,8 +122,9 @@ def _pretrain(args) -> int:
         print(f"proxy base: {pretrain(PROXY_BASE_DIR, steps=args.steps)}")
     if args.analyzers or args.analyzers_only:
         from bench.metrics.analyzers import ANALYZERS
+        from bench.metrics.recognizers import RECOGNIZERS
 
-        for analyzer in ANALYZERS:  # one after another: each uses the CPU fully
+        for analyzer in (*ANALYZERS, *RECOGNIZERS):  # one after another: each uses the CPU fully
             print(f"{analyzer.name}: {analyzer.train()}", flush=True)
     return 0
 
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Profile methods on a base model or a full-scale architecture with random "
                         "weights (sd15). Prints time/memory ratios against finetune (whole UNet trained) and frozen "
                         "(backward through the locked UNet) when they are among --methods.")
-    pf.add_argument("--arch", default="sd15", help="sd15 (random-weight SD1.5 architecture), proxy, or a local "
+    pf.add_argument("--arch", default="sd15", help="sd15 or sdxl (random-weight SD1.5 / SDXL architecture), proxy, or a local "
                     "diffusers directory")
     pf.add_argument("--methods", default="finetune,frozen,controlnet,t2i_adapter,controlnext",
                     help="comma-separated method variants, name or name:key=value,...")

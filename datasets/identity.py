@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 import torch
 
-from bench.datasets.shapes import (COLORS, SHAPES, SPLIT_CODE, SUPERSAMPLE, Scene, ShapeObject, ShapesWorld, join_phrases,
-                                   render)
+from bench.datasets.shapes import (COLORS, SHAPES, SPLIT_CODE, SUPERSAMPLE, Scene, ShapeObject, ShapesWorld,
+                                   join_phrases, render)
 from bench.registry import CONDITIONS, DATASETS
 from bench.types import Batch
 
@@ -112,7 +112,8 @@ def keypoints_of(obj: ShapeObject) -> np.ndarray:
     """float32 [5,2] (x, y) in ShapeObject (pixel) coordinates; they rotate and scale with the object."""
     a = np.deg2rad(obj.angle)
     u, v = KEYPOINTS_LOCAL[:, 0] * obj.r, KEYPOINTS_LOCAL[:, 1] * obj.r
-    return np.stack([obj.cx + u * np.cos(a) - v * np.sin(a), obj.cy + u * np.sin(a) + v * np.cos(a)], 1).astype(np.float32)
+    x, y = obj.cx + u * np.cos(a) - v * np.sin(a), obj.cy + u * np.sin(a) + v * np.cos(a)
+    return np.stack([x, y], 1).astype(np.float32)
 
 
 @dataclass

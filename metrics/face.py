@@ -12,9 +12,10 @@ Each backend has one documented alignment, named in its `version`:
   dlib's 68 landmarks, and the face is warped to 112x112 by the least-squares similarity
   transform onto insightface's `arcface_dst` template (what insightface's `norm_crop` does);
   input is RGB, (x - 127.5) / 127.5.
-Default pack: buffalo_l (w600k_r50). InstantID encodes faces with antelopev2 (glintr100), so scoring
-with buffalo_l keeps the evaluator a different network from that method's encoder.
-A learned proxy recognizer fits the same interface: `detect` returns the whole image as one face.
+  Default pack: buffalo_l (w600k_r50). InstantID encodes faces with antelopev2 (glintr100), so scoring
+  with buffalo_l keeps the evaluator a different network from that method's encoder.
+- `proxy`: the identity world's learned `id_evaluator` (metrics/recognizers.py); `detect` returns
+  the whole image as one face. The `id_sim_proxy` metric uses it; no method encodes with it.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from bench.datasets.conditions import to_uint8
 from bench.errors import ConfigError
 from bench.metrics.base import BenchMetric
 from bench.metrics.fid import fingerprint
+from bench.metrics.recognizers import ID_EVALUATOR
 from bench.registry import METRICS, Registry
 from bench.types import Batch
 from bench.weights import WeightSpec, register_weight, weight_path
@@ -210,6 +212,36 @@ class InsightFaceBackend(FaceBackend):
         return _unit(self.session.run(None, {self.input: np.ascontiguousarray(blob)})[0][0])
 
 
+@FACE_BACKENDS.register("proxy")
+class ProxyBackend(FaceBackend):
+    """The identity world's `id_evaluator` (metrics/recognizers.py), a recognizer no method uses.
+    Proxy images are single-subject scenes: `detect` returns the whole image as one face, and
+    `embed` resizes it to the evaluator's training resolution (INTER_AREA) when it differs."""
+
+    name = "proxy"
+    model_id = ID_EVALUATOR.model_id
+    version = f"{model_id}/whole-image-{ID_EVALUATOR.recipe['resolution']}px"
+
+    def __init__(self) -> None:
+        self.net = ID_EVALUATOR.load()
+        self.resolution = ID_EVALUATOR.recipe["resolution"]
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        h, w = image.shape[:2]
+        return [Face((0, 0, w, h), np.zeros((0, 2), np.float32), 1.0)]
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        import cv2
+
+        left, top, right, bottom = face.box
+        crop = np.ascontiguousarray(image[top:bottom, left:right])
+        if crop.shape[:2] != (self.resolution, self.resolution):
+            crop = cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)[None]
+        with torch.no_grad():
+            return _unit(self.net.embed(x)[0].cpu().numpy())
+
+
 @METRICS.register("id_sim")
 class IdSim(BenchMetric):
     """Cosine similarity of face embeddings, generated vs reference (mean over a sample's references),
@@ -265,3 +297,13 @@ class IdSimInsightFace(IdSim):
     version = f"id_sim-v1/{InsightFaceBackend.model_id}/{InsightFaceBackend.alignment}"
     weights = ("insightface-buffalo_l",)
     evaluator_ids = (InsightFaceBackend.model_id,)
+
+
+@METRICS.register("id_sim_proxy")
+class IdSimProxy(IdSim):
+    """id_sim on the identity world, scored by the `id_evaluator` recognizer (see ProxyBackend)."""
+
+    name = "id_sim_proxy"
+    backend_name = "proxy"
+    version = f"id_sim-v1/{ProxyBackend.version}"
+    evaluator_ids = (ProxyBackend.model_id,)
