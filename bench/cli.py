@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="retrain the shipped proxy base model (and analyzers) from their seeds")
     pt.add_argument("--steps", type=int, help="override the recipe's step count (the result no longer matches "
                     "the shipped hash)")
-    pt.add_argument("--analyzers", action="store_true", help="also retrain the proxy analyzers (evaluators and reward models)")
+    pt.add_argument("--analyzers", action="store_true", help="also retrain the proxy analyzers (evaluators, reward models, identity recognizers)")
     pt.add_argument("--analyzers-only", action="store_true", help="only retrain the proxy analyzers")
     pt.set_defaults(func=_pretrain)
     pf = sub.add_parser("profile", help="params, train step time and peak memory per method, each in its own process",

@@ -231,7 +231,7 @@ class IdentityWorld(ShapesWorld):
     shapes world's "semantic", "boxes", "labels" (so seg/depth/layout conditions work too).
     """
 
-    VERSION = "identity-v1"
+    VERSION = "identity-v1"  # bump with any change to identities, pools, geometry or sampling: recognizers hash it
 
     def __init__(self, split: str, size: int, resolution: int = 32, seed: int = 0, conditions: tuple[str, ...] = (),
                  num_refs: int = 1):

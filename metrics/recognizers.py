@@ -234,7 +234,8 @@ INSTANCE_EMBED = Recognizer("instance_embed", "instance_embed-v1", "identity",
 IMAGE_ENCODER = Recognizer("image_encoder", "image_encoder-v1", "attributes",
                            dict(channels=(32, 64, 128), convs=1, pool="avg", dim=ATTRIBUTES, norm_groups=4),
                            _recipe(seed=20, steps=3000, batch_size=32, train_samples=1500, shape_scenes=1500,
-                                   train_refs=None, loss=None, scale=None, margin=None))
+                                   shapes_world=ShapesWorld.VERSION, share_scale=SHARE_SCALE,
+                                   share_max_dist=SHARE_MAX_DIST, train_refs=None, loss=None, scale=None, margin=None))
 ID_EVALUATOR = Recognizer("id_evaluator", "id_evaluator-v1", "identity",
                           dict(channels=(16, 32, 64, 128), convs=1, pool="avgmax", dim=128, norm_groups=8),
                           _recipe(seed=30, steps=3000, loss="arcface", margin=0.3))

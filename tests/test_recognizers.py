@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from bench.datasets.identity import IdentityWorld, identity_pools
 from bench.metrics import face, recognizers
 from bench.metrics.analyzers import ANALYZERS, analyzer_metadata
-from bench.metrics.recognizers import ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, verification
+from bench.metrics.recognizers import (ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, attribute_accuracy,
+                                       verification)
 from bench.registry import METRICS
 from bench.types import collate
 
@@ -72,6 +73,10 @@ def test_evaluator_separates_unseen_identities(nets):
 def test_instance_embed_generalises_too(nets):
     q = verification(nets["instance_embed"], "eval")  # InstantID's ID encoder: useful on unseen identities
     assert q["top1"] >= 0.7 and q["auc"] >= 0.97, q
+
+
+def test_image_encoder_reads_scene_attributes(nets):
+    assert attribute_accuracy(nets["image_encoder"]) >= 0.85  # colour/shape presence bits; an untrained net: ~0.5
 
 
 def test_evaluator_is_a_different_network_from_every_method_encoder(nets):
