@@ -9,7 +9,7 @@ shared sampler runs:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import lightning as L
@@ -57,6 +57,7 @@ class Method(L.LightningModule):
     version: ClassVar[str] = "v1"
     conditions: ClassVar[tuple[str, ...]] = ()  # empty: works without a spatial condition
     hparam_defaults: ClassVar[dict[str, Any]] = {}  # read-only; copied per instance
+    sample_dataset: ClassVar[str] = "shapes"  # a dataset whose batches carry what this method reads (tests use it)
 
     def __init__(self, base, condition: str | None, budget: Budget, hparams: dict | None = None):
         super().__init__()
@@ -117,6 +118,7 @@ class Method(L.LightningModule):
         base, sched = self.base, self.base.scheduler
         x0 = base.encode_images(batch.image)
         prompts = [("" if torch.rand(()) < self.hp["empty_prompt_prob"] else p) for p in batch.prompts]
+        batch = replace(batch, prompts=prompts)  # hooks see the prompts actually trained on
         embeds = self.prompt_embeds(base.encode_prompt(prompts, tuple(batch.image.shape[-2:])), batch)
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from bench.errors import ConfigError
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
 
@@ -134,6 +135,19 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+def _refuse_stale_versions(spec: RunSpec) -> None:
+    """A run executes the code on disk, in a fresh process; if a method or metric changed version
+    since the run was planned, its record would carry the wrong version."""
+    from bench.registry import METHODS, METRICS
+
+    now = {spec.method: METHODS.get(spec.method).version, **{n: METRICS.get(n).version for n, _ in spec.metric_versions}}
+    planned = {spec.method: spec.method_version, **dict(spec.metric_versions)}
+    stale = [f"{n} {planned[n]} -> {now[n]}" for n in planned if planned[n] != now[n]]
+    if stale:
+        raise ConfigError(f"code changed since this run was planned ({', '.join(stale)}); run the command again "
+                          "to plan it with the current versions")
+
+
 def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
     """Train, generate and score one run. Raises on failure; the caller records it.
     Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records."""
@@ -145,6 +159,7 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
 
     load_builtins()
     quiet_libraries()
+    _refuse_stale_versions(spec)
     budget = spec.budget
     L.seed_everything(spec.seed, workers=True, verbose=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
             "seeds", "budgets_file", "strategy", "devices"}
 TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
-LIST_KEYS = {"methods", "metrics", "seeds", "condition"}
+LIST_KEYS = {"methods", "metrics", "seeds", "condition", "dataset"}
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,11 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         budget = budget.with_overrides({"seeds": seeds})
     conditions = _conditions(cfg.get("condition"))
     try:
-        dataset_name = _need(cfg, "dataset")
-        build = DATASETS.get(dataset_name)
-        dataset_version = build(split="eval", size=1, resolution=budget.resolution, conditions=()).version
+        # `dataset: [identity, identity_multi]` runs every method on each (e.g. one table per track)
+        dataset_names = _need(cfg, "dataset")
+        dataset_names = dataset_names if isinstance(dataset_names, list) else [dataset_names]
+        dataset_versions = {d: DATASETS.get(d)(split="eval", size=1, resolution=budget.resolution, conditions=()).version
+                            for d in dataset_names}
         metric_classes = {m: METRICS.get(m) for m in _need(cfg, "metrics")}
         method_names = list(_need(cfg, "methods"))
         classes = {m: METHODS.get(m) for m in method_names}
@@ -213,9 +216,9 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
             metric_names = tuple(n for n, c in metric_classes.items() if c.condition in (None, condition))
             _refuse_self_grading(m, classes[m], condition, hp, {n: metric_classes[n] for n in metric_names})
             metric_versions = tuple(sorted((n, metric_classes[n].version) for n in metric_names))
-            for seed in seeds:
+            for dataset_name, seed in itertools.product(dataset_names, seeds):
                 specs.append(RunSpec(method=m, method_version=classes[m].version, dataset=dataset_name,
-                                     dataset_version=dataset_version, condition=condition, budget=budget,
+                                     dataset_version=dataset_versions[dataset_name], condition=condition, budget=budget,
                                      seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
                                      trainer=trainer))

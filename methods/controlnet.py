@@ -7,6 +7,18 @@ from bench.method import Method
 from bench.registry import METHODS
 
 
+def make_controlnet(base, conditioning_channels: int = 3):
+    """diffusers' ControlNetModel copied from the base UNet's encoder, in train mode."""
+    from diffusers import ControlNetModel
+
+    # The condition encoder downsamples pixels to latent size: 8x for SD, none in pixel space.
+    levels = int(math.log2(base.scale_factor))
+    channels = (16, 32, 96, 256)[: levels + 1]
+    net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels,
+                                    conditioning_channels=conditioning_channels)
+    return net.train()
+
+
 # Condition kinds drawn as a 3-channel image, which every image-conditioned method accepts:
 # the shapes world's own, plus the controlnet-aux and pose extractors used at full scale.
 IMAGE_CONDITIONS = ("canny", "seg", "depth", "hed", "pidinet", "lineart", "depth_midas", "openpose", "pose")
@@ -20,15 +32,8 @@ class ControlNet(Method):
     conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 
     def __init__(self, base, condition, budget, hparams=None):
-        from diffusers import ControlNetModel
-
         super().__init__(base, condition, budget, hparams)
-        # The condition encoder downsamples pixels to latent size: 8x for SD, none in pixel space.
-        levels = int(math.log2(base.scale_factor))
-        channels = (16, 32, 96, 256)[: levels + 1]
-        self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=channels,
-                                                    conditioning_channels=self.conditioning_channels)
-        self.controlnet.train()
+        self.controlnet = make_controlnet(base, self.conditioning_channels)
 
     def prepare(self, batch, embeds, cfg):
         return self.control_image(batch, cfg)

@@ -11,11 +11,13 @@ from bench.sampler import generate
 from bench.types import Batch
 
 
-def _batch(n: int = 2, res: int = 32) -> Batch:
-    from bench.datasets.shapes import ShapesWorld
+def _batch(cls, n: int = 2, res: int = 32) -> Batch:
+    """A batch from the method's sample dataset, carrying the condition it needs."""
+    import bench.datasets  # noqa: F401  (registers the datasets)
+    from bench.registry import DATASETS
     from bench.types import collate
 
-    world = ShapesWorld("train", n, res, seed=0, conditions=("canny",))
+    world = DATASETS.get(cls.sample_dataset)("train", n, res, (_condition(cls),), seed=0)
     return collate([world[i] for i in range(n)])
 
 
@@ -33,7 +35,7 @@ def test_generate_shape_range_and_determinism(name, base, smoke_budget):
     cls = METHODS.get(name)
     torch.manual_seed(0)
     method = cls(base, _condition(cls), smoke_budget, {}).eval()
-    batch = _batch()
+    batch = _batch(cls)
     kw = dict(sampler="ddim", steps=3, guidance_scale=2.0)
     a = generate(base, method, batch, seed=5, **kw)
     b = generate(base, method, batch, seed=5, **kw)
@@ -60,7 +62,7 @@ def test_training_step_changes_only_trainable_parameters(name, base, smoke_budge
         return
     method.train()
     opt = method.configure_optimizers()["optimizer"]
-    loss = method.training_loss(_batch(4))
+    loss = method.training_loss(_batch(cls, 4))
     assert torch.isfinite(loss)
     loss.backward()
     opt.step()
@@ -96,10 +98,10 @@ def test_trains_and_samples_on_saved_sd_layouts(name, layout, saved_layouts, smo
     torch.manual_seed(0)
     method = cls(base, _condition(cls), smoke_budget, {})
     method.train()
-    loss = method.training_loss(_batch(2))
+    loss = method.training_loss(_batch(cls, 2))
     assert torch.isfinite(loss)
     if method.trainable_parameters():
         loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.trainable_parameters())
-    out = generate(base, method.eval(), _batch(2), seed=0, sampler="ddim", steps=2, guidance_scale=2.0)
+    out = generate(base, method.eval(), _batch(cls, 2), seed=0, sampler="ddim", steps=2, guidance_scale=2.0)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()

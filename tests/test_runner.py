@@ -48,6 +48,16 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
         assert finished.spec["budget_key"] == good.budget.key() and finished.git_sha
 
 
+def test_a_run_planned_with_other_code_versions_is_refused(proxy_arch_dir, tmp_path):
+    from bench.errors import ConfigError
+    from bench.runner import execute
+
+    (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], metrics=["fd_segnet"])
+    stale = dataclasses.replace(spec, method_version="baseline-v0")
+    with pytest.raises(ConfigError, match="baseline-v0 -> baseline-v1.*run the command again"):
+        execute(stale, out, progress=False)
+
+
 def test_consistency_curve_is_measured_on_fixed_steps_and_subset(proxy_arch_dir, tmp_path):
     from bench.runner import execute
 
