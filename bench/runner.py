@@ -252,7 +252,8 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
         for part, value in parts:
             key = f"{name}_{part}" if part else name
             values[key] = float(value)
-            meta[key] = {"version": m.version, "higher_is_better": bool(m.higher_is_better)}
+            hib = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
+            meta[key] = {"version": m.version, "higher_is_better": bool(hib)}
     return RunRecord(run_id=spec.run_id, spec=spec.to_dict(), status="FINISHED", metrics=values, metric_meta=meta,
                      compute=compute, artifacts={"images": str(image_dir)}, curve=curve, git_sha=git_sha(),
                      versions=package_versions())

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torchmetrics
 from torch import Tensor
@@ -21,6 +23,7 @@ class BenchMetric(torchmetrics.Metric):
     version: str
     higher_is_better: bool
     condition: str | None = None
+    part_higher_is_better: Mapping[str, bool] = MappingProxyType({})  # parts of a dict result that differ
     evaluator_ids: tuple[str, ...] = ()  # identities of the models that score; a method may not train against them
     full_state_update = False  # states only accumulate, so per-batch forward() is cheap
     is_differentiable = False

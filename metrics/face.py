@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -253,6 +254,7 @@ class IdSim(BenchMetric):
 
     name = "id_sim"
     higher_is_better = True
+    part_higher_is_better = MappingProxyType({"no_face_rate": False})
     condition = None
     backend_name = "dlib"
     version = f"id_sim-v1/{DlibBackend.version}"

@@ -125,3 +125,19 @@ def test_photomaker_replaces_exactly_the_class_word_copies(base, smoke_budget):
     empty = batch.__class__(batch.ids, batch.image, ["", ""], batch.conditions, batch.refs)
     plain = base.encode_prompt(["", ""], (32, 32))
     assert torch.equal(method.prompt_embeds(plain, empty).hidden, plain.hidden)
+
+
+def test_identity_run_records_both_parts_with_their_directions(tmp_path):
+    from bench.runner import execute
+    from bench.spec import apply_overrides, load_config, resolve
+
+    cfg = apply_overrides(load_config(None), [("methods", ["baseline"]), ("dataset", "identity"),
+                                              ("condition", "keypoints"), ("metrics", ["id_sim_proxy"]),
+                                              ("budget", "smoke"), ("base_model", "proxy"),
+                                              ("out_dir", str(tmp_path))])
+    (spec,), out = resolve(cfg)
+    rec = execute(spec, out, progress=False)
+    assert set(rec.metrics) == {"id_sim_proxy_mean", "id_sim_proxy_no_face_rate"}
+    assert rec.metric_meta["id_sim_proxy_mean"]["higher_is_better"] is True
+    assert rec.metric_meta["id_sim_proxy_no_face_rate"]["higher_is_better"] is False
+    assert -1 <= rec.metrics["id_sim_proxy_mean"] <= 1
