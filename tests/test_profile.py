@@ -55,3 +55,21 @@ def test_profile_rejects_unknown_method_with_a_suggestion(capsys):
 
     assert main(["profile", "--arch", "proxy", "--methods", "contrlnet"]) == 2
     assert "controlnet" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_profile_sd15_at_512_on_gpu(precision, tmp_path, capsys):
+    """The full-scale profile the issue asks for on a GPU: 512², half precision, CUDA allocator peaks."""
+    from bench.cli import main
+    from bench.store import Store
+
+    store = tmp_path / "profile.sqlite"
+    rc = main(["profile", "--arch", "sd15", "--methods", "frozen,controlnet", "--resolution", "512", "--batch", "1",
+               "--precision", precision, "--steps", "3", "--store", str(store), "--quiet"])
+    assert rc == 0 and "mem/frozen" in capsys.readouterr().out
+    with Store(store) as s:
+        by = {r.method: r.compute for r in s.records()}
+    assert by["controlnet"]["peak_mem_mb"] > by["frozen"]["peak_mem_mb"] > 0
+    assert by["controlnet"]["params_trainable"] == pytest.approx(361.3e6, rel=1e-3)
