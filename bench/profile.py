@@ -63,8 +63,7 @@ def _profile_one(variant: str, setup: ProfileSetup) -> dict:
     import resource
 
     from bench.base_model import BaseModel
-    from bench.datasets.shapes import ShapesWorld
-    from bench.registry import METHODS, load_builtins
+    from bench.registry import DATASETS, METHODS, load_builtins
     from bench.runner import quiet_libraries, rss_mb
     from bench.types import collate
 
@@ -74,8 +73,11 @@ def _profile_one(variant: str, setup: ProfileSetup) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = BaseModel.load(setup.base_model).to(device)
     torch.manual_seed(0)
-    method = METHODS.get(name)(base, setup.condition, setup.budget(), hp).to(device).train()
-    world = ShapesWorld("train", 2 * setup.batch, setup.resolution, conditions=(setup.condition,))
+    cls = METHODS.get(name)
+    # identity methods read references and keypoints: each method profiles on its own sample data
+    condition = setup.condition if not cls.conditions or setup.condition in cls.conditions else cls.conditions[0]
+    method = cls(base, condition, setup.budget(), hp).to(device).train()
+    world = DATASETS.get(cls.sample_dataset)("train", 2 * setup.batch, setup.resolution, (condition,))
     data = [collate([world[i] for i in range(k * setup.batch, (k + 1) * setup.batch)]).to(device) for k in range(2)]
     trainable = method.trainable_parameters()
     opt = torch.optim.AdamW(trainable, lr=1e-5)
