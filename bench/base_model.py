@@ -9,7 +9,6 @@ of both encoders concatenated, the second encoder's pooled projection, size/crop
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
