@@ -39,6 +39,16 @@ def frozen_encoder(encoder: nn.Module) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def encode_each(encoder: nn.Module, refs: torch.Tensor) -> torch.Tensor:
+    """[B, N, 3, H, W] references -> the generic encoder's pooled features [B, N, D]."""
+    return encoder.features(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    return encode_each(encoder, torch.zeros(1, 1, 3, 32, 32, device=next(encoder.parameters()).device)).shape[-1]
+
+
 class DecoupledCrossAttention(nn.Module):
     """IP-Adapter processors for every cross-attention layer of a UNet, installed only for the
     duration of one call, so the shared base UNet is never left modified."""
@@ -108,10 +118,9 @@ class IPAdapter(Method):
         # A metric scoring with this method's own encoder would grade its homework: the spec refuses it.
         return (cls.encoder_spec().model_id,)
 
-    @torch.no_grad()
     def encode_references(self, refs: torch.Tensor) -> torch.Tensor:
         """[B, N, 3, H, W] -> per-reference embeddings [B, N, D]."""
-        return self.encoder.features(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
+        return encode_each(self.encoder, refs)
 
     def embedding_dim(self) -> int:
         probe = torch.zeros(1, 1, 3, 32, 32, device=next(self.encoder.parameters()).device)

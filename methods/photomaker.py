@@ -14,7 +14,7 @@ from torch import nn
 
 from bench.errors import ConfigError
 from bench.method import Method
-from bench.methods.ip_adapter import IPAdapter, frozen_encoder, reference_stack
+from bench.methods.ip_adapter import IPAdapter, encode_each, feature_dim, frozen_encoder, reference_stack
 from bench.registry import METHODS
 from bench.types import Batch, PromptEmbeds
 
@@ -55,7 +55,7 @@ class PhotoMaker(Method):
         super().__init__(base, condition, budget, hparams)
         self.encoder = frozen_encoder(self.encoder_spec().load())
         width = base.unet.config.cross_attention_dim
-        dim = self.encoder.features(torch.zeros(1, 3, 32, 32)).shape[-1]
+        dim = feature_dim(self.encoder)
         self.id_proj = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width))
         self.fuse = FuseMLP(width)
 
@@ -92,9 +92,7 @@ class PhotoMaker(Method):
             return embeds
         prompts = [found[i][0] if found[i] else p for i, p in enumerate(batch.prompts)]
         expanded = self.base.encode_prompt(prompts, tuple(batch.image.shape[-2:]))
-        with torch.no_grad():
-            feats = self.encoder.features(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
-        id_embeds = self.id_proj(feats.to(expanded.hidden.dtype))  # [B, N, C]
+        id_embeds = self.id_proj(encode_each(self.encoder, refs).to(expanded.hidden.dtype))  # [B, N, C]
         hidden = expanded.hidden.clone()
         for i in rows:
             pos = torch.tensor(found[i][1], device=hidden.device)
