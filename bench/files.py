@@ -1,0 +1,46 @@
+"""One way to write a file: to a temp name in the same directory, then rename.
+
+A reader (or a process killed mid-write) never sees a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target`` (same suffix, so writers that pick a format by
+    extension, like cv2.imwrite, still work); rename it onto ``target`` when the block exits
+    cleanly, delete it otherwise. Creates the parent directory."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{target.suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OSError(f"nothing was written to {tmp} for {target}")
+        os.chmod(tmp, 0o644)  # mkstemp-like 0600 would make shipped files unreadable to others
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(target: str | Path, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes atomically; returns ``target``."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    return target
+
+
+def remove_stale_temps(directory: str | Path) -> None:
+    """Delete temp files a killed writer left in ``directory``."""
+    for stale in Path(directory).glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
