@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.errors import ConfigError
+from bench.files import atomic_write
 from bench.store import RunRecord
 
 FORMAT = "controlbench-baseline/1"
@@ -87,11 +87,7 @@ def write_baseline(path: Path, stats: dict[Key, Stat], tolerances: dict[str, dic
                 **{f: (None if isinstance(v, float) and math.isnan(v) else v) for f, v in asdict(s).items()}}
                for k, s in sorted(stats.items())]
     text = json.dumps({"format": FORMAT, "tolerances": tolerances, "entries": entries}, indent=1) + "\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _nan0(x: float) -> float:
