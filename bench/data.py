@@ -1,7 +1,7 @@
 """Materialised datasets: scenes and their conditions rendered once and cached on disk.
 
 The cache key names every number-changing choice (dataset version, split, size, condition
-extractor versions); files are written to a temp name then os.replace'd, so a killed process
+extractor versions); files are written atomically (bench.files), so a killed process
 never leaves a half-written cache entry.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.files import atomic_path
 from bench.registry import CONDITIONS
 from bench.types import Batch, collate
 
@@ -70,8 +71,6 @@ def materialize(dataset, progress: bool = True) -> MaterializedDataset:
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"render {dataset.split} set", disable=not progress,
                                       leave=False)]
     b = quantize(collate(items))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(dict(ids=b.ids, image=b.image, prompts=b.prompts, conditions=b.conditions, refs=b.refs), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(ids=b.ids, image=b.image, prompts=b.prompts, conditions=b.conditions, refs=b.refs), tmp)
     return MaterializedDataset(b)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from bench.files import atomic_write
 from bench.store import RunRecord
 
 if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
@@ -363,19 +362,3 @@ def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any
         atomic_write(out_dir / "leaderboard.html",
                      render_html(tables, excluded, meta, claims, figures, grids))
     return atomic_write(out_dir / "leaderboard.md", text)
-
-
-def atomic_write(target: Path, text: str) -> Path:
-    """Write via a temp file and rename, so a reader never sees a half-written report."""
-    out_dir = target.parent
-    tmp = out_dir / f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target

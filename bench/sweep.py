@@ -13,7 +13,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from bench.errors import ConfigError
+from bench.files import atomic_write
 from bench.spec import RunSpec, apply_overrides, load_config, resolve
 
 SWEEP_METHODS = ("grid", "random", "bayes")
@@ -163,10 +163,7 @@ class SweepOutcome:
 
 
 def _write_plan(path: Path, run_ids: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(run_ids))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(run_ids))
 
 
 def _noop(plan: Path, store_path: Path, t0: float) -> SweepOutcome | None:

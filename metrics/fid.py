@@ -20,6 +20,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from bench.data import cache_dir
 from bench.datasets.conditions import to_uint8
 from bench.errors import ConfigError
+from bench.files import atomic_path
 from bench.metrics.base import BenchMetric
 from bench.metrics.fd import frechet_distance
 from bench.registry import METRICS
@@ -104,10 +105,8 @@ class FID(BenchMetric, FrechetInceptionDistance):
                 path.unlink(missing_ok=True)
         with torch.no_grad():
             feats = self.inception(images)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(dict(features=feats.cpu(), ids=list(ids), meta=meta), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(dict(features=feats.cpu(), ids=list(ids), meta=meta), tmp)
         return feats
 
     def update(self, images: Tensor, batch: Batch) -> None:
