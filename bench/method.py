@@ -9,8 +9,11 @@ shared sampler runs:
 """
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import lightning as L
 import torch
@@ -53,27 +56,107 @@ def predict_x0(scheduler, pred: torch.Tensor, t: torch.Tensor, noisy: torch.Tens
     return x0
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def _conform(value: Any, tp: Any) -> Any:
+    """``value`` as an instance of annotation ``tp``, or TypeError. An int is a float; a string
+    that reads as a number is one (YAML 1.1 reads ``1e-4`` as a string); bool is not an int."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _conform(value, arg)
+            except TypeError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin in (tuple, list) and isinstance(value, (tuple, list)):
+        item = args[0] if args else Any
+        return tuple(value if item is Any else _conform(v, item) for v in value)
+    elif origin is dict and isinstance(value, Mapping):
+        return {k: _conform(v, args[1]) for k, v in value.items()} if args else dict(value)
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise TypeError(tp)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a method's authors chose: the settings each method trains and samples with by default.
+
+    Each method subclasses it as ``<Method>.Recipe`` with its own typed fields (defaults follow
+    the official code). A config sets a field as ``hparams.<method>.<field>``; the run spec keeps
+    only the fields the user set, and ``Method.recipe`` is the resolved, frozen instance.
+    """
+
+    empty_prompt_prob: float = 0.5  # prompt dropout while training: the unconditional input of CFG
+
+    @classmethod
+    def fields_help(cls) -> str:
+        hints = typing.get_type_hints(cls)
+        return ", ".join(f"{f.name}: {_type_name(hints[f.name])}" for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any] | None, owner: str = "") -> "Recipe":
+        """The recipe with ``overrides`` applied; a one-line ConfigError for an unknown field or a
+        value of the wrong type, naming the field, the expected type and the valid fields."""
+        where = f"hparams.{owner}" if owner else "hparams"
+        if overrides is None:
+            overrides = {}
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"{where} must map field names to values, got {overrides!r}; valid fields: "
+                              f"{cls.fields_help()}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for name, value in overrides.items():
+            if name not in known:
+                raise ConfigError(f"unknown hparam {name!r} for {owner or cls.__qualname__}; valid fields: "
+                                  f"{cls.fields_help()}")
+            try:
+                values[name] = _conform(value, hints[name])
+            except TypeError:
+                raise ConfigError(f"{where}.{name} must be {_type_name(hints[name])}, got {type(value).__name__} "
+                                  f"{value!r}; valid fields: {cls.fields_help()}") from None
+        return cls(**values)
+
+
 class Method(L.LightningModule):
     version: ClassVar[str] = "v1"
     conditions: ClassVar[tuple[str, ...]] = ()  # empty: works without a spatial condition
-    hparam_defaults: ClassVar[dict[str, Any]] = {}  # read-only; copied per instance
+    Recipe: ClassVar[type[Recipe]] = Recipe  # subclasses declare their own `class Recipe(Parent.Recipe)`
     sample_dataset: ClassVar[str] = "shapes"  # a dataset whose batches carry what this method reads (tests use it)
 
-    def __init__(self, base, condition: str | None, budget: Budget, hparams: dict | None = None):
+    def __init__(self, base, condition: str | None, budget: Budget, hparams: Mapping[str, Any] | Recipe | None = None):
         super().__init__()
         if self.conditions and condition not in self.conditions:
             raise ConfigError(f"method {type(self).__name__} needs condition in {self.conditions}, got {condition!r}")
-        self.check_hparams(hparams or {})
-        self.hp = {"empty_prompt_prob": 0.5, **self.hparam_defaults, **(hparams or {})}
+        self.recipe = hparams if isinstance(hparams, self.Recipe) else self.make_recipe(hparams)
         self.base, self.condition, self.budget = base, condition, budget
 
     @classmethod
-    def check_hparams(cls, hparams: dict) -> None:
-        """Reject unknown hparams at config time, before any run starts."""
-        unknown = set(hparams) - set(cls.hparam_defaults) - {"empty_prompt_prob"}
-        if unknown:
-            raise ConfigError(f"unknown hparam {sorted(unknown)[0]!r} for {cls.__name__}; "
-                              f"known: {', '.join(sorted(cls.hparam_defaults)) or 'none'}")
+    def make_recipe(cls, hparams: Mapping[str, Any] | None = None) -> Recipe:
+        """This method's recipe with the config's ``hparams.<method>`` overrides applied."""
+        return cls.Recipe.from_overrides(hparams, getattr(cls, "name", None) or cls.__name__)
+
+    @classmethod
+    def check_hparams(cls, hparams: Mapping[str, Any]) -> None:
+        """Reject unknown fields and wrongly typed values at config time, before any run starts."""
+        cls.make_recipe(hparams)
 
     # ---- parameters ---------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -117,7 +200,7 @@ class Method(L.LightningModule):
         """Noise the batch at random timesteps and predict with this method (one UNet call)."""
         base, sched = self.base, self.base.scheduler
         x0 = base.encode_images(batch.image)
-        prompts = [("" if torch.rand(()) < self.hp["empty_prompt_prob"] else p) for p in batch.prompts]
+        prompts = [("" if torch.rand(()) < self.recipe.empty_prompt_prob else p) for p in batch.prompts]
         batch = replace(batch, prompts=prompts)  # hooks see the prompts actually trained on
         embeds = self.prompt_embeds(base.encode_prompt(prompts, tuple(batch.image.shape[-2:])), batch)
         noise = torch.randn_like(x0)

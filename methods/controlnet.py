@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 from bench.method import Method
 from bench.registry import METHODS
 
@@ -28,7 +30,11 @@ IMAGE_CONDITIONS = ("canny", "seg", "depth", "hed", "pidinet", "lineart", "depth
 class ControlNet(Method):
     version = "controlnet-v1"
     conditions = IMAGE_CONDITIONS
-    hparam_defaults = {"conditioning_scale": 1.0}
+
+    @dataclass(frozen=True)
+    class Recipe(Method.Recipe):
+        conditioning_scale: float = 1.0  # multiplies every residual (diffusers' controlnet_conditioning_scale)
+
     conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 
     def __init__(self, base, condition, budget, hparams=None):
@@ -40,5 +46,5 @@ class ControlNet(Method):
 
     def unet_kwargs(self, x, t, embeds, state):
         down, mid = self.controlnet(x, t, **embeds.unet_inputs(), controlnet_cond=state,
-                                    conditioning_scale=self.hp["conditioning_scale"], return_dict=False)
+                                    conditioning_scale=self.recipe.conditioning_scale, return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

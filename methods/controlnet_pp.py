@@ -15,6 +15,8 @@ The reward model must not be a metric's evaluator; the harness refuses such a ru
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bench.errors import ConfigError
@@ -23,10 +25,9 @@ from bench.methods.controlnet import ControlNet
 from bench.registry import METHODS
 
 
-def _reward_name(condition: str | None, hparams: dict) -> str:
+def _reward_name(condition: str | None, name: str) -> str:
     from bench.rewards import DEFAULT_REWARD
 
-    name = hparams.get("reward_model", "auto")
     if name != "auto":
         return name
     if condition not in DEFAULT_REWARD:
@@ -39,16 +40,24 @@ def _reward_name(condition: str | None, hparams: dict) -> str:
 class ControlNetPP(ControlNet):
     version = "controlnet_pp-v1"
     conditions = ("canny", "seg", "depth")  # those with a differentiable reward model (bench/rewards.py)
-    hparam_defaults = {**ControlNet.hparam_defaults, "reward_model": "auto", "reward_weight": 0.5,
-                       "reward_t_max": 200, "reward_steps": 1, "reward_start": 0.5}
+
+    @dataclass(frozen=True)
+    class Recipe(ControlNet.Recipe):
+        reward_model: str = "auto"  # a bench.rewards model; "auto": the condition's default
+        reward_weight: float = 0.5  # the reward loss's weight beside the diffusion loss
+        reward_t_max: int = 200  # single-step reward only for timesteps <= this
+        reward_steps: int = 1  # 1: one-step x0 (the paper); K > 1: backpropagate through K sampling steps
+        reward_start: float = 0.5  # fraction of the budget's steps after which the reward switches on
+
+        def __post_init__(self):
+            if self.reward_steps < 1:
+                raise ConfigError(f"hparams.controlnet_pp.reward_steps must be >= 1, got {self.reward_steps}")
 
     def __init__(self, base, condition, budget, hparams=None):
         from bench.rewards import reward_for
 
         super().__init__(base, condition, budget, hparams)
-        if int(self.hp["reward_steps"]) < 1:
-            raise ConfigError(f"controlnet_pp reward_steps must be >= 1, got {self.hp['reward_steps']}")
-        self.reward = reward_for(_reward_name(condition, self.hp))
+        self.reward = reward_for(_reward_name(condition, self.recipe.reward_model))
         if self.reward.condition != condition:
             raise ConfigError(f"reward model {self.reward.model_id} scores {self.reward.condition!r}, "
                               f"but the run's condition is {condition!r}")
@@ -59,7 +68,7 @@ class ControlNetPP(ControlNet):
         from bench.registry import UnknownNameError
 
         try:
-            return (reward_for(_reward_name(condition, {**cls.hparam_defaults, **hparams})).model_id,)
+            return (reward_for(_reward_name(condition, cls.make_recipe(hparams).reward_model)).model_id,)
         except UnknownNameError as e:
             raise ConfigError(str(e)) from None
 
@@ -73,14 +82,14 @@ class ControlNetPP(ControlNet):
 
     @property
     def reward_on(self) -> bool:
-        return self.global_step >= int(self.hp["reward_start"] * self.budget.train_steps)
+        return self.global_step >= int(self.recipe.reward_start * self.budget.train_steps)
 
     def sample_with_grad(self, n) -> torch.Tensor:
         """K DDIM steps from pure noise, keeping the graph through every UNet call."""
         from bench.sampler import make_scheduler
 
         sched = make_scheduler(self.base.scheduler, "ddim")
-        sched.set_timesteps(int(self.hp["reward_steps"]), device=n.x0.device)
+        sched.set_timesteps(self.recipe.reward_steps, device=n.x0.device)
         latents = torch.randn_like(n.x0) * sched.init_noise_sigma
         for t in sched.timesteps:
             x = sched.scale_model_input(latents, t)
@@ -88,9 +97,9 @@ class ControlNetPP(ControlNet):
         return latents
 
     def reward_loss(self, n, batch) -> torch.Tensor:
-        if int(self.hp["reward_steps"]) == 1:
+        if self.recipe.reward_steps == 1:
             x0 = predict_x0(self.base.scheduler, n.pred, n.t, n.noisy)
-            mask = (n.t <= self.hp["reward_t_max"]).float()
+            mask = (n.t <= self.recipe.reward_t_max).float()
         else:
             x0 = self.sample_with_grad(n)
             mask = torch.ones(len(x0), device=x0.device)
@@ -101,5 +110,5 @@ class ControlNetPP(ControlNet):
         n = self.noised_prediction(batch)
         loss = self.diffusion_loss(n)
         if self.reward_on:
-            loss = loss + self.hp["reward_weight"] * self.reward_loss(n, batch)
+            loss = loss + self.recipe.reward_weight * self.reward_loss(n, batch)
         return loss

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,12 +73,17 @@ class ControlBranch(nn.Module):
 class ControlNeXt(Method):
     version = "controlnext-v2"  # v2: narrow full-resolution layers at SD scale; the proxy branch is unchanged
     conditions = IMAGE_CONDITIONS
-    hparam_defaults = {"controlnext_scale": 1.0, "branch_channels": 0, "branch_blocks": 2,  # 0: 2x conv_in width
-                       "unet_trainable": ""}  # regex over UNet parameter names; "" trains none
+
+    @dataclass(frozen=True)
+    class Recipe(Method.Recipe):
+        controlnext_scale: float = 1.0  # multiplies the cross-normalized control features
+        branch_channels: int = 0  # width of the branch at latent resolution; 0: 2x the UNet's conv_in width
+        branch_blocks: int = 2  # ResNet blocks at latent resolution
+        unet_trainable: str = ""  # regex over UNet parameter names to fine-tune too; "" tunes none
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
-        pattern = self.hp["unet_trainable"]
+        pattern = self.recipe.unet_trainable
         if pattern:
             try:
                 regex = re.compile(pattern)
@@ -93,8 +99,8 @@ class ControlNeXt(Method):
         else:
             self.tuned = []
         width = base.unet.conv_in.out_channels
-        self.branch = ControlBranch(width, base.scale_factor, self.hp["branch_channels"] or 2 * width,
-                                    self.hp["branch_blocks"])
+        self.branch = ControlBranch(width, base.scale_factor, self.recipe.branch_channels or 2 * width,
+                                    self.recipe.branch_blocks)
 
     def trainable_parameters(self):
         return super().trainable_parameters() + self.tuned
@@ -104,7 +110,7 @@ class ControlNeXt(Method):
 
     def denoise(self, x, t, embeds, state):
         control = self.branch(state, t)
-        scale = self.hp["controlnext_scale"]
+        scale = self.recipe.controlnext_scale
 
         def inject(module, inputs, output):
             return output + scale * cross_normalize(control.to(output.dtype), output)

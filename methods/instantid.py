@@ -12,6 +12,8 @@ The identity metric scores with `id_evaluator`, another architecture and seed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,10 @@ from bench.registry import METHODS
 class InstantID(IPAdapter):
     version = "instantid-v1"
     conditions = ("keypoints",)
-    hparam_defaults = {**IPAdapter.hparam_defaults, "conditioning_scale": 1.0}
+
+    @dataclass(frozen=True)
+    class Recipe(IPAdapter.Recipe):
+        conditioning_scale: float = 1.0  # multiplies IdentityNet's residuals
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
@@ -49,6 +54,6 @@ class InstantID(IPAdapter):
 
     def unet_kwargs(self, x, t, embeds, state):
         down, mid = self.identitynet(x, t, encoder_hidden_states=state.tokens, added_cond_kwargs=embeds.added,
-                                     controlnet_cond=state.control, conditioning_scale=self.hp["conditioning_scale"],
+                                     controlnet_cond=state.control, conditioning_scale=self.recipe.conditioning_scale,
                                      return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -92,7 +92,12 @@ class ImagePromptState:
 class IPAdapter(Method):
     version = "ip_adapter-v1"
     sample_dataset = "identity"
-    hparam_defaults = {"num_tokens": 4, "ip_scale": 1.0, "image_drop_prob": 0.05}
+
+    @dataclass(frozen=True)
+    class Recipe(Method.Recipe):
+        num_tokens: int = 4  # image tokens per reference (IP-Adapter: 4)
+        ip_scale: float = 1.0  # weight of the image attention added to the text attention
+        image_drop_prob: float = 0.05  # reference dropout while training: the unconditional image input of CFG
 
     def __init__(self, base, condition, budget, hparams=None):
         from diffusers.models.embeddings import ImageProjection
@@ -100,8 +105,8 @@ class IPAdapter(Method):
         super().__init__(base, condition, budget, hparams)
         self.encoder = frozen_encoder(self.load_encoder())
         width = base.unet.config.cross_attention_dim
-        self.proj = ImageProjection(self.embedding_dim(), width, int(self.hp["num_tokens"]))
-        self.ip_attn = DecoupledCrossAttention(base.unet, int(self.hp["num_tokens"]), float(self.hp["ip_scale"]))
+        self.proj = ImageProjection(self.embedding_dim(), width, self.recipe.num_tokens)
+        self.ip_attn = DecoupledCrossAttention(base.unet, self.recipe.num_tokens, self.recipe.ip_scale)
 
     @staticmethod
     def encoder_spec():
@@ -134,9 +139,9 @@ class IPAdapter(Method):
     def drop_references(self, emb: torch.Tensor) -> torch.Tensor:
         """Zero a sample's image embedding with probability image_drop_prob while training: the
         unconditional image input classifier-free guidance samples with."""
-        if not self.training or self.hp["image_drop_prob"] <= 0:
+        if not self.training or self.recipe.image_drop_prob <= 0:
             return emb
-        keep = torch.rand(emb.shape[0], device=emb.device) >= self.hp["image_drop_prob"]
+        keep = torch.rand(emb.shape[0], device=emb.device) >= self.recipe.image_drop_prob
         return emb * keep.reshape(-1, *[1] * (emb.ndim - 1)).to(emb.dtype)
 
     def image_tokens(self, batch: Batch, cfg: bool) -> torch.Tensor:

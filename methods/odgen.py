@@ -10,6 +10,8 @@ Both read refs["boxes"]/refs["labels"]; the `layout` condition image is only for
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,11 @@ class ODGEN(ControlNet):
 
     version = "odgen-v1"
     conditions = ("layout",)
-    hparam_defaults = {**ControlNet.hparam_defaults, "sprite_prob": 0.5}
+
+    @dataclass(frozen=True)
+    class Recipe(ControlNet.Recipe):
+        sprite_prob: float = 0.5  # training pastes the class sprite instead of the object's own pixels
+
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)
 
@@ -86,7 +92,7 @@ class ODGEN(ControlNet):
                 bh, bw = rows.stop - rows.start, cols.stop - cols.start
                 if bh <= 0 or bw <= 0:
                     continue
-                own = self.training and semantic is not None and float(torch.rand(())) >= self.hp["sprite_prob"]
+                own = self.training and semantic is not None and float(torch.rand(())) >= self.recipe.sprite_prob
                 if own:  # the object's own pixels; masking drops background and other classes
                     mask = (semantic[i, rows, cols] == 1 + label).float().cpu()
                     crop = batch.image[i, :, rows, cols].float().cpu() * mask

@@ -1,6 +1,8 @@
 """T2I-Adapter: condition features computed once and added inside the UNet encoder (diffusers)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bench.method import Method
 from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.registry import METHODS
@@ -28,20 +30,24 @@ def adapter_layout(unet_config, scale_factor: int) -> dict:
 class T2IAdapterMethod(Method):
     version = "t2i_adapter-v2"  # v2: the XL layout also feeds the mid block
     conditions = IMAGE_CONDITIONS
-    hparam_defaults = {"conditioning_scale": 1.0, "num_res_blocks": 2}
+
+    @dataclass(frozen=True)
+    class Recipe(Method.Recipe):
+        conditioning_scale: float = 1.0  # multiplies every adapter feature (diffusers' adapter_conditioning_scale)
+        num_res_blocks: int = 2  # ResNet blocks per adapter stage
 
     def __init__(self, base, condition, budget, hparams=None):
         from diffusers import T2IAdapter
 
         super().__init__(base, condition, budget, hparams)
         layout = adapter_layout(base.unet.config, base.scale_factor)
-        layout["num_res_blocks"] = self.hp["num_res_blocks"]
+        layout["num_res_blocks"] = self.recipe.num_res_blocks
         self.adapter = T2IAdapter(**layout)
         self.adapter.train()
 
     def prepare(self, batch, embeds, cfg):
         image = batch.conditions[self.condition].to(self.base.unet.dtype)
-        feats = [f * self.hp["conditioning_scale"] for f in self.adapter(image)]
+        feats = [f * self.recipe.conditioning_scale for f in self.adapter(image)]
         return [f.repeat(2, 1, 1, 1) for f in feats] if cfg else feats
 
     def unet_kwargs(self, x, t, embeds, state):

@@ -61,7 +61,7 @@ def test_ip_adapter_is_decoupled_attention_added_to_text_attention(base, smoke_b
     assert torch.allclose(off.denoise(x, t, embeds, off.prepare(batch, embeds, cfg=False)), plain, atol=1e-6)
     on = METHODS.get("ip_adapter")(base, None, smoke_budget, {}).eval()
     state = on.prepare(batch, embeds, cfg=False)
-    assert state.tokens.shape == (2, on.hp["num_tokens"], base.unet.config.cross_attention_dim)
+    assert state.tokens.shape == (2, on.recipe.num_tokens, base.unet.config.cross_attention_dim)
     assert (on.denoise(x, t, embeds, state) - plain).abs().max() > 1e-3
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in base.unet.attn_processors.values())
     assert not any(n.startswith("base.") for n, _ in on.named_parameters() if _.requires_grad)
@@ -72,7 +72,7 @@ def test_ip_adapter_gives_each_reference_its_own_tokens(base, smoke_budget):
     multi = _batch(2, "identity_multi")
     embeds = base.encode_prompt(multi.prompts, (32, 32))
     tokens = method.prepare(multi, embeds, cfg=True).tokens
-    t = method.hp["num_tokens"]
+    t = method.recipe.num_tokens
     assert tokens.shape[:2] == (4, 4 * t)  # CFG doubles the batch; 4 references side by side
     # the unconditional half is the projection of a zero image embedding, as diffusers' CFG does
     assert torch.allclose(tokens[0], tokens[1]) and not torch.allclose(tokens[2], tokens[3])

@@ -83,6 +83,51 @@ def test_unknown_hparam_is_rejected(name, base, smoke_budget):
         cls(base, _condition(cls), smoke_budget, {"no_such_knob": 1})
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_recipe_is_a_frozen_typed_dataclass_with_defaults(name):
+    import dataclasses
+    import typing
+
+    from bench.method import Method
+
+    cls = METHODS.get(name)
+    assert issubclass(cls.Recipe, Method.Recipe) and cls.Recipe.__name__ == "Recipe"
+    assert cls.Recipe.__dataclass_params__.frozen, f"{name}.Recipe must be @dataclass(frozen=True)"
+    hints = typing.get_type_hints(cls.Recipe)
+    for f in dataclasses.fields(cls.Recipe):
+        assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, \
+            f"{name}.Recipe.{f.name} has no default"
+        assert f.name in hints
+    recipe = cls.make_recipe({})
+    assert recipe == cls.Recipe()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.empty_prompt_prob = 0.0
+
+
+def test_recipe_overrides_are_typed_at_config_time():
+    from bench.errors import ConfigError
+    from bench.methods.controlnext import ControlNeXt
+
+    r = ControlNeXt.make_recipe({"controlnext_scale": 1, "branch_blocks": 3, "empty_prompt_prob": "1e-1"})
+    assert r.controlnext_scale == 1.0 and isinstance(r.controlnext_scale, float)  # an int is a float
+    assert r.branch_blocks == 3 and r.empty_prompt_prob == 0.1  # YAML 1.1 reads 1e-1 as a string
+    for bad, needle in [({"branch_blocks": 2.5}, "branch_blocks must be int, got float 2.5"),
+                        ({"branch_blocks": True}, "branch_blocks must be int"),
+                        ({"controlnext_scale": "big"}, "controlnext_scale must be float, got str 'big'"),
+                        ({"unet_trainable": 3}, "unet_trainable must be str"),
+                        ({"scale": 1.0}, "unknown hparam 'scale'")]:
+        with pytest.raises(ConfigError, match="valid fields: .*controlnext_scale: float") as e:
+            ControlNeXt.check_hparams(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_validation_runs_at_config_time():
+    from bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reward_steps must be >= 1"):
+        METHODS.get("controlnet_pp").check_hparams({"reward_steps": 0})
+
+
 @pytest.fixture(scope="module")
 def saved_layouts(tiny_sd_dir, tiny_sdxl_dir):
     """Tiny SD1.5- and SDXL-layout directories, loaded through the loader users hit with real weights."""
