@@ -1,4 +1,8 @@
-"""Budget: everything that must be equal across methods for a comparison to be fair."""
+"""Budget: everything that must be equal across methods for a comparison to be fair.
+
+Seeds are not in it: a seed belongs to the run spec, so adding a seed never changes the key
+(or the run ids) of the seeds already run.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +14,8 @@ import yaml
 
 from bench.errors import ConfigError
 
-TUPLE_FIELDS = ("seeds", "curve_steps")
-BUDGETS_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "budgets.yaml"
+TUPLE_FIELDS = ("curve_steps",)
+BUDGETS_FILE = Path(__file__).resolve().parent / "configs" / "budgets.yaml"
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,6 @@ class Budget:
     inference_steps: int = 20
     guidance_scale: float = 3.0
     eval_samples: int = 64
-    seeds: tuple[int, ...] = (0, 1)
     curve_steps: tuple[int, ...] = ()  # training steps at which consistency is also measured
     curve_samples: int = 16  # the first N eval samples, the same subset at every step
 
@@ -46,6 +49,11 @@ class Budget:
         d = self.as_dict()
         d.pop("name")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_fields(cls, name: str, values: dict) -> "Budget":
+        """From a stored or YAML field mapping (lists for tuple fields; a `name` entry is ignored)."""
+        return cls(name=name, **{k: tuple(v) if k in TUPLE_FIELDS else v for k, v in values.items() if k != "name"})
 
     def with_overrides(self, overrides: dict) -> "Budget":
         known = {f.name: f.type for f in fields(self)}
@@ -67,8 +75,6 @@ class Budget:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if not all(isinstance(s, int) and 0 <= s <= self.train_steps for s in self.curve_steps):
             raise ValueError(f"curve_steps must be integers in [0, train_steps={self.train_steps}], "
                              f"got {list(self.curve_steps)!r}")
@@ -87,7 +93,7 @@ def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
     out = {}
     for name, values in raw.items():
         try:
-            b = Budget(name=name, **{k: tuple(v) if k in TUPLE_FIELDS else v for k, v in values.items()})
+            b = Budget.from_fields(name, values)
             b.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"budget {name!r} in {path}: {e}") from None

@@ -95,7 +95,8 @@ def _report(args) -> int:
 
 def _list(args) -> int:
     from bench.budget import load_budgets
-    from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, load_builtins
+    from bench.builtins import load_builtins
+    from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS
 
     load_builtins()
 
@@ -111,18 +112,19 @@ def _list(args) -> int:
             print(f"  {name}{extra}")
     print("budgets:")
     for name, b in load_budgets().items():
-        print(f"  {name}  key={b.key()}  steps={b.train_steps} bs={b.batch_size} res={b.resolution} seeds={list(b.seeds)}")
+        print(f"  {name}  key={b.key()}  steps={b.train_steps} bs={b.batch_size} res={b.resolution}")
     return 0
 
 
 def _pretrain(args) -> int:
-    from bench.proxy import PROXY_BASE_DIR, pretrain
+    from bench.base_model import PROXY_BASE_DIR
+    from bench.proxy.base import pretrain
 
     if not args.analyzers_only:
         print(f"proxy base: {pretrain(PROXY_BASE_DIR, steps=args.steps)}")
     if args.analyzers or args.analyzers_only:
-        from bench.metrics.analyzers import ANALYZERS
-        from bench.metrics.recognizers import RECOGNIZERS
+        from bench.proxy.analyzers import ANALYZERS
+        from bench.proxy.recognizers import RECOGNIZERS
 
         for analyzer in (*ANALYZERS, *RECOGNIZERS):  # one after another: each uses the CPU fully
             print(f"{analyzer.name}: {analyzer.train()}", flush=True)
@@ -167,7 +169,8 @@ def _store_merge(args) -> int:
 def _profile(args) -> int:
     from bench.arch import ARCHS
     from bench.profile import PRECISIONS, ProfileSetup, format_table, profile, split_variants, to_records
-    from bench.registry import METHODS, UnknownNameError, load_builtins
+    from bench.builtins import load_builtins
+    from bench.registry import METHODS, UnknownNameError
     from bench.store import Store
 
     load_builtins()
@@ -194,7 +197,8 @@ def _profile(args) -> int:
 def _doctor(args) -> int:
     """The preflight as a table: every weight the config needs, where it must be, and how to get it."""
     from bench.base_model import preflight, resolve_base_path
-    from bench.registry import CONDITIONS, METHODS, METRICS, load_builtins
+    from bench.builtins import load_builtins
+    from bench.registry import CONDITIONS, METHODS, METRICS
     from bench.spec import apply_overrides, load_config, parse_overrides, resolve
     from bench.weights import WEIGHTS, needed_weights, weight_status
 

@@ -36,7 +36,7 @@ class ProfileSetup:
     def budget(self) -> Budget:
         return Budget(name=f"profile-{self.resolution}px-bs{self.batch}-{self.precision}", train_steps=self.steps,
                       batch_size=self.batch, resolution=self.resolution, lr=1e-5,
-                      precision=PRECISIONS[self.precision][0], train_size=self.batch, eval_samples=1, seeds=(0,))
+                      precision=PRECISIONS[self.precision][0], train_size=self.batch, eval_samples=1)
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
@@ -63,7 +63,8 @@ def _profile_one(variant: str, setup: ProfileSetup) -> dict:
     import resource
 
     from bench.base_model import BaseModel
-    from bench.registry import DATASETS, METHODS, load_builtins
+    from bench.builtins import load_builtins
+    from bench.registry import DATASETS, METHODS
     from bench.runner import quiet_libraries, rss_mb
     from bench.types import collate
 
@@ -146,7 +147,8 @@ def format_table(rows: list[dict]) -> str:
 
 def to_records(rows: list[dict], setup: ProfileSetup):
     """One FINISHED RunRecord per variant, so reports and claims read profiles like any run."""
-    from bench.registry import METHODS, load_builtins
+    from bench.builtins import load_builtins
+    from bench.registry import METHODS
     from bench.runner import git_sha, package_versions
     from bench.store import RunRecord
 

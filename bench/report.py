@@ -1,14 +1,14 @@
 """Reports are pure functions: records -> tables -> Markdown.
 
-Runs are only ever compared inside one table when everything that must be equal is equal:
-dataset@version, condition, budget key, base model and every metric's version.
+Which runs share a table, and which share a row, is decided by bench.compare (the same rule
+`bench check` and claims use): dataset@version, condition, budget key, base model and metric
+versions per table; method, method version and hparams per row.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from bench.compare import Group, arm_labels, group_runs
 from bench.files import atomic_write
 from bench.store import RunRecord
 
@@ -31,7 +32,6 @@ COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("peak_mem_mb", "peak mem (MB)", 1.0),
     ("sample_latency_s", "sample latency (s)", 1.0),
 )
-_REQUIRED_SPEC = ("method", "dataset", "condition", "budget_key")
 
 
 def ci95(values: Iterable[float]) -> tuple[float, float]:
@@ -50,38 +50,25 @@ def ci95(values: Iterable[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Row:
-    """One method (at one version and hyperparameter set) aggregated over seeds."""
+    """One arm (a method at one version and hyperparameter set) aggregated over seeds."""
 
     method: str
     n_seeds: int
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
     compute: dict[str, float] = field(default_factory=dict)
     run_ids: tuple[str, ...] = ()
+    seeds: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
 class Table:
-    """One comparable group of runs; ``group`` states what was held equal."""
+    """One comparable group of runs (bench.compare); ``group`` states what was held equal."""
 
     title: str
     group: dict[str, Any]
     columns: list[str]
     rows: list[Row]
     higher_is_better: dict[str, bool]
-
-
-def _metric_versions(rec: RunRecord) -> dict[str, str] | str:
-    """{metric: version}, or a reason string when the record cannot be placed in a group."""
-    if not rec.metrics:
-        return "no metrics recorded"
-    missing = sorted(m for m in rec.metrics if "version" not in rec.metric_meta.get(m, {}))
-    if missing:
-        return f"metric version unknown for {', '.join(missing)}"
-    return {m: str(rec.metric_meta[m]["version"]) for m in rec.metrics}
-
-
-def _hparams_key(rec: RunRecord) -> str:
-    return json.dumps(rec.spec.get("hparams", {}), sort_keys=True, default=str)
 
 
 def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, str]:
@@ -91,106 +78,61 @@ def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, s
     return (0, -mean if higher else mean, row.method)
 
 
-def _build_rows(
-    recs: list[RunRecord], excluded: list[tuple[RunRecord, str]]
-) -> list[Row]:
-    """Aggregate seeds per (method, method_version, hparams); distinct versions or hparams of
-    one method stay separate rows, labelled so the reader can tell them apart."""
-    by_row: dict[tuple[str, str, str], dict[Any, RunRecord]] = defaultdict(dict)
-    for rec in sorted(recs, key=lambda r: (r.created_at, r.run_id)):
-        key = (rec.method, str(rec.spec.get("method_version", "")), _hparams_key(rec))
-        seeds = by_row[key]
-        if rec.seed in seeds:
-            old = seeds[rec.seed]
-            excluded.append((old, f"superseded by newer run {rec.run_id[:12]} with the same "
-                                  f"method, version, hparams and seed {rec.seed}"))
-        seeds[rec.seed] = rec
+def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
+    members = list(seeds.values())
+    metrics = {m: ci95([r.metrics[m] for r in members if m in r.metrics]) for m in columns}
+    compute = {}
+    for key, _, _ in COMPUTE_COLUMNS:
+        vals = [float(r.compute[key]) for r in members if key in r.compute]
+        if vals:
+            compute[key] = float(np.mean(vals))
+    return Row(label, len(members), metrics, compute, tuple(r.run_id for r in members),
+               tuple(sorted(seeds, key=str)))
 
-    versions: dict[str, set[str]] = defaultdict(set)
-    hps: dict[str, set[str]] = defaultdict(set)
-    for method, version, hp in by_row:
-        versions[method].add(version)
-        hps[method].add(hp)
 
-    rows = []
-    for (method, version, hp), seeds in by_row.items():
-        label = method
-        if len(versions[method]) > 1:
-            label += f"@{version}"
-        if len(hps[method]) > 1:
-            label += f" {hp}"
-        members = list(seeds.values())
-        metrics = {m: ci95([r.metrics[m] for r in members]) for m in members[0].metrics}
-        compute = {}
-        for key, _, _ in COMPUTE_COLUMNS:
-            vals = [float(r.compute[key]) for r in members if key in r.compute]
-            if vals:
-                compute[key] = float(np.mean(vals))
-        rows.append(Row(label, len(members), metrics, compute,
-                        tuple(r.run_id for r in members)))
-    return rows
+def seed_note(rows: Sequence[Row]) -> str:
+    """Rows averaged over different seed sets are less comparable; say so."""
+    sets = {r.seeds for r in rows}
+    if len(sets) <= 1:
+        return ""
+    return "rows differ in seeds: " + "; ".join(f"{r.method} {list(r.seeds)}" for r in rows)
+
+
+def _table(group: Group) -> Table:
+    key = group.key
+    recs = group.records()
+    columns = sorted({m for r in recs for m in r.metrics})
+    labels = arm_labels(list(group.arms))
+    rows = [_row(labels[a], seeds, columns) for a, seeds in group.arms.items()]
+    first = columns[0] if columns else None
+    rows.sort(key=lambda r: _sort_key(r, first, group.higher_is_better.get(first, True) if first else True))
+    budgets = sorted({str(r.spec.get("budget", "")) for r in recs} - {""})
+    newest = max(recs, key=lambda r: (r.created_at, r.run_id))
+    info = {
+        "dataset": key.dataset,
+        "dataset_version": key.dataset_version,
+        "condition": key.condition or "none",
+        "budget": ", ".join(budgets),
+        "budget_key": key.budget_key,
+        "base_model": key.base_model,
+        "metric_versions": dict(key.metric_versions),
+        "git_shas": sorted({r.git_sha for r in recs} - {""}),
+        # one budget key means one set of budget fields; shown so the table is reproducible
+        "budget_fields": newest.spec.get("budget_fields", {}),
+        "seed_note": seed_note(rows),
+    }
+    ds = f"{key.dataset}@{key.dataset_version}" if key.dataset_version else key.dataset
+    title = f"{ds} · {info['condition']} · budget {info['budget'] or '?'} ({key.budget_key[:12]})"
+    return Table(title, info, columns, rows, {m: group.higher_is_better.get(m, True) for m in columns})
 
 
 def leaderboard(
     records: list[RunRecord],
 ) -> tuple[list[Table], list[tuple[RunRecord, str]]]:
-    """Group FINISHED records into comparable tables; every record not shown is returned
-    with the reason, so nothing disappears silently."""
-    excluded: list[tuple[RunRecord, str]] = []
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for rec in records:
-        if not rec.finished:
-            why = rec.status + (f": {rec.reason}" if rec.reason else "")
-            excluded.append((rec, why))
-            continue
-        missing = [k for k in _REQUIRED_SPEC if not rec.spec.get(k)]
-        if missing:
-            excluded.append((rec, f"spec lacks {', '.join(missing)}"))
-            continue
-        mv = _metric_versions(rec)
-        if isinstance(mv, str):
-            excluded.append((rec, mv))
-            continue
-        key = (rec.dataset, str(rec.spec.get("dataset_version", "")), rec.condition,
-               rec.budget_key, str(rec.spec.get("base_model", "")), frozenset(mv.items()))
-        groups[key].append(rec)
-
-    tables = []
-    for key in sorted(groups, key=lambda k: (k[:5], sorted(k[5]))):
-        dataset, dataset_version, condition, budget_key, base_model, mv = key
-        recs = sorted(groups[key], key=lambda r: (r.created_at, r.run_id))
-        columns = sorted(m for m, _ in mv)
-        # Direction comes with the metric version; a record that disagrees is suspect.
-        hib = {m: bool(recs[0].metric_meta[m].get("higher_is_better", True)) for m in columns}
-        kept = []
-        for rec in recs:
-            bad = [m for m in columns
-                   if bool(rec.metric_meta[m].get("higher_is_better", True)) != hib[m]]
-            if bad:
-                excluded.append((rec, f"higher_is_better for {', '.join(bad)} differs from "
-                                      "the rest of its group"))
-            else:
-                kept.append(rec)
-        rows = _build_rows(kept, excluded)
-        first = columns[0] if columns else None
-        rows.sort(key=lambda r: _sort_key(r, first, hib.get(first, True) if first else True))
-        budgets = sorted({str(r.spec.get("budget", "")) for r in kept} - {""})
-        group = {
-            "dataset": dataset,
-            "dataset_version": dataset_version,
-            "condition": condition,
-            "budget": ", ".join(budgets),
-            "budget_key": budget_key,
-            "base_model": base_model,
-            "metric_versions": {m: v for m, v in sorted(mv)},
-            "git_shas": sorted({r.git_sha for r in kept} - {""}),
-            # one budget key means one set of budget fields; shown so the table is reproducible
-            "budget_fields": kept[0].spec.get("budget_fields", {}) if kept else {},
-        }
-        ds = f"{dataset}@{dataset_version}" if dataset_version else dataset
-        title = f"{ds} · {condition} · budget {group['budget'] or '?'} ({budget_key[:12]})"
-        tables.append(Table(title, group, columns, rows, hib))
-    return tables, excluded
+    """Comparable tables (grouped by bench.compare, the rule check and claims use too), and
+    every record not shown with the reason."""
+    groups, excluded = group_runs(records)
+    return [_table(g) for g in groups], excluded
 
 
 def _esc(value: object) -> str:
@@ -314,6 +256,8 @@ def render_markdown(
             out.append(f"- git: {', '.join(_esc(s[:12]) for s in g['git_shas'])}")
         if g.get("budget_fields"):
             out.append(f"- budget fields: `{_esc(json.dumps(g['budget_fields'], sort_keys=True))}`")
+        if g.get("seed_note"):
+            out.append(f"- **{_esc(g['seed_note'])}**")
         out.append("")
         heads = ["method", "seeds"] + [_esc(metric_header(t, m)) for m in t.columns]
         heads += [h for _, h, _ in COMPUTE_COLUMNS]

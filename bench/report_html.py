@@ -94,6 +94,7 @@ def _leaderboard(t: Table) -> str:
             ("metric versions", ", ".join(f"{m}@{v}" for m, v in g["metric_versions"].items())),
             ("git", ", ".join(s[:12] for s in g.get("git_shas", [])) or "?"),
             ("budget fields", json.dumps(g.get("budget_fields", {}), sort_keys=True))]
+    spec += [("seeds", g["seed_note"])] if g.get("seed_note") else []
     items = "".join(f"<li><b>{_e(k)}</b>: <code>{_e(v)}</code></li>" for k, v in spec)
     headers = ["method", "seeds"] + [metric_header(t, m) for m in t.columns]
     headers += [h for _, h, _ in COMPUTE_COLUMNS]

@@ -10,15 +10,17 @@ from typing import Any
 
 import yaml
 
-from bench.budget import BUDGETS_FILE, TUPLE_FIELDS, Budget, load_budgets
+from bench.budget import BUDGETS_FILE, Budget, load_budgets
+from bench.builtins import load_builtins
 from bench.errors import ConfigError
-from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError, load_builtins
+from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
             "seeds", "budgets_file", "strategy", "devices"}
 TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
 LIST_KEYS = {"methods", "metrics", "seeds", "condition", "dataset"}
+DEFAULT_SEEDS = (0,)  # when a config lists none
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,36 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        d = self.to_dict()
-        d.pop("budget")  # a label: renaming a budget must not re-run identical work
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+        return spec_hash(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
-        budget = Budget(name=d["budget"], **{k: tuple(v) if k in TUPLE_FIELDS else v
-                                             for k, v in d["budget_fields"].items() if k != "name"})
+        budget = Budget.from_fields(d["budget"], d["budget_fields"])
         return cls(method=d["method"], method_version=d["method_version"], dataset=d["dataset"],
                    dataset_version=d["dataset_version"], condition=d["condition"], budget=budget, seed=d["seed"],
                    base_model=d["base_model"], metrics=tuple(d["metrics"]),
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
                    hparams=tuple(sorted(d["hparams"].items())),
                    trainer=tuple(sorted(d.get("trainer", {}).items())))
+
+
+def spec_hash(spec: dict) -> str:
+    """A run's id: the hash of its resolved spec without the budget's name, a label (renaming a
+    budget must not re-run identical work)."""
+    d = {k: v for k, v in spec.items() if k != "budget"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def upgrade_spec(spec: dict, run_id: str) -> tuple[dict, str]:
+    """A record from before seeds left the budget (store schema 1) -> today's form: `seeds` leaves
+    its budget fields, its budget key is recomputed, and so is its run id when that was the spec's
+    hash. The same run planned today then has the same id, so it is found and skipped."""
+    fields = spec.get("budget_fields")
+    if not isinstance(fields, dict) or "seeds" not in fields:
+        return spec, run_id
+    new = dict(spec, budget_fields={k: v for k, v in fields.items() if k != "seeds"})
+    new["budget_key"] = Budget.from_fields(str(spec.get("budget", "")), new["budget_fields"]).key()
+    return new, (spec_hash(new) if spec_hash(spec) == run_id else run_id)
 
 
 def load_config(path: Path | None) -> dict:
@@ -148,6 +166,19 @@ def _conditions(value) -> tuple[str | None, ...]:
     return tuple(values)
 
 
+def _seeds(value) -> tuple[int, ...]:
+    """`seeds: [0, 1, 2]` (or one integer); one run per seed. Not a budget field, so adding a
+    seed runs only the new seed."""
+    if value in (None, "", []):
+        return DEFAULT_SEEDS
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values):
+        raise ConfigError(f"seeds must be non-negative integers, got {values!r}; write seeds=0,1,2")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"seeds {values!r} repeat a seed; list each seed once")
+    return tuple(values)
+
+
 def _refuse_self_grading(method: str, cls, condition, hparams: dict, metrics: dict) -> None:
     rewards = set(cls.reward_model_ids(condition, hparams))
     for name, metric in metrics.items():
@@ -167,15 +198,13 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         budget_cfg = dict(budget_cfg)
         name = budget_cfg.pop("name", None)
         if name is None:
-            raise ConfigError("budget mapping needs a name: of a budget in sweeps/budgets.yaml to start from")
+            raise ConfigError("budget mapping needs a name: of a budget in bench/configs/budgets.yaml to start from")
     else:
         name, budget_cfg = budget_cfg, {}
     if name not in budgets:
         raise ConfigError(str(UnknownNameError(f"unknown budget {name!r} (known: {', '.join(budgets)})")))
     budget = budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
-    seeds = tuple(cfg.get("seeds") or budget.seeds)
-    if seeds != budget.seeds:
-        budget = budget.with_overrides({"seeds": seeds})
+    seeds = _seeds(cfg.get("seeds"))
     conditions = _conditions(cfg.get("condition"))
     try:
         # `dataset: [identity, identity_multi]` runs every method on each (e.g. one table per track)

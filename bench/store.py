@@ -11,12 +11,14 @@ import socket
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-SCHEMA_VERSION = 1
+# 2: seeds left the budget; schema-1 records are upgraded when a store is opened for writing
+# (rows rewritten under their new run ids) and on every read (so read-only stores work too).
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 # A claim from another host cannot be probed for liveness; after this long it is presumed dead.
 CLAIM_LEASE_S = 12 * 3600.0
@@ -212,7 +214,17 @@ class Store:
         with self._transaction():
             conn.execute(_SCHEMA)
             conn.execute(_CLAIMS_SCHEMA)
+            if version < 2 and "runs" in tables:
+                self._upgrade_rows(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _upgrade_rows(self, conn: sqlite3.Connection) -> None:
+        """Rewrite schema-1 records in today's form, inside the caller's transaction."""
+        for run_id, text in conn.execute("SELECT run_id, record FROM runs").fetchall():
+            record = self._decode(run_id, text)
+            if record.run_id != run_id or record.to_json() != text:
+                conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+                self._upsert(conn, record, merge=True)
 
     @contextmanager
     def _transaction(self):
@@ -239,8 +251,12 @@ class Store:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
     def _decode(self, run_id: str, text: str) -> RunRecord:
+        from bench.spec import upgrade_spec
+
         try:
-            return RunRecord.from_json(text)
+            record = RunRecord.from_json(text)
+            spec, new_id = upgrade_spec(record.spec, record.run_id)
+            return record if spec is record.spec else replace(record, spec=spec, run_id=new_id)
         except (ValueError, TypeError) as e:
             raise StoreError(
                 f"store {self.path}: record {run_id!r} cannot be read ({e}); "
@@ -249,29 +265,28 @@ class Store:
 
     def _write(self, record: RunRecord, merge: bool) -> bool:
         """Upsert one record in its own transaction; see put/merge_from for the rules."""
-        text = record.to_json()
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT status, record FROM runs WHERE run_id = ?", (record.run_id,)
-            ).fetchone()
-            write = True
-            if row is not None:
-                old_status, old_text = row
-                if old_text == text:
-                    write = False
-                elif old_status == "FINISHED" and not record.finished:
-                    write = False  # a finished result is never lost to a later failure
-                elif merge and (old_status == "FINISHED") == record.finished:
-                    # same rank: the newer record wins, so merging is order-independent
-                    write = record.created_at > self._decode(record.run_id, old_text).created_at
-            if write:
-                conn.execute(
-                    "INSERT OR REPLACE INTO runs"
-                    " (run_id, status, method, budget_key, record, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.run_id, record.status, record.method, record.budget_key,
-                     text, time.time()),
-                )
+            return self._upsert(conn, record, merge)
+
+    def _upsert(self, conn: sqlite3.Connection, record: RunRecord, merge: bool) -> bool:
+        text = record.to_json()
+        row = conn.execute("SELECT status, record FROM runs WHERE run_id = ?", (record.run_id,)).fetchone()
+        write = True
+        if row is not None:
+            old_status, old_text = row
+            if old_text == text:
+                write = False
+            elif old_status == "FINISHED" and not record.finished:
+                write = False  # a finished result is never lost to a later failure
+            elif merge and (old_status == "FINISHED") == record.finished:
+                # same rank: the newer record wins, so merging is order-independent
+                write = record.created_at > self._decode(record.run_id, old_text).created_at
+        if write:
+            conn.execute(
+                "INSERT OR REPLACE INTO runs (run_id, status, method, budget_key, record, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record.run_id, record.status, record.method, record.budget_key, text, time.time()),
+            )
         return write
 
     def put(self, record: RunRecord) -> bool:

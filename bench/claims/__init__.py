@@ -7,7 +7,6 @@ claim whose runs are not in the store is "not measured", with the reason.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,14 +14,13 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
+from bench.compare import Group, GroupKey, group_runs
 from bench.store import RunRecord
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 VERDICTS = ("reproduced", "not reproduced", "not measured")
 TRANSFORMS = ("value", "ratio", "increase", "reduction", "gain")
 OPS = ("approx", "at_least", "at_most")
-# Runs are only compared when these spec fields are equal, unless a claim says otherwise.
-DEFAULT_SAME = ("dataset", "dataset_version", "condition", "budget_key", "base_model")
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,8 @@ class Claim:
 
     ``measure``: {"key": compute/metric name or "consistency", "transform": one of TRANSFORMS,
     "subject": {spec path: value}, "reference": {spec path: value} (not for "value"),
-    "scale": divisor for display units, "same": spec fields held equal}.
+    "scale": divisor for display units}. Both sides come from one comparable group
+    (bench.compare, the rule the report and `bench check` use), each from exactly one arm.
     ``expect``: {"op": one of OPS, "value": float}; ``tolerance`` widens it.
     """
 
@@ -50,6 +49,8 @@ class Claim:
             raise ValueError(f"claim {self.id}: transform must be one of {TRANSFORMS}")
         if self.expect.get("op") not in OPS:
             raise ValueError(f"claim {self.id}: expect.op must be one of {OPS}")
+        if "same" in self.measure:
+            raise ValueError(f"claim {self.id}: measure.same is gone; bench.compare decides what is comparable")
         if "subject" not in self.measure:
             raise ValueError(f"claim {self.id}: measure.subject is required")
         if self.measure["transform"] != "value" and "reference" not in self.measure:
@@ -143,23 +144,32 @@ def _judge(claim: Claim, measured: float) -> str:
     return "reproduced" if ok else "not reproduced"
 
 
-def _groups(claim: Claim, records: list[RunRecord]) -> dict[tuple, list[RunRecord]]:
-    same = tuple(claim.measure.get("same", DEFAULT_SAME))
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for rec in records:
-        if rec.finished and _matches(rec, claim.where):
-            groups[tuple(str(_lookup(rec.spec, k)) for k in same)].append(rec)
-    return groups
+def _side(group: Group, selector: Mapping[str, Any]) -> list[RunRecord] | str:
+    """The runs of the one arm in ``group`` that matches ``selector``; a reason when none does,
+    or when several do (two settings of a method must not be averaged into one side)."""
+    arms = [seeds for seeds in group.arms.values() if _matches(next(iter(seeds.values())), selector)]
+    if len(arms) > 1:
+        return f"{len(arms)} settings match [{_describe(selector)}]; narrow it (e.g. with hparams.<name>)"
+    return list(arms[0].values()) if arms else f"no run matches [{_describe(selector)}]"
+
+
+def _group_label(key: GroupKey) -> str:
+    return (f"dataset={key.dataset}@{key.dataset_version}, condition={key.condition or 'none'}, "
+            f"budget_key={key.budget_key}, base_model={key.base_model}")
 
 
 def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
     """Measure the claim in each comparable group; report the group with the most runs."""
     m = claim.measure
     scale = float(m.get("scale", 1.0))
-    candidates = []
-    for key, recs in sorted(_groups(claim, records).items()):
-        subj = [r for r in recs if _matches(r, m["subject"])]
-        ref = [r for r in recs if _matches(r, m.get("reference", {}))]
+    candidates, reasons = [], []
+    groups, _ = group_runs([r for r in records if r.finished and _matches(r, claim.where)])
+    for group in groups:
+        subj = _side(group, m["subject"])
+        ref = _side(group, m["reference"]) if m["transform"] != "value" else subj
+        if isinstance(subj, str) or isinstance(ref, str):
+            reasons.append(subj if isinstance(subj, str) else ref)
+            continue
         a, va = _values(subj, m["key"])
         b, vb = _values(ref, m["key"]) if m["transform"] != "value" else ([1.0], va)
         if not a or not b or va != vb:
@@ -169,15 +179,14 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
         if m["transform"] == "value":
             measured /= scale
         if math.isfinite(measured):
-            candidates.append((len(a) + len(b), key, measured))
+            candidates.append((len(a) + len(b), group.key, measured))
     if not candidates:
-        return ClaimResult(claim, None, "not measured", _missing(claim, records))
+        ambiguous = [r for r in reasons if "settings match" in r]
+        return ClaimResult(claim, None, "not measured", ambiguous[0] if ambiguous else _missing(claim, records))
     n, key, measured = max(candidates, key=lambda c: c[0])
-    same = claim.measure.get("same", DEFAULT_SAME)
-    where = "; ".join(f"{k}={v}" for k, v in zip(same, key))
     others = f"; {len(candidates) - 1} other comparable group(s)" if len(candidates) > 1 else ""
     return ClaimResult(claim, measured, _judge(claim, measured),
-                       f"{n} run(s) in group {where}{others}")
+                       f"{n} run(s) in group {_group_label(key)}{others}")
 
 
 def _missing(claim: Claim, records: list[RunRecord]) -> str:
@@ -188,9 +197,9 @@ def _missing(claim: Claim, records: list[RunRecord]) -> str:
     for side in sides:
         if not any(r.finished and _matches(r, {**scope, **side}) for r in records):
             return f"no FINISHED run with {_describe({**scope, **side})}"
-    return (f"no comparable group (equal {', '.join(m.get('same', DEFAULT_SAME))}) holds "
-            f"{' and '.join(f'[{_describe(s)}]' for s in sides)} with a finite {m['key']} "
-            "of one metric version")
+    return (f"no comparable group (bench.compare: same dataset@version, condition, budget key, base model, "
+            f"metric versions) holds {' and '.join(f'[{_describe(s)}]' for s in sides)} with a finite "
+            f"{m['key']} of one metric version")
 
 
 def evaluate_all(records: list[RunRecord], claims: list[Claim] | None = None) -> list[ClaimResult]:
