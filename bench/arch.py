@@ -2,13 +2,12 @@
 
 Parameter counts, step time and peak memory do not depend on weight values, so
 `base_model=sd15-arch` / `sdxl-arch` profiles SD1.5 / SDXL anywhere, with nothing downloaded. The
-tokenizer is the project's locally built BPE (token ids differ from CLIP's; the shapes of
-everything do not).
+tokenizer is the project's locally built BPE, read from the shipped proxy base's tokenizer files
+(token ids differ from CLIP's; the shapes of everything do not).
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,16 +23,18 @@ def _config(arch: str, part: str) -> dict:
 
 def build_arch(name: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from bench.base_model import BaseModel
-    from bench.proxy import build_tokenizer
+    from bench.base_model import PROXY_BASE_DIR, BaseModel
 
     arch = ARCHS[name]
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(**_config(arch, "text_encoder"))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp), model_max_length=text_config.max_position_embeddings)
+    # The same vocab.json/merges.txt that bench.proxy.base.write_tokenizer_files writes (a test
+    # checks the shipped files against it), read as bench.proxy.base.build_tokenizer reads them.
+    tok = PROXY_BASE_DIR / "tokenizer"
+    tokenizer = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"),
+                              model_max_length=text_config.max_position_embeddings)
     second = {}
     if (ARCH_DIR / arch / "text_encoder_2.json").is_file():  # SDXL's second, projected text tower
         second = dict(tokenizer_2=tokenizer,

@@ -17,14 +17,15 @@ from torch import nn
 from bench.errors import ConfigError
 from bench.types import PromptEmbeds
 
+# The shipped proxy base, written by bench.proxy.base.pretrain. The path is known here so that
+# loading it by name needs no import of the proxy package (which sits above the core).
+PROXY_BASE_DIR = Path(__file__).parent / "proxy" / "assets" / "proxy_base"
 REQUIRED = ("unet/config.json", "scheduler/scheduler_config.json", "tokenizer", "text_encoder/config.json")
 REQUIRED_SDXL = ("tokenizer_2", "text_encoder_2/config.json")  # when the UNet takes text_time conditioning
 
 
 def resolve_base_path(name: str) -> Path:
     """'proxy' names the shipped proxy base; anything else is a local directory."""
-    from bench.proxy import PROXY_BASE_DIR
-
     return PROXY_BASE_DIR if name == "proxy" else Path(name).expanduser()
 
 

@@ -23,9 +23,10 @@ import lightning as L
 import torch
 
 from bench.base_model import BaseModel
+from bench.builtins import load_builtins
 from bench.budget import load_budgets
 from bench.data import MaterializedDataset, quantize
-from bench.registry import METHODS, load_builtins
+from bench.registry import METHODS
 from bench.sampler import generate, initial_noise, make_scheduler, sample_generators
 from bench.types import Batch, PromptEmbeds, collate
 

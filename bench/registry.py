@@ -53,9 +53,3 @@ METRICS: Registry = Registry("metric")
 DATASETS: Registry = Registry("dataset")
 CONDITIONS: Registry = Registry("condition")
 
-
-def load_builtins() -> None:
-    """Import the built-in datasets, methods and metrics so their decorators register them."""
-    import bench.datasets  # noqa: F401
-    import bench.methods  # noqa: F401
-    import bench.metrics  # noqa: F401

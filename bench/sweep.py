@@ -31,7 +31,7 @@ SWEEP_KEYS = {"program", "method", "metric", "parameters", "command", "name", "d
               "run_cap", "early_terminate"}
 NOT_SWEEPS = {"budgets.yaml"}  # sweeps/ also holds the named budgets
 DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values")
-_PACKAGES = ("bench", "bench.methods", "bench.metrics", "bench.datasets")
+_PACKAGES = ("bench", "bench.proxy", "bench.methods", "bench.metrics", "bench.datasets")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Layouts (boxes + class labels): the `layout` condition, box statistics for pseudo-layouts,
-and the re-detection filter ODGEN applies to generated training data."""
+"""Layouts (boxes + class labels): the `layout` condition and box statistics for pseudo-layouts.
+
+Re-detecting boxes in generated images (layout mAP, ODGEN's filter) lives with the metrics:
+bench/metrics/layout.py."""
 from __future__ import annotations
 
 import math
@@ -9,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.datasets.conditions import SEG_PALETTE, to_uint8
-from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
+from bench.datasets.conditions import SEG_PALETTE
+from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, parse_prompt, prompt_for
 from bench.registry import CONDITIONS
 from bench.types import Batch
 
@@ -98,8 +100,6 @@ class BoxStatistics:
     @classmethod
     def fit(cls, samples) -> "BoxStatistics":
         """samples: an iterable of Batches (with refs boxes/labels) or Scenes."""
-        from bench.metrics.prompt_fidelity import parse_prompt
-
         layouts, colors, resolution = [], [], None
         for s in samples:
             if isinstance(s, Batch):
@@ -167,25 +167,3 @@ class BoxStatistics:
             refs={"boxes": [torch.from_numpy(b) for b, _ in layouts], "labels": [torch.from_numpy(l) for _, l in layouts]},
         )
 
-
-def redetect(images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """The classical detector on [B,3,H,W] images: per image (boxes [K,4] xyxy, scores [K], labels [K] SHAPES index)."""
-    from bench.metrics.analyzers import detect_objects  # lazy: bench.metrics imports this package
-
-    out = []
-    for image in to_uint8(images):
-        found = detect_objects(image)
-        out.append((torch.tensor([d.box for d in found], dtype=torch.float32).reshape(-1, 4),
-                    torch.tensor([d.score for d in found], dtype=torch.float32),
-                    torch.tensor([SHAPES.index(d.shape) for d in found], dtype=torch.long)))
-    return out
-
-
-def filter_detected(images: Tensor, batch: Batch, iou: float = 0.5) -> Tensor:
-    """bool [B]: True where the classical detector re-finds every conditioning box with its class at IoU >= iou."""
-    keep = []
-    for (det_boxes, _, det_labels), boxes, labels in zip(redetect(images), batch.refs["boxes"], batch.refs["labels"]):
-        ok = _box_iou(boxes.float().cpu(), det_boxes) >= iou
-        ok &= labels.cpu()[:, None] == det_labels[None, :]
-        keep.append(bool(ok.any(1).all()))
-    return torch.tensor(keep, dtype=torch.bool)

@@ -6,6 +6,7 @@ share a random stream and any sample can be regenerated on its own.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import cv2
@@ -74,6 +75,14 @@ def join_phrases(names: list[str]) -> str:
 
 def prompt_for(objects: tuple[ShapeObject, ...]) -> str:
     return join_phrases([f"a {o.color} {o.shape}" for o in objects])
+
+
+_OBJECT = re.compile(rf"\ban? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
+
+
+def parse_prompt(prompt: str) -> list[tuple[str, str]]:
+    """'a red circle, a blue square and a green triangle' -> [(red, circle), (blue, square), (green, triangle)]."""
+    return _OBJECT.findall(prompt.lower())
 
 
 def render(objects: tuple[ShapeObject, ...], resolution: int, paint=None) -> Scene:

@@ -26,7 +26,7 @@ from bench.registry import METHODS
 
 
 def _reward_name(condition: str | None, name: str) -> str:
-    from bench.rewards import DEFAULT_REWARD
+    from bench.proxy.rewards import DEFAULT_REWARD
 
     if name != "auto":
         return name
@@ -39,7 +39,7 @@ def _reward_name(condition: str | None, name: str) -> str:
 @METHODS.register("controlnet_pp")
 class ControlNetPP(ControlNet):
     version = "controlnet_pp-v1"
-    conditions = ("canny", "seg", "depth")  # those with a differentiable reward model (bench/rewards.py)
+    conditions = ("canny", "seg", "depth")  # those with a differentiable reward model (bench/proxy/rewards.py)
 
     @dataclass(frozen=True)
     class Recipe(ControlNet.Recipe):
@@ -54,7 +54,7 @@ class ControlNetPP(ControlNet):
                 raise ConfigError(f"hparams.controlnet_pp.reward_steps must be >= 1, got {self.reward_steps}")
 
     def __init__(self, base, condition, budget, hparams=None):
-        from bench.rewards import reward_for
+        from bench.proxy.rewards import reward_for
 
         super().__init__(base, condition, budget, hparams)
         self.reward = reward_for(_reward_name(condition, self.recipe.reward_model))
@@ -64,7 +64,7 @@ class ControlNetPP(ControlNet):
 
     @classmethod
     def reward_model_ids(cls, condition, hparams):
-        from bench.rewards import reward_for
+        from bench.proxy.rewards import reward_for
         from bench.registry import UnknownNameError
 
         try:

@@ -37,7 +37,7 @@ class InstantID(IPAdapter):
 
     @staticmethod
     def encoder_spec():
-        from bench.metrics.recognizers import INSTANCE_EMBED
+        from bench.proxy.recognizers import INSTANCE_EMBED
 
         return INSTANCE_EMBED
 

@@ -111,7 +111,7 @@ class IPAdapter(Method):
     @staticmethod
     def encoder_spec():
         """The shipped recognizer this method encodes references with."""
-        from bench.metrics.recognizers import IMAGE_ENCODER
+        from bench.proxy.recognizers import IMAGE_ENCODER
 
         return IMAGE_ENCODER
 

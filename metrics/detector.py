@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.datasets.layouts import BoxStatistics, filter_detected
+from bench.datasets.layouts import BoxStatistics
 from bench.datasets.shapes import SHAPES, ShapesWorld
 from bench.metrics.base import BenchMetric
-from bench.metrics.layout import as_preds, as_targets, box_map_metric, map_value
+from bench.metrics.layout import as_preds, as_targets, box_map_metric, filter_detected, map_value
 from bench.registry import METRICS
 from bench.types import Batch, collate
 

@@ -14,7 +14,7 @@ Each backend has one documented alignment, named in its `version`:
   input is RGB, (x - 127.5) / 127.5.
   Default pack: buffalo_l (w600k_r50). InstantID encodes faces with antelopev2 (glintr100), so scoring
   with buffalo_l keeps the evaluator a different network from that method's encoder.
-- `proxy`: the identity world's learned `id_evaluator` (metrics/recognizers.py); `detect` returns
+- `proxy`: the identity world's learned `id_evaluator` (bench/proxy/recognizers.py); `detect` returns
   the whole image as one face. The `id_sim_proxy` metric uses it; no method encodes with it.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench.datasets.conditions import to_uint8
 from bench.errors import ConfigError
 from bench.metrics.base import BenchMetric
 from bench.metrics.fid import fingerprint
-from bench.metrics.recognizers import ID_EVALUATOR
+from bench.proxy.recognizers import ID_EVALUATOR
 from bench.registry import METRICS, Registry
 from bench.types import Batch
 from bench.weights import WeightSpec, register_weight, weight_path
@@ -215,7 +215,7 @@ class InsightFaceBackend(FaceBackend):
 
 @FACE_BACKENDS.register("proxy")
 class ProxyBackend(FaceBackend):
-    """The identity world's `id_evaluator` (metrics/recognizers.py), a recognizer no method uses.
+    """The identity world's `id_evaluator` (bench/proxy/recognizers.py), a recognizer no method uses.
     Proxy images are single-subject scenes: `detect` returns the whole image as one face, and
     `embed` resizes it to the evaluator's training resolution (INTER_AREA) when it differs."""
 

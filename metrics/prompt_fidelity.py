@@ -1,26 +1,17 @@
 """Prompt fidelity, GenEval-style: are the prompted coloured shapes in the generated image?"""
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import torch
 from torch import Tensor
 
 from bench.datasets.conditions import to_uint8
-from bench.datasets.shapes import COLORS, SHAPES
-from bench.metrics.analyzers import detect_objects
+from bench.datasets.shapes import parse_prompt
+from bench.proxy.analyzers import detect_objects
 from bench.metrics.base import BenchMetric
 from bench.registry import METRICS
 from bench.types import Batch
-
-_OBJECT = re.compile(rf"\ban? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
-
-
-def parse_prompt(prompt: str) -> list[tuple[str, str]]:
-    """'a red circle, a blue square and a green triangle' -> [(red, circle), (blue, square), (green, triangle)]."""
-    return _OBJECT.findall(prompt.lower())
-
 
 @METRICS.register("prompt_fidelity")
 class PromptFidelity(BenchMetric):

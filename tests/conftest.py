@@ -19,7 +19,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 def save_proxy_arch(directory: Path, seed: int = 0) -> Path:
     """The proxy architecture with random weights, in diffusers layout."""
-    from bench.proxy import build_components
+    from bench.proxy.base import build_components
 
     tokenizer, text_encoder, unet, scheduler = build_components(directory / "tokenizer", seed)
     unet.save_pretrained(directory / "unet")
@@ -39,7 +39,7 @@ def save_tiny_sd(directory: Path, seed: int = 0, xl: bool = False) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from bench.proxy import build_tokenizer
+    from bench.proxy.base import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(directory / "tokenizer")

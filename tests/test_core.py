@@ -94,12 +94,23 @@ def test_canny_condition_is_opencv_canny():
 
 
 def test_shipped_proxy_base_matches_code_config():
-    from bench.proxy import PROXY_BASE_DIR, config_hash
+    from bench.base_model import PROXY_BASE_DIR
+    from bench.proxy.base import config_hash
 
     meta = json.loads((PROXY_BASE_DIR / "controlbench.json").read_text())
     assert meta["config_hash"] == config_hash(), "shipped proxy base is stale: run `bench pretrain`"
     size = sum(p.stat().st_size for p in PROXY_BASE_DIR.parent.rglob("*") if p.is_file())
     assert size < 20 * 2**20
+
+
+def test_shipped_tokenizer_files_are_what_the_code_writes(tmp_path):
+    """bench.arch reads the shipped vocab/merges instead of importing the proxy package."""
+    from bench.base_model import PROXY_BASE_DIR
+    from bench.proxy.base import write_tokenizer_files
+
+    write_tokenizer_files(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_bytes() == (PROXY_BASE_DIR / "tokenizer" / name).read_bytes(), name
 
 
 def test_package_namespacing(tmp_path):

@@ -166,7 +166,7 @@ def test_fid_loads_inception_from_the_local_file(tmp_path, monkeypatch):
 def _save_tiny_clip(directory: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from bench.proxy import build_tokenizer
+    from bench.proxy.base import build_tokenizer
 
     tokenizer = build_tokenizer(directory.parent / "tokenizer")
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ def _batch(n: int = 2, dataset: str = "identity", conditions=("keypoints",)):
 
 @pytest.mark.parametrize("name", IDENTITY_METHODS)
 def test_the_evaluator_is_none_of_the_methods_encoders(name, base, smoke_budget):
-    from bench.metrics.recognizers import ID_EVALUATOR
+    from bench.proxy.recognizers import ID_EVALUATOR
 
     method = METHODS.get(name)(base, "keypoints", smoke_budget, {})
     spec = method.encoder_spec()
@@ -40,7 +40,7 @@ def test_the_evaluator_is_none_of_the_methods_encoders(name, base, smoke_budget)
 
 def test_scoring_with_a_methods_own_encoder_is_refused(monkeypatch):
     from bench.errors import ConfigError
-    from bench.metrics.recognizers import IMAGE_ENCODER
+    from bench.proxy.recognizers import IMAGE_ENCODER
     from bench.spec import apply_overrides, load_config, resolve
 
     monkeypatch.setattr(METRICS.get("id_sim_proxy"), "evaluator_ids", (IMAGE_ENCODER.model_id,))

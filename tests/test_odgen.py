@@ -11,11 +11,10 @@ import bench.methods  # noqa: F401
 import bench.metrics  # noqa: F401
 from bench.base_model import BaseModel
 from bench.datasets.conditions import SEG_PALETTE
-from bench.datasets.layouts import BoxStatistics, filter_detected, layout_objects
-from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, Scene, ShapesWorld, render
+from bench.datasets.layouts import BoxStatistics, layout_objects
+from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, Scene, ShapesWorld, parse_prompt, render
 from bench.metrics.detector import DetectorUtility, TinyCenterNet, detector_map, train_detector
-from bench.metrics.layout import LayoutMAP, as_preds, as_targets, box_map_metric, map_value
-from bench.metrics.prompt_fidelity import parse_prompt
+from bench.metrics.layout import LayoutMAP, as_preds, as_targets, box_map_metric, filter_detected, map_value
 from bench.registry import CONDITIONS, METHODS, METRICS
 from bench.types import Batch, collate
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from bench.datasets.identity import IdentityWorld, identity_pools
 from bench.metrics import face, recognizers
-from bench.metrics.analyzers import ANALYZERS, analyzer_metadata
-from bench.metrics.recognizers import (ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, attribute_accuracy,
+from bench.proxy.analyzers import ANALYZERS, analyzer_metadata
+from bench.proxy.recognizers import (ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, attribute_accuracy,
                                        verification)
 from bench.registry import METRICS
 from bench.types import collate

@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 
 from bench.datasets.shapes import COLORS, SHAPES, ShapesWorld
 
-ASSETS = Path(__file__).parent / "assets"
-PROXY_BASE_DIR = ASSETS / "proxy_base"
 MAX_TOKENS = 24
 
 _WORDS = ["a", "an", "and", "the", "of", "on", "in", "with", "photo", "picture", "image", "left", "right",

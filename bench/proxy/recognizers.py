@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from bench.datasets.identity import SPLIT_SEED, IdentityWorld, identity_pools
 from bench.datasets.shapes import COLORS, SHAPES, ShapesWorld
-from bench.metrics.analyzers import Analyzer, augment
+from bench.proxy.analyzers import Analyzer, augment
 
 ATTRIBUTES = len(COLORS) * 2 + len(SHAPES)  # colour present, shape present, colour share (x SHARE_SCALE)
 SHARE_SCALE = 5.0

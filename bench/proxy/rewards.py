@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.metrics.analyzers import DEPTHNET, REWARD_DEPTHNET, REWARD_SEGNET, SEGNET, Analyzer
+from bench.proxy.analyzers import DEPTHNET, REWARD_DEPTHNET, REWARD_SEGNET, SEGNET, Analyzer
 from bench.registry import Registry
 from bench.types import Batch
 

@@ -2,7 +2,7 @@
 
 Evaluators must differ from any reward model a method trains against (ControlNet++ gamed
 its own metric that way): segnet and depthnet are used only by metrics; reward_segnet and
-reward_depthnet (another seed and architecture) only by bench/rewards.py.
+reward_depthnet (another seed and architecture) only by bench/proxy/rewards.py.
 """
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import bench
 from bench.datasets.conditions import depth_from_scene
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, ShapesWorld
 
-# Via the bench package, not __file__: bench.metrics sits elsewhere in editable vs normal installs.
-ANALYZERS_DIR = Path(bench.__file__).resolve().parent / "assets" / "analyzers"
+ANALYZERS_DIR = Path(__file__).resolve().parent / "assets" / "analyzers"  # inside bench/ in every install
 NUM_CLASSES = 1 + len(SHAPES)  # background + shapes, as in Scene.semantic
 PRETRAIN_HINT = "run `bench pretrain --analyzers`"
 
@@ -220,7 +218,7 @@ def analyzer_metadata(path: Path | str) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-# Evaluators (used only by metrics) and reward models (see bench/rewards.py) differ in seed
+# Evaluators (used only by metrics) and reward models (see bench/proxy/rewards.py) differ in seed
 # AND architecture, so a method optimising a reward cannot overfit the evaluator's quirks.
 SEGNET = Analyzer("segnet", "segnet-v1", "seg",
                   dict(channels=(16, 32, 64), num_classes=NUM_CLASSES, norm_groups=4, mid_dilation=2), _recipe())

@@ -1,0 +1,13 @@
+"""Registering the built-in datasets, methods and metrics: an app-level step.
+
+The registry itself (bench/registry.py) is core and imports none of the packages above it;
+commands call `load_builtins()` before they look names up.
+"""
+from __future__ import annotations
+
+
+def load_builtins() -> None:
+    """Import the built-in datasets, methods and metrics so their decorators register them."""
+    import bench.datasets  # noqa: F401
+    import bench.methods  # noqa: F401
+    import bench.metrics  # noqa: F401
