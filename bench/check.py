@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.compare import Arm, GroupKey, arm, group_key, group_runs
@@ -178,14 +178,18 @@ def _new_arms(base: dict[Entry, Stat], cur: dict[Entry, Stat]) -> list[Failure]:
 
 
 def _failed_runs(base: dict[Entry, Stat], records: list[RunRecord]) -> list[Failure]:
-    """Baselined arms whose runs all FAILED this time: a crash is a regression too."""
-    expected = {(e.group, e.arm) for e in base}
-    finished = {(group_key(r), arm(r)) for r in records if r.finished}
+    """Baselined arms whose runs all FAILED this time: a crash is a regression too. Matched
+    without metric versions, which a run that crashed early may not have recorded."""
+    def where(key: GroupKey | str, a: Arm) -> tuple | None:
+        return None if isinstance(key, str) else (replace(key, metric_versions=()), a)
+
+    expected = {where(e.group, e.arm) for e in base}
+    finished = {where(group_key(r), arm(r)) for r in records if r.finished}
     out = {}
     for r in records:
-        where = (group_key(r), arm(r))
-        if not r.finished and where in expected and where not in finished:
-            out[where] = Failure.of(*where, "-", math.nan, math.nan, math.nan, f"{r.status}: {r.reason}")
+        w = where(group_key(r), arm(r))
+        if not r.finished and w is not None and w in expected and w not in finished:
+            out[w] = Failure.of(*w, "-", math.nan, math.nan, math.nan, f"{r.status}: {r.reason}")
     return list(out.values())
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.store import RunRecord, Store, StoreError
+from bench.store import SCHEMA_VERSION, RunRecord, Store, StoreError
 
 
 def make_record(run_id: str, status: str = "FINISHED", created_at: float = 1.0, **kw) -> RunRecord:
@@ -49,7 +49,7 @@ def test_store_round_trip_and_wal(tmp_path: Path) -> None:
         assert store.is_finished("r1") and not store.is_finished("missing")
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert conn.execute("SELECT method, budget_key FROM runs").fetchall() == [("controlnet", "bk1")]
     conn.close()
     with Store(path) as store:  # reopen
