@@ -20,9 +20,18 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register `obj` under `name` and set `obj.name = name`, so the name is written
+        once, here. An object that already carries another name of its own is an error; objects
+        that cannot hold attributes (an int) are registered as they are."""
+
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
+            own = vars(obj).get("name", name) if hasattr(obj, "__dict__") else name  # inherited names don't count
+            if own != name:
+                raise ValueError(f"{self.kind} {name!r}: the object names itself {own!r}; "
+                                 "drop its name, the registry sets it")
+            _set_name(obj, name)
             self._items[name] = obj
             return obj
 
@@ -46,6 +55,16 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _set_name(obj: object, name: str) -> None:
+    if isinstance(obj, type):
+        obj.name = name
+        return
+    try:  # object.__setattr__ also names frozen dataclass instances (conditions), right after construction
+        object.__setattr__(obj, "name", name)
+    except (AttributeError, TypeError):
+        pass
 
 
 METHODS: Registry = Registry("method")

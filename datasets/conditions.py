@@ -41,7 +41,6 @@ class Canny:
 
     low: int = 60
     high: int = 120
-    name: str = "canny"
 
     @property
     def version(self) -> str:
@@ -66,7 +65,6 @@ class SegmentationFromAnnotations:
     """Segmentation inputs come from the world's exact masks; generated images are
     re-segmented by the `seg_miou` evaluator, a model no method trains against."""
 
-    name: str = "seg"
     version: str = "seg-gt-palette-v1"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -93,7 +91,6 @@ class DepthFromAnnotations:
     """Depth inputs come from the world's z-order; generated images are re-estimated by the
     `depth_rmse` evaluator (depthnet), a model no method trains against."""
 
-    name: str = "depth"
     version: str = f"depth-zorder{MAX_OBJECTS}-v1"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

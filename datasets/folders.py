@@ -355,7 +355,6 @@ class FillFromFiles:
     """fill50k's circle-outline source image. No re-extraction is defined for it (the ControlNet
     paper scores fill50k by eye), so, like seg, it only comes from dataset files."""
 
-    name: str = "fill"
     version: str = "fill-from-files-v1"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -204,7 +204,6 @@ class KeypointsFromAnnotations:
     exact instance keypoints. There is no proxy keypoint detector, so generated images are not
     re-extracted; identity is scored by `id_sim_proxy` instead."""
 
-    name: str = "keypoints"
     version: str = "keypoints-5pt-drawkps-v1"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,6 @@ def layout_image(boxes, labels, height: int, width: int) -> Tensor:
 class LayoutFromAnnotations:
     """Layouts come from the world's boxes; generated images are re-detected by `layout_map`."""
 
-    name: str = "layout"
     version: str = "layout-boxes-palette-v1"
 
     def __call__(self, images: Tensor) -> Tensor:

@@ -218,7 +218,6 @@ def detect(backend_name: str, images: torch.Tensor) -> np.ndarray:
 class PoseSkeleton:
     """The `pose` condition: COCO-17 skeleton of the keypoints a pose backend finds."""
 
-    name: str = "pose"
     backend: str = "mediapipe"
 
     @property

@@ -50,7 +50,6 @@ def backbone(config) -> str:
 class ClipScore(BenchMetric, CLIPScore):
     """Mean of 100 * cos(image, prompt embedding), clamped at 0 (torchmetrics' definition)."""
 
-    name = "clip_score"
     higher_is_better = True
     condition = None
     version = "clip_score-v1/torchmetrics-CLIPScore/uint8-round"

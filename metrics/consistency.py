@@ -22,7 +22,6 @@ class CannyF1(BenchMetric):
     Pooled (micro) F1 like torchmetrics BinaryF1Score; 0 when neither side has an edge.
     """
 
-    name = "canny_f1"
     higher_is_better = True
     condition = "canny"
     version = f"canny_f1-v1/{CONDITIONS.get('canny').version}"
@@ -60,7 +59,6 @@ class SegMIoU(BenchMetric):
     use it as a reward model.
     """
 
-    name = "seg_miou"
     higher_is_better = True
     condition = "seg"
     version = f"seg_miou-v1/{SEGNET_VERSION}-{config_hash()}"
@@ -101,7 +99,6 @@ class DepthRMSE(BenchMetric):
     images is not 0: the order of objects that do not overlap cannot be seen (see its metadata).
     """
 
-    name = "depth_rmse"
     higher_is_better = False
     condition = "depth"
     version = f"depth_rmse-v1/{DEPTHNET.version}-{DEPTHNET.config_hash()}"

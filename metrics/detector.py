@@ -145,7 +145,6 @@ class DetectorUtility(BenchMetric):
     re-detection filter) and mixed data; generation uses pseudo-layouts from the train box
     statistics, never the eval layouts. The runner calls `synthesize` after the eval loop."""
 
-    name = "detector_map"
     higher_is_better = True
     condition = "layout"
     evaluator_ids = ("detector-cv2-v1",)  # the synthetic-data filter

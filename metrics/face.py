@@ -146,7 +146,6 @@ def face_keypoints_5(image: np.ndarray) -> np.ndarray | None:
 
 @FACE_BACKENDS.register("dlib")
 class DlibBackend(FaceBackend):
-    name = "dlib"
     model_id = "dlib-resnet-face-v1"
     version = f"{model_id}/hog-up{HOG_UPSAMPLE}-t{HOG_MIN_SCORE}/sp5-face-chip-150px-pad0.25"
 
@@ -179,7 +178,6 @@ def arcface_crop(image: np.ndarray, kps5: np.ndarray, size: int = 112) -> np.nda
 
 @FACE_BACKENDS.register("insightface")
 class InsightFaceBackend(FaceBackend):
-    name = "insightface"
     model_id = "insightface-buffalo_l"
     alignment = f"dlib-hog-up{HOG_UPSAMPLE}-t{HOG_MIN_SCORE}+68pt-kps5/arcface-112-similarity/rgb-m127.5-s127.5"
 
@@ -219,7 +217,6 @@ class ProxyBackend(FaceBackend):
     Proxy images are single-subject scenes: `detect` returns the whole image as one face, and
     `embed` resizes it to the evaluator's training resolution (INTER_AREA) when it differs."""
 
-    name = "proxy"
     model_id = ID_EVALUATOR.model_id
     version = f"{model_id}/whole-image-{ID_EVALUATOR.recipe['resolution']}px"
 
@@ -252,7 +249,6 @@ class IdSim(BenchMetric):
     compute() -> {"mean", "no_face_rate"}; mean is nan when nothing was scored.
     """
 
-    name = "id_sim"
     higher_is_better = True
     part_higher_is_better = MappingProxyType({"no_face_rate": False})
     condition = None
@@ -294,7 +290,6 @@ class IdSim(BenchMetric):
 class IdSimInsightFace(IdSim):
     """id_sim with the insightface buffalo_l backend; its pack is checked before any compute."""
 
-    name = "id_sim_insightface"
     backend_name = "insightface"
     version = f"id_sim-v1/{InsightFaceBackend.model_id}/{InsightFaceBackend.alignment}"
     weights = ("insightface-buffalo_l",)
@@ -305,7 +300,6 @@ class IdSimInsightFace(IdSim):
 class IdSimProxy(IdSim):
     """id_sim on the identity world, scored by the `id_evaluator` recognizer (see ProxyBackend)."""
 
-    name = "id_sim_proxy"
     backend_name = "proxy"
     version = f"id_sim-v1/{ProxyBackend.version}"
     evaluator_ids = (ProxyBackend.model_id,)

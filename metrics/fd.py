@@ -46,7 +46,6 @@ class FDSegnet(BenchMetric):
     pooled bottleneck.
     """
 
-    name = "fd_segnet"
     higher_is_better = False
     condition = None
     version = f"fd_segnet-v1/{SEGNET_VERSION}-{config_hash()}"

@@ -66,7 +66,6 @@ class FID(BenchMetric, FrechetInceptionDistance):
     `reference_key` is an optional caller label (e.g. dataset@version/split) added to the cache key.
     """
 
-    name = "fid"
     higher_is_better = False
     condition = None
     version = f"fid-v1/torchmetrics-inception-v3-compat-2048/{Path(INCEPTION.relpath).stem}/uint8-round/{RESIZE}"

@@ -61,7 +61,6 @@ def as_targets(boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Tens
 class LayoutMAP(BenchMetric):
     """mAP@[.5:.95] of classical-detector boxes (label = shape, score = shape-fit score) vs refs boxes/labels."""
 
-    name = "layout_map"
     higher_is_better = True
     condition = "layout"
     evaluator_ids = ("detector-cv2-v1",)

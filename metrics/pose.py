@@ -58,7 +58,7 @@ class _PoseScore(BenchMetric):
 def _register(name: str, tag: str, score: Callable[[np.ndarray, np.ndarray], float], doc: str) -> None:
     pose = CONDITIONS.get("pose")
     METRICS.register(name)(type(f"Pose_{name}", (_PoseScore,), dict(
-        name=name, version=f"{tag}-v1/{pose.version}", evaluator_ids=(pose.version,), score=staticmethod(score),
+        version=f"{tag}-v1/{pose.version}", evaluator_ids=(pose.version,), score=staticmethod(score),
         __doc__=doc)))
 
 

@@ -17,7 +17,6 @@ from bench.types import Batch
 class PromptFidelity(BenchMetric):
     """Fraction of all prompted (colour, shape) objects found by the classical detector."""
 
-    name = "prompt_fidelity"
     higher_is_better = True
     condition = None
     version = "prompt_fidelity-v1/detector-cv2-v1"

@@ -18,7 +18,6 @@ from bench.types import Batch
 
 
 class SoftEdgeSSIM(BenchMetric):
-    name = "softedge_ssim"
     condition = "hed"
     higher_is_better = True
 
@@ -47,7 +46,7 @@ class SoftEdgeSSIM(BenchMetric):
 def _register(name: str, condition: str) -> None:
     extractor = CONDITIONS.get(condition)
     cls = type(f"SSIM_{condition}", (SoftEdgeSSIM,), dict(
-        name=name, condition=condition, weights=extractor.weights, evaluator_ids=(extractor.version,),
+        condition=condition, weights=extractor.weights, evaluator_ids=(extractor.version,),
         version=f"{name}-ssim-g11-v1/{extractor.version}", __doc__=f"SSIM (not MS-SSIM) of {condition} maps."))
     METRICS.register(name)(cls)
 

@@ -23,6 +23,31 @@ def test_registry_did_you_mean_and_duplicates():
     assert reg.names() == ["controlnet"] and "controlnet" in reg
 
 
+def test_registry_sets_the_name_once():
+    from dataclasses import dataclass
+
+    reg: Registry = Registry("thing")
+
+    @reg.register("parent")
+    class Parent:
+        pass
+
+    @reg.register("child")
+    class Child(Parent):  # an inherited name is replaced, not an error
+        pass
+
+    @dataclass(frozen=True)
+    class Extractor:
+        version: str = "v1"
+
+    named = reg.register("frozen")(Extractor())
+    assert (Parent.name, Child.name, named.name) == ("parent", "child", "frozen")
+    assert reg.register("same")(type("Same", (), {"name": "same"})).name == "same"
+    with pytest.raises(ValueError, match="names itself 'other'"):
+        reg.register("thing")(type("Other", (), {"name": "other"}))
+    assert "thing" not in reg
+
+
 def test_budget_key_hashes_numbers_not_name():
     b = load_budgets()["quick"]
     assert b.key() == Budget(**{**vars(b), "name": "renamed"}).key()
