@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from bench.datasets.conditions import Canny
-from bench.proxy.analyzers import (DEPTHNET, NUM_CLASSES, SEGNET, SEGNET_VERSION, canny_model_id, config_hash,
-                                     confusion_matrix, load_depthnet, load_segnet, miou_from_confusion)
 from bench.metrics.base import BenchMetric
+from bench.proxy.analyzers import (DEPTHNET, NUM_CLASSES, SEGNET, SEGNET_VERSION, canny_model_id, config_hash,
+                                   confusion_matrix, load_depthnet, load_segnet, miou_from_confusion)
 from bench.registry import CONDITIONS, METRICS
 from bench.types import Batch
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
-from bench.proxy.analyzers import SEGNET, SEGNET_VERSION, config_hash, load_segnet
 from bench.metrics.base import BenchMetric
+from bench.proxy.analyzers import SEGNET, SEGNET_VERSION, config_hash, load_segnet
 from bench.registry import METRICS
 from bench.types import Batch
 

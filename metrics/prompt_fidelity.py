@@ -8,8 +8,8 @@ from torch import Tensor
 
 from bench.datasets.conditions import to_uint8
 from bench.datasets.shapes import parse_prompt
-from bench.proxy.analyzers import detect_objects
 from bench.metrics.base import BenchMetric
+from bench.proxy.analyzers import detect_objects
 from bench.registry import METRICS
 from bench.types import Batch
 

@@ -11,12 +11,11 @@ from torchmetrics.classification import BinaryF1Score, MulticlassJaccardIndex
 import bench.metrics  # noqa: F401  (registers the metrics)
 from bench.datasets.conditions import Canny
 from bench.datasets.shapes import COLORS, SHAPES, ShapesWorld, parse_prompt
-from bench.proxy.analyzers import (SEGNET_PATH, config_hash, detect_objects, load_segnet, render_split,
-                                     segnet_config,
-                                     segnet_metadata)
 from bench.metrics.consistency import CannyF1, SegMIoU
 from bench.metrics.fd import FDSegnet, frechet_distance
 from bench.metrics.prompt_fidelity import PromptFidelity
+from bench.proxy.analyzers import (SEGNET_PATH, config_hash, detect_objects, load_segnet, render_split,
+                                   segnet_config, segnet_metadata)
 from bench.registry import METRICS
 from bench.types import Batch, collate
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.datasets.identity import IdentityWorld, identity_pools
-from bench.metrics import face, recognizers
+from bench.metrics import face
+from bench.proxy import recognizers
 from bench.proxy.analyzers import ANALYZERS, analyzer_metadata
 from bench.proxy.recognizers import (ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, attribute_accuracy,
-                                       verification)
+                                     verification)
 from bench.registry import METRICS
 from bench.types import collate
 
