@@ -1,6 +1,9 @@
 """Figures for the report, written as PNG files beside it: compute scatter, params bars,
 consistency-vs-training-step curves, and per-method sample grids.
 
+A pure function of the records and the files their runs wrote: it reads PNGs and JSON, and
+never builds a dataset, imports torch or loads a model.
+
 Each figure stays inside one leaderboard table (one budget), except the curves, whose x axis
 is the budget's train_steps; there every other budget field must be equal.
 """
@@ -8,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from urllib.parse import unquote
 
 import matplotlib
 
@@ -21,6 +24,7 @@ matplotlib.use("Agg")  # headless: never open a window, never need a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.artifacts import GRID_SAMPLES, SampleManifest  # noqa: E402
 from bench.report import Table, ci95  # noqa: E402
 from bench.store import RunRecord  # noqa: E402
 
@@ -34,7 +38,7 @@ class Figure:
 
 @dataclass(frozen=True)
 class SampleCell:
-    """One method on one eval id; a None path means that image could not be made."""
+    """One method on one eval id; a None path means the run kept no such image."""
 
     condition: Path | None
     generated: Path | None
@@ -173,52 +177,42 @@ def write_plots(tables: list[Table], records: list[RunRecord], out_dir: Path) ->
 
 
 # ---- sample grids -------------------------------------------------------------------------
+# Read-only: every picture comes from files the runner wrote (bench.artifacts); nothing here
+# builds a dataset or loads a model.
 
-EvalLoader = Callable[[RunRecord, int], Any]  # (record, index) -> single-sample Batch
-
-
-def load_eval_item(rec: RunRecord, index: int):
-    """Rebuild the run's eval input from its dataset, as the runner did (deterministic)."""
-    from bench.registry import DATASETS, load_builtins
-
-    load_builtins()
-    budget = rec.spec.get("budget_fields", {})
-    build = DATASETS.get(rec.dataset)
-    dataset = build(split="eval", size=int(budget.get("eval_samples", index + 1)),
-                    resolution=int(budget.get("resolution", 32)), conditions=(rec.condition,))
-    return dataset[index]
+OLD_RUNS_NOTE = ("recorded before runs kept their grid inputs, so their condition and re-extracted cells show –"
+                 " (run them again to fill them)")
 
 
-def _write_png(image, path: Path) -> Path | None:
-    """[1,C,H,W] float in [0,1] -> PNG; None for tensors that are not images (e.g. keypoints)."""
-    import cv2
-    import torch
+@dataclass(frozen=True)
+class RunSamples:
+    """One run's grid files: ids in eval order, each id's PNG name, prompts, and the directories
+    (None where the run kept none)."""
 
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3):
-        return None
-    arr = image[0].detach().float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
-    arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path if cv2.imwrite(str(path), arr.transpose(1, 2, 0)[..., ::-1]) else None
+    ids: list[str]
+    files: dict[str, str]
+    prompts: dict[str, str]
+    images: Path | None
+    conditions: Path | None
+    reextracted: Path | None
+    reextracted_by: str | None = None
 
+    @classmethod
+    def of(cls, rec: RunRecord) -> RunSamples:
+        art = rec.artifacts
+        images = Path(art["images"]) if art.get("images") else None
+        if art.get("samples") and Path(art["samples"]).is_file():
+            m = SampleManifest.read(art["samples"])
+            return cls(m.ids, m.files, m.prompts, images, Path(art["conditions"]), Path(art["reextracted"]),
+                       m.reextracted_by)
+        # an older record: its generated PNGs only, named after the id
+        names = sorted(p.name for p in images.glob("*.png")) if images and images.is_dir() else []
+        files = {unquote(n[: -len(".png")]): n for n in names}
+        return cls(list(files), files, {}, images, None, None)
 
-def _reextract(condition: str, png: Path, path: Path) -> Path | None:
-    import cv2
-    import torch
-
-    from bench.registry import CONDITIONS, load_builtins
-
-    load_builtins()
-    bgr = cv2.imread(str(png), cv2.IMREAD_COLOR)
-    if bgr is None:
-        return None
-    image = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float().div(255)[None]
-    if condition == "seg":  # annotation-built input: re-extract with the seg_miou evaluator
-        from bench.datasets.conditions import seg_to_image
-        from bench.metrics.analyzers import load_segnet
-
-        return _write_png(seg_to_image(load_segnet().segment(image)[0].numpy())[None], path)
-    return _write_png(CONDITIONS.get(condition)(image), path)
+    @property
+    def kept_inputs(self) -> bool:
+        return self.conditions is not None
 
 
 def _common_seed_runs(members: dict[str, list[RunRecord]]) -> tuple[Any, dict[str, RunRecord]]:
@@ -231,51 +225,40 @@ def _common_seed_runs(members: dict[str, list[RunRecord]]) -> tuple[Any, dict[st
     return seed, {m: next(r for r in recs if r.seed == seed) for m, recs in members.items()}
 
 
-def _sample_ids(runs: dict[str, RunRecord], n: int) -> list[str]:
-    """Eval ids whose PNG exists for every run, in order."""
-    sets = [{p.stem for p in Path(r.artifacts["images"]).glob("*.png")} if r.artifacts.get("images") else set()
-            for r in runs.values()]
-    return sorted(set.intersection(*sets))[:n] if sets else []
+def _copy(directory: Path | None, name: str | None, dest: Path) -> Path | None:
+    """Copy a kept PNG beside the report; None when the run kept none."""
+    src = directory / name if directory is not None and name else None
+    if src is None or not src.is_file():
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:60]
-
-
-def sample_grid(table: Table, members: dict[str, list[RunRecord]], out_dir: Path, n_ids: int = 6,
-                load_item: EvalLoader = load_eval_item) -> SampleGrid:
+def sample_grid(table: Table, members: dict[str, list[RunRecord]], out_dir: Path, n_ids: int = GRID_SAMPLES) -> SampleGrid:
+    """Per method, at the seed every method has: for the first eval ids every run kept, the input
+    condition, the generated image and the condition re-extracted from it."""
     seed, runs = _common_seed_runs(members)
-    ids = _sample_ids(runs, n_ids)
+    samples = {method: RunSamples.of(rec) for method, rec in runs.items()}
+    shared = set.intersection(*(set(s.ids) for s in samples.values())) if samples else set()
+    ids = [i for i in next(iter(samples.values())).ids if i in shared][:n_ids] if samples else []
     if not ids:
         return SampleGrid(table.title, seed, list(members), [], {}, {},
                           "no eval images shared by every method at one seed")
-    first = next(iter(runs.values()))
-    prompts, conditions, note = {}, {}, ""
-    for sid in ids:
-        try:  # ids are "<split>-<index>"; the input is rebuilt, not stored
-            item = load_item(first, int(sid.rsplit("-", 1)[-1]))
-            prompts[sid] = str(item.prompts[0])
-            conditions[sid] = _write_png(item.conditions.get(first.condition), out_dir / f"{_safe(sid)}_cond.png")
-        except Exception as e:  # noqa: BLE001 - a missing input must not sink the report
-            note = f"condition inputs unavailable ({type(e).__name__}: {e})"
-            conditions[sid] = None
+    prompts = {sid: next((s.prompts[sid] for s in samples.values() if sid in s.prompts), "") for sid in ids}
     cells = {}
-    for mi, (method, rec) in enumerate(runs.items()):
-        for sid in ids:
-            src = Path(rec.artifacts["images"]) / f"{sid}.png"
-            gen = out_dir / f"m{mi}_{_safe(sid)}_gen.png"
-            gen.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, gen)
-            try:
-                re_png = _reextract(rec.condition, gen, out_dir / f"m{mi}_{_safe(sid)}_re.png")
-            except Exception:  # noqa: BLE001 - e.g. a condition with no registered extractor
-                re_png = None
-            cells[(method, sid)] = SampleCell(conditions[sid], gen, re_png)
-    return SampleGrid(table.title, seed, list(runs), ids, prompts, cells, note)
+    for mi, (method, s) in enumerate(samples.items()):
+        for k, sid in enumerate(ids):
+            name = s.files.get(sid)
+            cells[(method, sid)] = SampleCell(_copy(s.conditions, name, out_dir / f"m{mi}_{k}_cond.png"),
+                                              _copy(s.images, name, out_dir / f"m{mi}_{k}_gen.png"),
+                                              _copy(s.reextracted, name, out_dir / f"m{mi}_{k}_re.png"))
+    old = [method for method, s in samples.items() if not s.kept_inputs]
+    note = f"{', '.join(old)}: {OLD_RUNS_NOTE}" if old else ""
+    return SampleGrid(table.title, seed, list(samples), ids, prompts, cells, note)
 
 
-def write_sample_grids(tables: list[Table], records: list[RunRecord], out_dir: Path, n_ids: int = 6,
-                       load_item: EvalLoader = load_eval_item) -> list[SampleGrid]:
+def write_sample_grids(tables: list[Table], records: list[RunRecord], out_dir: Path,
+                       n_ids: int = GRID_SAMPLES) -> list[SampleGrid]:
     by_id = {r.run_id: r for r in records}
-    return [sample_grid(t, _members(t, by_id), Path(out_dir) / f"table_{n}", n_ids, load_item)
-            for n, t in enumerate(tables)]
+    return [sample_grid(t, _members(t, by_id), Path(out_dir) / f"table_{n}", n_ids) for n, t in enumerate(tables)]

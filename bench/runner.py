@@ -1,8 +1,19 @@
 """Running specs: one flat function per run, each run in its own process.
 
+`execute` is four steps, each a small function with typed inputs and outputs:
+
+    setup = build(spec)                          base model, method and metrics, built once
+    data = load_data(spec, setup)                1. the eval split, and the train split if needed
+    trained = train(spec, setup, data)           2. fit for budget.train_steps (+ curve points)
+    evaluation = evaluate(spec, setup, data)     3. generate, score, write the report's artifacts
+    return record(spec, setup, trained, evaluation)   4. the RunRecord
+
 A run process is isolated so that (a) peak RSS on CPU is that run's alone, (b) a crash,
 OOM or SIGKILL becomes a FAILED record instead of taking the sweep down. Only the parent
 writes the store.
+
+Importing this module imports no torch (the CLI imports it on the report path): torch,
+Lightning and the models are imported inside the steps.
 """
 from __future__ import annotations
 
@@ -15,15 +26,23 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
-from lightning.pytorch.utilities import rank_zero_only
-
+from bench.artifacts import GRID_SAMPLES, SampleManifest, file_name, run_paths
 from bench.errors import ConfigError
+from bench.files import atomic_path, atomic_write, remove_stale_temps
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from bench.base_model import BaseModel
+    from bench.method import Method
+    from bench.metrics.base import BenchMetric
+    from bench.types import Batch
 
 EVAL_BATCH = 64
 WARMUP_STEPS = 5
@@ -62,59 +81,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """Atomic PNG write: a killed process never leaves a half-written image under the final name."""
+def save_png(image: Tensor, path: Path) -> None:
+    """Atomic PNG write of a [3,H,W] (or [1,H,W]) float image in [0,1]: a killed process never
+    leaves a half-written image under the final name."""
     import cv2
 
     from bench.datasets.conditions import to_uint8
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    if not cv2.imwrite(str(tmp), to_uint8(image[None])[0][..., ::-1]):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
-
-
-class StepTimer(L.Callback):
-    """Wall time of each optimisation step (CUDA-synchronised)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    @staticmethod
-    def _sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._sync()
-        self.times.append(time.perf_counter() - self._t0)
-
-
-class ConsistencyCurve(L.Callback):
-    """Consistency metrics at fixed training steps on one fixed eval subset, so every method's
-    curve has the same x positions and the same samples."""
-
-    def __init__(self, steps: tuple[int, ...], measure):
-        self.steps, self.measure = set(steps), measure  # measure(method, step) -> None
-        self.done: set[int] = set()
-
-    def _maybe(self, step: int, module) -> None:
-        if step in self.steps and step not in self.done:
-            self.done.add(step)
-            module.eval()
-            self.measure(module, step)
-            module.train()
-
-    def on_train_start(self, trainer, module):
-        self._maybe(0, module)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._maybe(trainer.global_step, module)
+    rgb = to_uint8(image[None].expand(-1, 3, -1, -1))[0]
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), rgb[..., ::-1]):
+            raise OSError(f"cannot write {tmp}")
 
 
 def quiet_libraries() -> None:
@@ -135,116 +112,199 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def _refuse_stale_versions(spec: RunSpec) -> None:
+def _refuse_stale_versions(spec: RunSpec, method_cls: type, metric_classes: dict[str, type]) -> None:
     """A run executes the code on disk, in a fresh process; if a method or metric changed version
     since the run was planned, its record would carry the wrong version."""
-    from bench.registry import METHODS, METRICS
-
-    now = {spec.method: METHODS.get(spec.method).version, **{n: METRICS.get(n).version for n, _ in spec.metric_versions}}
+    now = {spec.method: method_cls.version, **{n: cls.version for n, cls in metric_classes.items()}}
     planned = {spec.method: spec.method_version, **dict(spec.metric_versions)}
-    stale = [f"{n} {planned[n]} -> {now[n]}" for n in planned if planned[n] != now[n]]
+    stale = [f"{n} {planned[n]} -> {now.get(n)}" for n in planned if planned[n] != now.get(n)]
     if stale:
         raise ConfigError(f"code changed since this run was planned ({', '.join(stale)}); run the command again "
                           "to plan it with the current versions")
 
 
+# ---- one run: build, then data -> train -> evaluate -> record --------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The run's models and metrics, each built once, and whether it trains."""
+
+    spec: RunSpec
+    device: str
+    base: BaseModel
+    method: Method
+    metrics: dict[str, BenchMetric]  # by name, in spec order
+    trains: bool  # trainable parameters and budget.train_steps > 0
+
+    def generate(self, batch: Batch, progress: bool = False) -> Tensor:
+        """The one generation call (eval set, curves, synthesizing metrics): the shared sampler
+        with the budget's settings and per-sample noise from (seed, sample id)."""
+        from bench.sampler import generate
+
+        b = self.spec.budget
+        return generate(self.base, self.method, batch, sampler=b.sampler, steps=b.inference_steps,
+                        guidance_scale=b.guidance_scale, seed=self.spec.seed, progress=progress)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Step 1's output. `train_set` is None when neither training nor a synthesizing metric needs it."""
+
+    eval_set: Any  # indexable single-sample Batches
+    train_set: Any | None
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Step 2's output: step wall times, curve points, and the RSS before training (CPU memory)."""
+
+    step_times: list[float]
+    curve: list[dict]
+    rss_loaded_mb: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Step 3's output: metric values (a dict result becomes name_part) with their meta,
+    per-sample sampling latencies, and the artifact paths for RunRecord.artifacts."""
+
+    metrics: dict[str, float]
+    metric_meta: dict[str, dict]
+    latencies: list[float]
+    artifacts: dict[str, str]
+
+
 def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
     """Train, generate and score one run. Raises on failure; the caller records it.
     Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records."""
+    setup = build(spec)
+    data = load_data(setup, progress)
+    trained = train(setup, data, progress)
+    if trained is None:
+        return None
+    evaluation = evaluate(setup, data, Path(out_dir), progress)
+    return record(setup, trained, evaluation)
+
+
+def build(spec: RunSpec) -> Setup:
+    """Base model, method and metrics, in that order: their random inits draw from the RNG
+    seeded here, so the order is part of what a run id reproduces."""
+    import lightning as L
+    import torch
+
     from bench.base_model import BaseModel
-    from bench.data import materialize
-    from bench.registry import DATASETS, METHODS, METRICS, load_builtins
-    from bench.sampler import generate
-    from bench.types import collate
+    from bench.builtins import load_builtins
+    from bench.registry import METHODS, METRICS
 
     load_builtins()
     quiet_libraries()
-    _refuse_stale_versions(spec)
-    budget = spec.budget
+    method_cls, metric_classes = METHODS.get(spec.method), {name: METRICS.get(name) for name in spec.metrics}
+    _refuse_stale_versions(spec, method_cls, metric_classes)
     L.seed_everything(spec.seed, workers=True, verbose=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     base = BaseModel.load(spec.base_model)
-    method = METHODS.get(spec.method)(base, spec.condition, budget, dict(spec.hparams))
+    method = method_cls(base, spec.condition, spec.budget, dict(spec.hparams))
+    metrics = {name: cls() for name, cls in metric_classes.items()}
+    trains = bool(method.trainable_parameters()) and spec.budget.train_steps > 0
+    return Setup(spec, "cuda" if torch.cuda.is_available() else "cpu", base, method, metrics, trains)
+
+
+def load_data(setup: Setup, progress: bool = True) -> RunData:
+    """Step 1: the eval split, and the train split for training or a synthesizing metric
+    (materialized: cached by dataset@version, extractor@version and resolution)."""
+    from bench.data import materialize
+    from bench.registry import DATASETS
+
+    spec, budget = setup.spec, setup.spec.budget
+    dataset = DATASETS.get(spec.dataset)
     conds = (spec.condition,) if spec.condition else ()
-    build = DATASETS.get(spec.dataset)
-    eval_set = materialize(build(split="eval", size=budget.eval_samples, resolution=budget.resolution, conditions=conds), progress)
-    trainable = method.trainable_parameters()
-    train = bool(trainable) and budget.train_steps > 0
-    metrics = {m: METRICS.get(m)() for m in spec.metrics}
-    synthesizers = [m for m in metrics.values() if hasattr(m, "synthesize")]
-    if train or synthesizers:
-        train_set = materialize(build(split="train", size=budget.train_size, resolution=budget.resolution, conditions=conds), progress)
 
-    def sample(batch, show: bool = False):  # the one generation call: eval set, curves, synthesizers
-        return generate(base, method, batch, sampler=budget.sampler, steps=budget.inference_steps,
-                        guidance_scale=budget.guidance_scale, seed=spec.seed, progress=show)
+    def split(name: str, size: int):
+        return materialize(dataset(split=name, size=size, resolution=budget.resolution, conditions=conds), progress)
 
-    curve: list[dict] = []
-    curve_metrics = [m for m in spec.metrics if spec.condition and METRICS.get(m).condition == spec.condition
-                     and not hasattr(METRICS.get(m), "synthesize")]
-    curve_steps = tuple(s for s in budget.curve_steps if s < budget.train_steps) if train and curve_metrics else ()
-    if curve_steps:
-        curve_batch = collate([eval_set[i] for i in range(min(budget.curve_samples, len(eval_set)))])
+    needs_train = setup.trains or any(m.synthesizes for m in setup.metrics.values())
+    return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
 
-    def measure_curve(module, step: int) -> None:
-        images = sample(curve_batch)
-        for name in curve_metrics:
-            metric = METRICS.get(name)().to(images.device)
-            metric.update(images, curve_batch.to(images.device))
-            curve.append({"step": step, "metric": name, "value": float(metric.compute())})
 
+def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
+    """Step 2: fit for budget.train_steps, measuring the consistency curve at the budget's
+    curve steps (and at the end). None on a non-zero rank of a multi-GPU run."""
+    import lightning as L
+    import torch
+
+    from bench.callbacks import ConsistencyCurve, StepTimer
+    from bench.types import collate
+
+    spec, budget, method = setup.spec, setup.spec.budget, setup.method
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = rss_mb()
+    curve_metrics = {n: m for n, m in setup.metrics.items() if m.on_curve(spec.condition)}
+    curve_steps = tuple(s for s in budget.curve_steps if s < budget.train_steps) if setup.trains and curve_metrics else ()
+    curve: list[dict] = []
+    if curve_steps:
+        curve_batch = collate([data.eval_set[i] for i in range(min(budget.curve_samples, len(data.eval_set)))])
+
+    def measure_curve(module, step: int) -> None:
+        with torch.random.fork_rng():  # measuring must not change what training draws next
+            images = setup.generate(curve_batch)
+            for name, metric in curve_metrics.items():  # the run's own metrics, reset around each point
+                metric.reset()
+                metric.to(images.device).update(images, curve_batch.to(images.device))
+                curve.append({"step": step, "metric": name, "value": float(metric.compute())})
+                metric.reset()
 
     timer = StepTimer()
-    callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
-    if train:
-        loader = torch.utils.data.DataLoader(train_set, batch_size=budget.batch_size, shuffle=True, collate_fn=collate,
-                                             drop_last=True, generator=torch.Generator().manual_seed(spec.seed))
+    if setup.trains:
+        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size, shuffle=True,
+                                             collate_fn=collate, drop_last=True,
+                                             generator=torch.Generator().manual_seed(spec.seed))
         opts = dict(spec.trainer)
-        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=device,
+        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
                             devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, callbacks=callbacks, num_sanity_val_steps=0,
-                            limit_val_batches=0)
+                            enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else []))
         trainer.fit(method, loader)
         if trainer.global_rank != 0:
             return None
-    method.to(device).eval()
+    method.to(setup.device).eval()
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
+    return Trained(timer.times, curve, rss_loaded)
 
-    image_dir = out_dir / "images" / spec.run_id
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for stale in image_dir.glob(".*.tmp*"):  # left by a killed earlier attempt
-        stale.unlink(missing_ok=True)
-    metrics = {name: m.to(device) for name, m in metrics.items()}
-    latencies = []
-    loader = torch.utils.data.DataLoader(eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate)
-    for batch in loader:
+
+def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) -> Evaluation:
+    """Step 3: generate every eval sample, score it with every metric, let synthesizing metrics
+    generate their own data, and write what the report shows: every generated PNG and, for the
+    first GRID_SAMPLES samples, the input condition and its re-extraction (see bench.artifacts)."""
+    import torch
+
+    from bench.types import collate
+
+    spec, metrics = setup.spec, {n: m.to(setup.device) for n, m in setup.metrics.items()}
+    paths = run_paths(out_dir, spec.run_id)
+    for key in ("images", "conditions", "reextracted"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(paths[key])  # left by a killed earlier attempt
+    grid = SampleManifest(spec.condition, None)
+    latencies, seen = [], 0
+    for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate):
         t0 = time.perf_counter()
-        images = sample(batch, progress)
+        images = setup.generate(batch, progress)
         latencies.append((time.perf_counter() - t0) / len(batch))
-        batch = batch.to(device)
+        batch = batch.to(setup.device)
         for metric in metrics.values():
             metric.update(images, batch)
         for i, image in zip(batch.ids, images):
-            save_png(image, image_dir / f"{i}.png")
-    for metric in synthesizers:  # e.g. detector_map: generate its own pseudo-layouts, train on them
-        metric.synthesize(sample, train_set, spec.seed)
-
-    steps = timer.times[WARMUP_STEPS:] or timer.times
-    n_total = sum(p.numel() for n, p in method.named_parameters() if n.startswith("base.")) + method.inference_parameters()
-    compute = dict(params_total=float(n_total), params_trainable=float(sum(p.numel() for p in trainable)),
-                   params_added=float(method.inference_parameters()),
-                   step_time_s=statistics.median(steps) if steps else float("nan"),
-                   sample_latency_s=statistics.median(latencies))
-    if torch.cuda.is_available():
-        compute["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:  # isolated process: peak RSS of this run, and its rise over the loaded model
-        compute["peak_mem_mb"] = peak_rss_mb()
-        compute["peak_mem_delta_mb"] = peak_rss_mb() - rss_loaded
+            save_png(image, paths["images"] / file_name(i))
+        if seen < GRID_SAMPLES:
+            grid = _write_grid_samples(grid, images, batch.subset(slice(0, GRID_SAMPLES - seen)), metrics, paths)
+        seen += len(batch)
+    grid.write(paths["samples"])
+    for metric in metrics.values():
+        if metric.synthesizes:  # e.g. detector_map: generates its own pseudo-layouts and trains on them
+            metric.synthesize(setup.generate, data.train_set, spec.seed)
     values, meta = {}, {}
     for name, m in metrics.items():
         result = m.compute()  # a tensor, or a dict of named parts recorded as name_part
@@ -254,9 +314,65 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | 
             values[key] = float(value)
             hib = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
             meta[key] = {"version": m.version, "higher_is_better": bool(hib)}
-    return RunRecord(run_id=spec.run_id, spec=spec.to_dict(), status="FINISHED", metrics=values, metric_meta=meta,
-                     compute=compute, artifacts={"images": str(image_dir)}, curve=curve, git_sha=git_sha(),
-                     versions=package_versions())
+    return Evaluation(values, meta, latencies, {k: str(p) for k, p in paths.items()})
+
+
+def _picture(t: Any) -> Tensor | None:
+    """A condition tensor [C,H,W] with 1 or 3 channels as a [3,H,W] picture; None otherwise
+    (e.g. keypoint coordinates)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] not in (1, 3):
+        return None
+    return t.detach().float().cpu().expand(3, -1, -1)
+
+
+def _write_grid_samples(grid: SampleManifest, images: Tensor, batch: Batch, metrics: dict[str, BenchMetric],
+                        paths: dict[str, Path]) -> SampleManifest:
+    """For the first len(batch) samples of `images`: the input condition's PNG, the PNG of the
+    condition re-extracted by the first metric of the run's condition that re-extracts, and the
+    prompt; returns the manifest with them added."""
+    images, condition = images[: len(batch)], grid.condition
+    by, redrawn = grid.reextracted_by, None
+    for name, metric in metrics.items():
+        if condition and metric.condition == condition and by in (None, name):
+            redrawn = metric.reextract(images, batch)
+            if redrawn is not None:
+                by = name
+                break
+    inputs = batch.conditions.get(condition) if condition else None
+    for k, sid in enumerate(batch.ids):
+        name = file_name(sid)
+        if inputs is not None and (picture := _picture(inputs[k])) is not None:
+            save_png(picture, paths["conditions"] / name)
+        if redrawn is not None:
+            save_png(redrawn[k].detach().float().cpu(), paths["reextracted"] / name)
+    return SampleManifest(condition, by, grid.ids + list(batch.ids), {**grid.files, **{i: file_name(i) for i in batch.ids}},
+                          {**grid.prompts, **{i: str(p) for i, p in zip(batch.ids, batch.prompts)}})
+
+
+def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
+    """Step 4: the RunRecord, with compute figures (params, median step time after warm-up,
+    sampling latency, peak memory: CUDA allocator, or this isolated process's RSS on CPU)."""
+    import torch
+
+    method = setup.method
+    steps = trained.step_times[WARMUP_STEPS:] or trained.step_times
+    added = method.inference_parameters()
+    compute = dict(params_total=float(sum(p.numel() for n, p in method.named_parameters() if n.startswith("base.")) + added),
+                   params_trainable=float(sum(p.numel() for p in method.trainable_parameters())),
+                   params_added=float(added),
+                   step_time_s=statistics.median(steps) if steps else float("nan"),
+                   sample_latency_s=statistics.median(evaluation.latencies))
+    if torch.cuda.is_available():
+        compute["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:  # isolated process: peak RSS of this run, and its rise over the loaded model
+        compute["peak_mem_mb"] = peak_rss_mb()
+        compute["peak_mem_delta_mb"] = peak_rss_mb() - trained.rss_loaded_mb
+    return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
+                     metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
+                     artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions())
+
 
 
 def failed(spec: RunSpec, reason: str) -> RunRecord:
@@ -283,9 +399,7 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
     from bench.wandb_mirror import mirror
 
     record = mirror(record, Path(out_dir))  # never raises: a W&B failure is noted in the record
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(record.to_json())
-    os.replace(tmp, result_path)
+    atomic_write(result_path, record.to_json())
 
 
 def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
@@ -304,6 +418,7 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunReco
 
 def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:
     """Run every spec not already FINISHED in the store; FAILED runs do not stop the rest."""
+    from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
     records = []

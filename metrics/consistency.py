@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.datasets.conditions import Canny
+from bench.datasets.conditions import Canny, seg_to_image
 from bench.metrics.base import BenchMetric
 from bench.proxy.analyzers import (DEPTHNET, NUM_CLASSES, SEGNET, SEGNET_VERSION, canny_model_id, config_hash,
                                    confusion_matrix, load_depthnet, load_segnet, miou_from_confusion)
@@ -45,6 +45,9 @@ class CannyF1(BenchMetric):
         self.fp += (pred & ~target).sum()
         self.fn += (~pred & target).sum()
 
+    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
+        return self.extractor(images)
+
     def compute(self) -> Tensor:
         denom = (2 * self.tp + self.fp + self.fn).double()
         return (2 * self.tp / denom).float() if denom > 0 else torch.tensor(0.0)
@@ -78,12 +81,19 @@ class SegMIoU(BenchMetric):
         target = batch.refs.get("semantic")
         if target is None:
             raise KeyError("seg_miou needs batch.refs['semantic'] (ground-truth labels [B,H,W])")
-        with torch.no_grad():
-            pred = self.segmenter(images)
-        pred = pred.argmax(1) if pred.ndim == 4 else pred
+        pred = self._labels(images)
         if pred.shape != target.shape:
             raise ValueError(f"seg_miou: prediction {tuple(pred.shape)} vs target {tuple(target.shape)}")
         self.confmat += confusion_matrix(pred.to(self.confmat.device), target.to(self.confmat.device), self.num_classes)
+
+    def _labels(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            pred = self.segmenter(images)
+        return pred.argmax(1) if pred.ndim == 4 else pred
+
+    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
+        """The evaluator's labels in the seg condition's palette."""
+        return torch.stack([seg_to_image(labels.cpu().numpy()) for labels in self._labels(images)])
 
     def compute(self) -> Tensor:
         return miou_from_confusion(self.confmat)
@@ -115,14 +125,22 @@ class DepthRMSE(BenchMetric):
         self._check(images, batch)
         if "depth" not in batch.conditions:
             raise KeyError(f"depth_rmse needs batch.conditions['depth']; the batch has {sorted(batch.conditions)}")
-        with torch.no_grad():
-            pred = self.estimator(images)
-        pred = pred[:, 0] if pred.ndim == 4 else pred
+        pred = self._depth(images)
         target = batch.conditions["depth"][:, 0] * 255
         if pred.shape != target.shape:
             raise ValueError(f"depth_rmse: depth {tuple(pred.shape)} vs condition {tuple(target.shape)}")
         self.sse += (pred.double().to(self.sse.device) - target.double().to(self.sse.device)).square().sum()
         self.count += target.numel()
+
+    def _depth(self, images: Tensor) -> Tensor:
+        """[B,H,W] on the 0-255 scale."""
+        with torch.no_grad():
+            pred = self.estimator(images)
+        return pred[:, 0] if pred.ndim == 4 else pred
+
+    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
+        """The estimated depth drawn like the depth condition (grey, 0-255 -> [0,1])."""
+        return self._depth(images).float().div(255).clamp(0, 1)[:, None].expand(-1, 3, -1, -1).cpu()
 
     def compute(self) -> Tensor:
         return (self.sse / self.count).sqrt().float() if self.count > 0 else torch.tensor(float("nan"))

@@ -2,6 +2,8 @@
 real, synthetic and real+synthetic images and compare their box mAP on held-out real scenes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import Tensor, nn
 
 from bench.datasets.layouts import BoxStatistics
 from bench.datasets.shapes import SHAPES, ShapesWorld
-from bench.metrics.base import BenchMetric
+from bench.metrics.base import BenchMetric, GenerateFn
 from bench.metrics.layout import as_preds, as_targets, box_map_metric, filter_detected, map_value
 from bench.registry import METRICS
 from bench.types import Batch, collate
@@ -143,12 +145,14 @@ def detector_map(model: TinyCenterNet, images: Tensor, boxes: list[Tensor], labe
 class DetectorUtility(BenchMetric):
     """mAP on held-out real scenes of detectors trained on real, synthetic (kept by the
     re-detection filter) and mixed data; generation uses pseudo-layouts from the train box
-    statistics, never the eval layouts. The runner calls `synthesize` after the eval loop."""
+    statistics, never the eval layouts. A synthesizing metric: the runner calls `synthesize`
+    after the eval loop (see BenchMetric.synthesize)."""
 
     higher_is_better = True
     condition = "layout"
     evaluator_ids = ("detector-cv2-v1",)  # the synthetic-data filter
     version = f"detector_map-v1/{DETECTOR_VERSION}/detector-cv2-v1"
+    synthesizes = True
 
     def __init__(self, n_synthetic: int = 256, n_real: int = 256, n_test: int = 256, steps: int = 600,
                  gen_batch: int = 64, **kwargs) -> None:
@@ -160,8 +164,10 @@ class DetectorUtility(BenchMetric):
     def update(self, images: Tensor, batch: Batch) -> None:
         self._check(images, batch)  # scoring needs this method's own generations: see synthesize
 
-    def synthesize(self, generate_fn, train_set, seed: int) -> dict[str, Tensor]:
-        """generate_fn(Batch) -> [B,3,H,W] in [0,1]; train_set: indexable single-sample Batches with boxes/labels."""
+    def synthesize(self, generate_fn: GenerateFn, train_set: Sequence[Batch], seed: int) -> dict[str, Tensor]:
+        """Generate `n_synthetic` scenes from pseudo-layouts fitted to `train_set` (single-sample
+        Batches with boxes/labels), keep those the filter re-detects, and score detectors trained
+        on real, synthetic and mixed data."""
         train = [train_set[i] for i in range(len(train_set))]
         stats = BoxStatistics.fit(train)
         pseudo = stats.pseudo_batch(self.n_synthetic, seed)

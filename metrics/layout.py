@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from bench.datasets.conditions import to_uint8
+from bench.datasets.layouts import layout_image
 from bench.datasets.shapes import SHAPES
 from bench.metrics.base import BenchMetric
 from bench.proxy.analyzers import detect_objects
@@ -73,6 +74,15 @@ class LayoutMAP(BenchMetric):
     def update(self, images: Tensor, batch: Batch) -> None:
         self._check(images, batch)
         self.coco.update(as_preds(redetect(images)), as_targets(batch.refs["boxes"], batch.refs["labels"]))
+
+    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
+        """The re-detected boxes drawn like the layout condition, most confident on top."""
+        h, w = images.shape[-2:]
+        drawn = []
+        for boxes, scores, labels in redetect(images):
+            order = scores.argsort()
+            drawn.append(layout_image(boxes[order], labels[order], h, w))
+        return torch.stack(drawn)
 
     def compute(self) -> Tensor:
         return map_value(self.coco)

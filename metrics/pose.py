@@ -51,6 +51,10 @@ class _PoseScore(BenchMetric):
                 self.total += s
                 self.count += 1
 
+    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
+        """The skeleton of the keypoints re-detected by the backend that drew the condition."""
+        return CONDITIONS.get("pose")(images)
+
     def compute(self) -> Tensor:
         return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
 

@@ -11,14 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
+from bench.artifacts import SampleManifest, file_name, run_paths
 from bench.claims import evaluate_all
 from bench.plots import write_plots, write_sample_grids
 from bench.report import leaderboard, write_report
 from bench.report_html import render_html
 from bench.store import RunRecord
-from bench.types import Batch
 
 EVIL = "ev\"il'<script>alert(1)</script>"
 EVIL_PROMPT = "<script>alert(\"prompt\")</script> 'quoted' & \"double\""
@@ -26,14 +25,21 @@ F1 = {"version": "1", "higher_is_better": True}
 N_IDS = 3
 
 
-def _pngs(directory: Path, seed: int) -> Path:
+def _artifacts(tmp: Path, run_id: str, seed: int) -> dict[str, str]:
+    """What the runner keeps for a run: generated PNGs, grid conditions and re-extractions, and
+    a manifest whose prompts carry markup, to prove the grid escapes them."""
     rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(N_IDS):
+    paths = run_paths(tmp, run_id)
+    ids = [f"eval-{i:06d}" for i in range(N_IDS)]
+    for i, sid in enumerate(ids):
         img = np.zeros((32, 32, 3), np.uint8)
         cv2.rectangle(img, (4 + i, 6), (20 + i, 24), tuple(int(c) for c in rng.integers(60, 255, 3)), -1)
-        cv2.imwrite(str(directory / f"eval-{i:06d}.png"), img)
-    return directory
+        for key in ("images", "conditions", "reextracted"):
+            paths[key].mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(paths[key] / file_name(sid)), img if key == "images" else cv2.Canny(img, 60, 120))
+    SampleManifest("canny", "canny_f1", ids, {i: file_name(i) for i in ids},
+                   {i: EVIL_PROMPT for i in ids}).write(paths["samples"])
+    return {k: str(v) for k, v in paths.items()}
 
 
 def rec(tmp: Path, run_id: str, method: str, seed: int, f1: float, train_steps: int = 100,
@@ -46,7 +52,7 @@ def rec(tmp: Path, run_id: str, method: str, seed: int, f1: float, train_steps: 
                      metrics={"canny_f1": f1}, metric_meta={"canny_f1": F1}, git_sha="abc123",
                      compute={"params_total": 2e6, "params_trainable": 5e5, "step_time_s": 0.1 + f1 / 10,
                               "peak_mem_mb": 900 + 100 * f1},
-                     artifacts={"images": str(_pngs(tmp / "images" / run_id, seed))})
+                     artifacts=_artifacts(tmp, run_id, seed))
 
 
 @pytest.fixture
@@ -61,18 +67,10 @@ def records(tmp_path: Path) -> list[RunRecord]:
     return out
 
 
-def fake_item(record: RunRecord, index: int) -> Batch:
-    """An eval input whose prompt carries markup, to prove the grid escapes it."""
-    cond = torch.zeros(1, 3, 32, 32)
-    cond[:, :, 8:24, 8] = 1.0
-    return Batch(ids=[f"eval-{index:06d}"], image=torch.zeros(1, 3, 32, 32), prompts=[EVIL_PROMPT],
-                 conditions={"canny": cond})
-
-
 def render(records: list[RunRecord], out: Path) -> str:
     tables, excluded = leaderboard(records)
     figures = write_plots(tables, records, out / "figures")
-    grids = write_sample_grids(tables, records, out / "figures" / "samples", load_item=fake_item)
+    grids = write_sample_grids(tables, records, out / "figures" / "samples")
     text = render_html(tables, excluded, {"git_sha": "abc123"}, evaluate_all(records), figures, grids)
     (out / "leaderboard.html").write_text(text, encoding="utf-8")
     return text

@@ -11,7 +11,7 @@ from bench.store import RunRecord, Store
 
 
 def _specs(base_dir, tmp_path, **over):
-    pairs = [("budget", "smoke"), ("base_model", str(base_dir)), ("out_dir", str(tmp_path / "out"))]
+    pairs = [("budget", "smoke"), ("base_model", str(base_dir)), ("out_dir", str(tmp_path / "out")), ("seeds", [0])]
     pairs += list(over.items())
     return resolve(apply_overrides(load_config(None), pairs))
 
