@@ -29,7 +29,6 @@ from bench.spec import RunSpec, apply_overrides, load_config, resolve
 SWEEP_METHODS = ("grid", "random", "bayes")
 SWEEP_KEYS = {"program", "method", "metric", "parameters", "command", "name", "description", "project", "entity",
               "run_cap", "early_terminate"}
-NOT_SWEEPS = {"budgets.yaml"}  # sweeps/ also holds the named budgets
 DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values")
 _PACKAGES = ("bench", "bench.proxy", "bench.methods", "bench.metrics", "bench.datasets")
 
@@ -43,7 +42,7 @@ class Sweep:
 
 
 def sweep_files(directory: Path) -> list[Path]:
-    return sorted(p for p in Path(directory).glob("*.yaml") if p.name not in NOT_SWEEPS)
+    return sorted(Path(directory).glob("*.yaml"))
 
 
 def _check_parameter(path: Path, name: str, spec: Any) -> None:

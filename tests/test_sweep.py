@@ -117,7 +117,9 @@ def test_one_sweep_combination_runs_end_to_end_with_smoke(tmp_path, proxy_arch_d
     sweep = load_sweep(SWEEPS / "spatial.yaml")
     from bench.spec import apply_overrides, load_config, resolve
 
-    cfg = configs(sweep)[1]  # controlnet
+    grid = configs(sweep)
+    assert len(grid) == 6 * 3, "one config per (method, seed)"
+    cfg = next(c for c in grid if c["methods"] == "controlnet" and c["seeds"] == 0)
     cfg.update(budget="smoke", seeds=[0], base_model=str(proxy_arch_dir))
     specs, _ = resolve(apply_overrides(load_config(None), overrides(cfg)))
     record = run_isolated(specs[0], tmp_path / "out", progress=False)
