@@ -43,7 +43,7 @@ class ControlNetPP(ControlNet):
 
     @dataclass(frozen=True)
     class Recipe(ControlNet.Recipe):
-        reward_model: str = "auto"  # a bench.rewards model; "auto": the condition's default
+        reward_model: str = "auto"  # a bench.proxy.rewards model; "auto": the condition's default
         reward_weight: float = 0.5  # the reward loss's weight beside the diffusion loss
         reward_t_max: int = 200  # single-step reward only for timesteps <= this
         reward_steps: int = 1  # 1: one-step x0 (the paper); K > 1: backpropagate through K sampling steps
