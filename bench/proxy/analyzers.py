@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 
 from bench.datasets.conditions import depth_from_scene
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, ShapesWorld
+from bench.files import atomic_path
 
 ANALYZERS_DIR = Path(__file__).resolve().parent / "assets" / "analyzers"  # inside bench/ in every install
 NUM_CLASSES = 1 + len(SHAPES)  # background + shapes, as in Scene.semantic
@@ -204,12 +203,8 @@ class Analyzer:
 
 
 def _save_atomic(net: nn.Module, out_path: Path, meta: dict[str, str]) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}-", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped weights must be readable by everyone
-    os.replace(tmp, out_path)  # readers never see a half-written file
+    with atomic_path(out_path) as tmp:  # readers never see a half-written file
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
     return out_path
 
 
