@@ -121,6 +121,20 @@ def test_recipe_overrides_are_typed_at_config_time():
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_run_spec_keeps_only_the_given_overrides():
+    from bench.errors import ConfigError
+    from bench.spec import apply_overrides, load_config, resolve
+
+    cfg = apply_overrides(load_config(None), [("budget", "smoke"), ("methods", "controlnet,controlnext"), ("seeds", "0"),
+                                              ("hparams.controlnext.controlnext_scale", 1)])
+    specs, _ = resolve(cfg)
+    hp = {s.method: dict(s.hparams) for s in specs}
+    assert hp == {"controlnet": {}, "controlnext": {"controlnext_scale": 1}}  # as given: no defaults, no casts
+    cfg["hparams"] = {"controlnext": {"controlnext_scale": "big"}}
+    with pytest.raises(ConfigError, match="hparams.controlnext.controlnext_scale must be float"):
+        resolve(cfg)
+
+
 def test_recipe_validation_runs_at_config_time():
     from bench.errors import ConfigError
 
