@@ -86,6 +86,27 @@ def test_schema1_store_upgrades_to_todays_run_ids(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
+def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp_path, monkeypatch):
+    """A two-seed run finished by a schema-1 controlbench, then seeds=0,1,2: only seed 2 runs."""
+    import bench.runner as runner
+
+    path = tmp_path / "store.sqlite"
+    old = [_schema1(s.to_dict(), [0, 1]) for s in _specs(seeds="0,1")]
+    _write_schema1_store(path, [RunRecord(run_id=i, spec=spec, status="FINISHED", metrics={"canny_f1": 0.5})
+                                for spec, i in old])
+    executed = []
+
+    def spy(spec, out_dir, progress=True):  # the decision under test is which specs reach here
+        executed.append((spec.method, spec.seed))
+        return runner.failed(spec, "not executed in this test")
+
+    monkeypatch.setattr(runner, "run_isolated", spy)
+    with Store(path) as store:
+        records = runner.run_specs(_specs(seeds="0,1,2"), store, tmp_path, progress=False)
+    assert sorted(executed) == [("baseline", 2), ("controlnet", 2)]
+    assert sum(r.finished for r in records) == 4
+
+
 def rec(run_id: str, method: str, seed: int, f1: float, hparams: dict | None = None, **spec) -> RunRecord:
     full = {"method": method, "method_version": "1", "dataset": "shapes", "dataset_version": "1",
             "condition": "canny", "budget": "quick", "budget_key": "bk", "seed": seed, "base_model": "proxy",
