@@ -121,6 +121,13 @@ def test_recipe_overrides_are_typed_at_config_time():
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_method_takes_a_recipe_instance_or_overrides(base, smoke_budget):
+    from bench.methods.controlnet import ControlNet
+
+    given = ControlNet(base, "canny", smoke_budget, ControlNet.Recipe(conditioning_scale=0.5))
+    assert given.recipe == ControlNet(base, "canny", smoke_budget, {"conditioning_scale": 0.5}).recipe
+
+
 def test_the_run_spec_keeps_only_the_given_overrides():
     from bench.errors import ConfigError
     from bench.spec import apply_overrides, load_config, resolve
