@@ -1,7 +1,6 @@
 """Config -> resolved run specs. A run's id is the hash of its resolved spec."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from bench.budget import BUDGETS_FILE, Budget, load_budgets
 from bench.builtins import load_builtins
 from bench.errors import ConfigError
 from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError
+from bench.store import spec_hash
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
@@ -61,25 +61,6 @@ class RunSpec:
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
                    hparams=tuple(sorted(d["hparams"].items())),
                    trainer=tuple(sorted(d.get("trainer", {}).items())))
-
-
-def spec_hash(spec: dict) -> str:
-    """A run's id: the hash of its resolved spec without the budget's name, a label (renaming a
-    budget must not re-run identical work)."""
-    d = {k: v for k, v in spec.items() if k != "budget"}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def upgrade_spec(spec: dict, run_id: str) -> tuple[dict, str]:
-    """A record from before seeds left the budget (store schema 1) -> today's form: `seeds` leaves
-    its budget fields, its budget key is recomputed, and so is its run id when that was the spec's
-    hash. The same run planned today then has the same id, so it is found and skipped."""
-    fields = spec.get("budget_fields")
-    if not isinstance(fields, dict) or "seeds" not in fields:
-        return spec, run_id
-    new = dict(spec, budget_fields={k: v for k, v in fields.items() if k != "seeds"})
-    new["budget_key"] = Budget.from_fields(str(spec.get("budget", "")), new["budget_fields"]).key()
-    return new, (spec_hash(new) if spec_hash(spec) == run_id else run_id)
 
 
 def load_config(path: Path | None) -> dict:

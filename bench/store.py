@@ -5,6 +5,7 @@ FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from bench.budget import Budget
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # 2: seeds left the budget; schema-1 records are upgraded when a store is opened for writing
@@ -59,6 +62,25 @@ def _claim_is_live(host: str, pid: int, claimed_at: float) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
+
+
+def spec_hash(spec: dict) -> str:
+    """A run's id: the hash of its resolved spec without the budget's name, a label (renaming a
+    budget must not re-run identical work)."""
+    d = {k: v for k, v in spec.items() if k != "budget"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def upgrade_spec(spec: dict, run_id: str) -> tuple[dict, str]:
+    """A record from before seeds left the budget (store schema 1) -> today's form: `seeds` leaves
+    its budget fields, its budget key is recomputed, and so is its run id when that was the spec's
+    hash. The same run planned today then has the same id, so it is found and skipped."""
+    fields = spec.get("budget_fields")
+    if not isinstance(fields, dict) or "seeds" not in fields:
+        return spec, run_id
+    new = dict(spec, budget_fields={k: v for k, v in fields.items() if k != "seeds"})
+    new["budget_key"] = Budget.from_fields(str(spec.get("budget", "")), new["budget_fields"]).key()
+    return new, (spec_hash(new) if spec_hash(spec) == run_id else run_id)
 
 
 class StoreError(ValueError):
@@ -251,8 +273,6 @@ class Store:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
     def _decode(self, run_id: str, text: str) -> RunRecord:
-        from bench.spec import upgrade_spec
-
         try:
             record = RunRecord.from_json(text)
             spec, new_id = upgrade_spec(record.spec, record.run_id)

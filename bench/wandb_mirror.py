@@ -91,7 +91,7 @@ def record_from_wandb(run: Any) -> RunRecord | None:
     status = summary.get("status")
     if "spec" not in config or status not in STATUSES:
         return None  # not a controlbench run, or one still running
-    from bench.spec import upgrade_spec
+    from bench.store import upgrade_spec
 
     spec, run_id = upgrade_spec(config["spec"], run.id)  # runs mirrored while seeds were a budget field
     return RunRecord(run_id=run_id, spec=spec, status=status, reason=summary.get("reason") or "",

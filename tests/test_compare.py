@@ -14,8 +14,8 @@ from bench.claims import Claim, evaluate
 from bench.cli import main
 from bench.compare import group_runs
 from bench.report import leaderboard, render_markdown
-from bench.spec import apply_overrides, load_config, resolve, spec_hash
-from bench.store import RunRecord, Store
+from bench.spec import apply_overrides, load_config, resolve
+from bench.store import RunRecord, Store, spec_hash
 
 F1 = {"version": "1", "higher_is_better": True}
 
