@@ -124,10 +124,11 @@ def package_graph(root: Path = ROOT) -> dict[str, set[str]]:
     return graph
 
 
-def format_graph(graph: dict[str, set[str]]) -> str:
+def format_graph(graph: dict[str, set[str]], every_layer: bool = False) -> str:
     order = ["core", "datasets", "proxy", "metrics", "methods", "app"]
-    return "\n".join(f"{src} -> {', '.join(sorted(graph[src], key=order.index))}"
-                     for src in sorted(graph, key=order.index))
+    sources = order if every_layer else sorted(graph, key=order.index)
+    return "\n".join(f"{src} -> {', '.join(sorted(graph.get(src, ()), key=order.index)) or '(nothing)'}"
+                     for src in sources)
 
 
 def test_every_import_respects_the_layering():
@@ -199,4 +200,4 @@ def test_allowed_edges_pass(tmp_path):
 
 
 if __name__ == "__main__":  # print the package-level graph of a tree (default: this checkout)
-    print(format_graph(package_graph(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT)))
+    print(format_graph(package_graph(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT), every_layer=True))
