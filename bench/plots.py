@@ -254,7 +254,10 @@ def sample_grid(table: Table, members: dict[str, list[RunRecord]], out_dir: Path
                                               _copy(s.images, name, out_dir / f"m{mi}_{k}_gen.png"),
                                               _copy(s.reextracted, name, out_dir / f"m{mi}_{k}_re.png"))
     old = [method for method, s in samples.items() if not s.kept_inputs]
-    note = f"{', '.join(old)}: {OLD_RUNS_NOTE}" if old else ""
+    unscored = [method for method, s in samples.items() if s.kept_inputs and s.reextracted_by is None]
+    notes = [f"{', '.join(old)}: {OLD_RUNS_NOTE}" if old else "",
+             f"{', '.join(unscored)}: no metric of the run re-extracts its condition" if unscored else ""]
+    note = "; ".join(n for n in notes if n)
     return SampleGrid(table.title, seed, list(samples), ids, prompts, cells, note)
 
 
