@@ -19,8 +19,16 @@ Versions carry a fingerprint: the file count and a hash of the index (JSONL byte
 schema/row counts) plus every referenced file's name and byte size, so caches never mix
 versions; an edit that keeps every file's size is not seen (clear the cache after one).
 
-Corrupt or unreadable image files raise a one-line ConfigError naming the file: skipping them
-would silently change a dataset whose version was already recorded.
+Paths an index lists (imagefolder's `file_name` and `conditions`, fill50k's `source`/`target`,
+multigen's HF Image `path` where a cell has no bytes) are resolved inside the dataset root when
+the dataset is indexed: an absolute path, or one whose `..` parts climb out of the root, is a
+one-line ConfigError naming the index file and line (or shard and row), before anything is
+read or computed. The check is on the path as written: a symlink placed inside the root is
+followed, as its owner meant. identity_folder lists its own folders, so its paths are inside.
+
+Corrupt or unreadable image files raise a one-line ConfigError naming the file, the index entry
+that lists it and the fix: skipping them would silently change a dataset whose version was
+already recorded. `FolderDataset.verify()` finds them before a run starts (see there).
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 import cv2
@@ -43,6 +51,7 @@ from bench.types import Batch
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NEAREST = frozenset({"seg"})  # label maps: nearest-neighbour resize
 MAX_REFERENCES = 4
+VERIFY_MAX_FILES = 2000  # verify() decodes every file up to this many, else a deterministic sample of this many
 
 
 def data_root(name: str, layout: str) -> Path:
@@ -56,16 +65,17 @@ def data_root(name: str, layout: str) -> Path:
     return root
 
 
-def decode(data: bytes | Path, label: str) -> np.ndarray:
-    """Encoded image (bytes or a file) -> RGB uint8 [H,W,3]; a one-line error naming the file."""
-    try:
-        data = data.read_bytes() if isinstance(data, Path) else data
-    except OSError as e:
-        raise ConfigError(f"cannot read image {label}: {e.strerror}") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise ConfigError(f"cannot decode image {label}: corrupt or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+def inside(root: Path, rel: Any, what: str, where: str, dataset: str) -> Path:
+    """`root / rel` for a path an index lists; a one-line ConfigError, naming the entry, unless it
+    is a relative path that stays inside `root` (`a/../b` is fine, `../b` and `/b` are not)."""
+    fix = "list it relative to the dataset root, without '..' or a leading '/'"
+    if not isinstance(rel, str) or not rel.strip():
+        raise ConfigError(f"dataset {dataset}: {what} {rel!r} ({where} in {root}) is not a path; {fix}")
+    norm = os.path.normpath(rel)
+    if (PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or "\0" in rel or norm in (".", "..")
+            or norm.startswith("../")):
+        raise ConfigError(f"dataset {dataset}: {what} {rel!r} ({where}) points outside the dataset root {root}; {fix}")
+    return root / norm
 
 
 @dataclass(frozen=True)
@@ -130,22 +140,21 @@ class Record:
     keypoints: list | None = None  # [[x, y, v], ...] COCO order, source pixels
     identity: str | None = None
     references: list[Path] = field(default_factory=list)
-
-
-def _read(source: Source, label: str) -> np.ndarray:
-    return decode(source if isinstance(source, Path) else source(), label)
+    where: str = ""  # the index entry that lists it, e.g. "line 3 of metadata.jsonl", for error messages
 
 
 class FolderDataset(torch.utils.data.Dataset):
     """One split of a local dataset; items are single-sample `Batch`es like the shapes world."""
 
     def __init__(self, name: str, records: list[Record], fp: str, split: str, size: int, resolution: int,
-                 conditions: tuple[str, ...] = (), seed: int = 0, classes: tuple[str, ...] = ()):
+                 conditions: tuple[str, ...] = (), seed: int = 0, classes: tuple[str, ...] = (),
+                 root: Path | None = None):
         pool = sorted((r for r in records if r.split == split), key=lambda r: r.id)
         if size > len(pool):
             raise ConfigError(f"dataset {name}: split {split!r} has {len(pool)} items, {size} requested")
         order = np.random.default_rng(seed).permutation(len(pool))[:size]
         self.name, self.fp, self.split, self.resolution, self.seed = name, fp, split, resolution, seed
+        self.root = root
         self.records = [pool[i] for i in order]
         self.conditions, self.classes = tuple(conditions), classes
         self.has_boxes = any(r.boxes is not None for r in records)
@@ -158,9 +167,58 @@ class FolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _label(self, source: Source, rec: Record, what: str = "") -> str:
+        """How an error names a file: its path under the root, or the sample and column of a cell."""
+        if isinstance(source, Path):
+            try:
+                return str(source.relative_to(self.root)) if self.root else str(source)
+            except ValueError:
+                return str(source)
+        return f"{rec.id} {what}".strip()
+
+    def _decode(self, source: Source, rec: Record, what: str = "image") -> np.ndarray:
+        """Read and decode one file or cell; a one-line ConfigError naming it, its index entry and the fix."""
+        label = self._label(source, rec, what)
+        entry = f"{self.name}, {rec.where}" if rec.where else self.name
+        try:
+            data = source.read_bytes() if isinstance(source, Path) else source()
+        except OSError as e:
+            raise ConfigError(f"image {label!r} in {self.root} ({entry}) cannot be read ({e.strerror or e}); "
+                              "restore it or remove its entry") from None
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if image is None:
+            raise ConfigError(f"image {label!r} in {self.root} ({entry}) cannot be decoded; fix or remove it")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def sources(self, rec: Record) -> list[tuple[Source, str]]:
+        """Every file or cell an item of `rec` reads: image, the requested conditions, references."""
+        return [(rec.image, "image"), *((rec.conditions[k], f"condition {k}") for k in self.conditions
+                                        if k in rec.conditions), *((p, "reference") for p in rec.references)]
+
+    def verify(self) -> None:
+        """Check that every image this split reads decodes, before any run starts (the preflight).
+
+        Covers the records this instance holds (its split, `size` of them), each one's image,
+        its requested condition maps and its identity references, as one `__getitem__` would read
+        them, with the same decoder (cv2.imdecode), so a file passes here iff a run can read it.
+        With more than VERIFY_MAX_FILES distinct files it decodes a deterministic sample: the
+        VERIFY_MAX_FILES whose sha1 of (file label) is smallest, the same ones on every call and
+        machine. Raises a one-line ConfigError naming the first bad file, its index entry and the fix.
+        """
+        items: dict[str, tuple[Source, Record, str]] = {}
+        for rec in self.records:
+            for source, what in self.sources(rec):
+                items.setdefault(self._label(source, rec, what), (source, rec, what))
+        labels = sorted(items)
+        if len(labels) > VERIFY_MAX_FILES:
+            labels = sorted(sorted(labels, key=lambda x: hashlib.sha1(x.encode("utf-8", "surrogatepass")).digest())
+                            [:VERIFY_MAX_FILES])
+        for label in labels:
+            self._decode(*items[label])
+
     def _condition(self, rec: Record, kind: str, image: torch.Tensor) -> torch.Tensor:
         if kind in rec.conditions:
-            cond = _read(rec.conditions[kind], f"{rec.id} condition {kind}")
+            cond = self._decode(rec.conditions[kind], rec, f"condition {kind}")
             return to_tensor(fit_image(cond, self.resolution, kind in NEAREST))
         try:  # no precomputed map: extract from the resized image, as re-extraction will
             return CONDITIONS.get(kind)(image.unsqueeze(0))[0]
@@ -170,7 +228,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         rec = self.records[index]
-        raw = _read(rec.image, str(rec.image) if isinstance(rec.image, Path) else rec.id)
+        raw = self._decode(rec.image, rec)
         fit, res = Fit.of(*raw.shape[:2], self.resolution), self.resolution
         image = to_tensor(fit.image(raw, res))
         refs: dict[str, Any] = {}
@@ -186,7 +244,7 @@ class FolderDataset(torch.utils.data.Dataset):
             refs["keypoints"] = [torch.from_numpy(np.concatenate([xy * (v > 0)[:, None], v[:, None]], 1))]
         if rec.identity is not None:
             refs["identity"] = [rec.identity]
-            refs["reference_images"] = [torch.stack([to_tensor(fit_image(decode(p, str(p)), res))
+            refs["reference_images"] = [torch.stack([to_tensor(fit_image(self._decode(p, rec, "reference"), res))
                                                      for p in rec.references])]
         return Batch(ids=[rec.id], image=image.unsqueeze(0), prompts=[rec.prompt],
                      conditions={c: self._condition(rec, c, image).unsqueeze(0) for c in self.conditions}, refs=refs)
@@ -195,48 +253,76 @@ class FolderDataset(torch.utils.data.Dataset):
         return [self.classes.index(v) if isinstance(v, str) else int(v) for v in (rec.labels or [])]
 
 
-def _jsonl(path: Path, layout: str = "") -> tuple[list[dict], bytes]:
+def _jsonl(path: Path, layout: str = "") -> tuple[list[tuple[int, dict]], bytes]:
+    """(line number, object) per non-blank line, and the file's bytes."""
     if not path.is_file():
         raise ConfigError(f"{path} not found; expected {path.name} JSONL lines {layout}")
     data = path.read_bytes()
     rows = []
-    for n, line in enumerate(data.decode().splitlines(), 1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: bad JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{n}: expected a JSON object per line {layout}")
+            rows.append((n, row))
     return rows, data
 
 
 def index_imagefolder(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     rows, data = _jsonl(root / "metadata.jsonl", '{"file_name": ..., "text": ...}')
-    records, files = [], []
-    for n, row in enumerate(rows, 1):
+    records, files, seen = [], [], {}
+    for n, row in rows:
+        where = f"line {n} of metadata.jsonl"
         name = row.get("file_name")
         if not name:
-            raise ConfigError(f"{root / 'metadata.jsonl'}: record {n} has no file_name")
-        conds = {k: root / v for k, v in (row.get("conditions") or {}).items()}
-        files += [root / name, *conds.values()]
-        records.append(Record(id=name, image=root / name, prompt=row.get("text", ""),
+            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: record has no file_name")
+        image = inside(root, name, "file_name", where, "imagefolder")
+        if name in seen:
+            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: file_name {name!r} is listed again (first on line "
+                              f"{seen[name]}); a sample id must be unique, remove one")
+        seen[name] = n
+        conds = row.get("conditions") or {}
+        if not isinstance(conds, dict):
+            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: conditions must map a kind to a file, "
+                              f'e.g. {{"canny": "cond/0.png"}}')
+        conds = {k: inside(root, v, f"conditions.{k}", where, "imagefolder") for k, v in conds.items()}
+        files += [image, *conds.values()]
+        records.append(Record(id=name, image=image, prompt=row.get("text", ""),
                               split=row.get("split") or hash_split(name), conditions=conds,
-                              boxes=row.get("boxes"), labels=row.get("labels"), keypoints=row.get("keypoints")))
+                              boxes=row.get("boxes"), labels=row.get("labels"), keypoints=row.get("keypoints"),
+                              where=where))
     classes = tuple(sorted({v for r in records for v in (r.labels or []) if isinstance(v, str)}))
     return records, fingerprint(data, files, root), classes
 
 
 def index_fill50k(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
-    rows, data = _jsonl(root / "prompt.json", '{"source": "source/0.png", "target": "target/0.png", "prompt": ...}')
-    records = [Record(id=r["target"], image=root / r["target"], prompt=r["prompt"], split=hash_split(r["target"]),
-                      conditions={"fill": root / r["source"]}) for r in rows]
-    files = [root / r[k] for r in rows for k in ("source", "target")]
+    layout = '{"source": "source/0.png", "target": "target/0.png", "prompt": ...}'
+    rows, data = _jsonl(root / "prompt.json", layout)
+    records, files = [], []
+    for n, r in rows:
+        where = f"line {n} of prompt.json"
+        missing = [k for k in ("source", "target") if k not in r]
+        if missing:
+            raise ConfigError(f"{root / 'prompt.json'}:{n}: no {' or '.join(missing)}; expected {layout}")
+        target = inside(root, r["target"], "target", where, "fill50k")
+        source = inside(root, r["source"], "source", where, "fill50k")
+        files += [source, target]
+        records.append(Record(id=r["target"], image=target, prompt=r.get("prompt", ""), split=hash_split(r["target"]),
+                              conditions={"fill": source}, where=where))
     return records, fingerprint(data, files, root), ()
 
 
 def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     prompts_file = root / "prompts.jsonl"
     rows, data = _jsonl(prompts_file) if prompts_file.is_file() else ([], b"")
-    prompts = {r["file_name"]: r["text"] for r in rows}
+    prompts = {r.get("file_name"): r.get("text", "") for _, r in rows}
     records, files = [], []
     for ident in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(p for p in ident.iterdir() if p.suffix.lower() in IMAGE_EXTS)
@@ -247,7 +333,8 @@ def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
             rel = f"{ident.name}/{img.name}"
             others = [p for p in images if p != img][:MAX_REFERENCES]
             records.append(Record(id=rel, image=img, prompt=prompts.get(rel, "a photo of a person"),
-                                  split=hash_split(ident.name), identity=ident.name, references=others))
+                                  split=hash_split(ident.name), identity=ident.name, references=others,
+                                  where=f"identity folder {ident.name}/"))
     if not records:
         raise ConfigError(f"dataset identity_folder: no <identity>/ folder with 2+ images under {root}")
     return records, fingerprint(data, files, root), ()
@@ -285,7 +372,7 @@ def _row_group(path: str, group: int, column: str):
     return _parquet(path).read_row_group(group, columns=[column]).column(0)
 
 
-def _cell(path: Path, column: str, row: int) -> Callable[[], bytes]:
+def _cell(path: Path, column: str, row: int, root: Path, where: str) -> Callable[[], bytes]:
     def read() -> bytes:
         if path.suffix == ".parquet":  # read one row group, not the whole shard
             meta, r = _parquet(str(path)).metadata, row
@@ -296,11 +383,48 @@ def _cell(path: Path, column: str, row: int) -> Callable[[], bytes]:
             value = _row_group(str(path), group, column)[r].as_py()
         else:
             value = _arrow(str(path)).column(column)[row].as_py()
-        if isinstance(value, dict):  # HF Image feature
-            value = value.get("bytes") or (path.parent / value["path"]).read_bytes()
+        if isinstance(value, dict):  # HF Image feature: its bytes, else its file (kept inside the root)
+            value = value.get("bytes") or inside(root, _image_path(path, root, value.get("path")), f"{column}.path",
+                                                 where, "multigen").read_bytes()
         return value
 
     return read
+
+
+def _image_path(shard: Path, root: Path, path: Any) -> Any:
+    """An HF Image cell's `path` (relative to its shard's folder) as a path relative to the root."""
+    if not isinstance(path, str) or PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive:
+        return path  # inside() refuses it as written
+    return os.path.normpath(os.path.join(os.path.relpath(shard.parent, root), path))
+
+
+def _check_cell_paths(shard: Path, table: Any, schema: Any, root: Path, rel: Path) -> None:
+    """Refuse, at index time, an HF Image cell whose bytes are empty and whose path leaves the root.
+    Reads only the `path` sub-columns; the `bytes` ones only when some path leaves the root (a
+    cell with bytes never reads its path)."""
+    import pyarrow as pa
+
+    for name in schema.names:
+        typ = schema.field(name).type
+        if not (pa.types.is_struct(typ) and typ.get_field_index("path") >= 0 and typ.get_field_index("bytes") >= 0):
+            continue
+        column = (table.read(columns=[f"{name}.path"]).column(0) if shard.suffix == ".parquet"
+                  else table.column(name)).combine_chunks()
+        paths = column.field("path").to_pylist()
+        bad = []
+        for row, p in enumerate(paths):
+            if p is None:
+                continue
+            try:
+                inside(root, _image_path(shard, root, p), f"{name}.path", f"row {row} of {rel}", "multigen")
+            except ConfigError as e:
+                bad.append((row, e))
+        if bad:
+            data = (table.read(columns=[f"{name}.bytes"]).column(0) if shard.suffix == ".parquet"
+                    else table.column(name)).combine_chunks().field("bytes")
+            for row, e in bad:
+                if not data[row].is_valid or not data[row].as_py():
+                    raise e
 
 
 def index_multigen(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
@@ -317,14 +441,16 @@ def index_multigen(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
         if missing:
             raise ConfigError(f"multigen shard {shard} lacks column(s) {sorted(missing)}; has {schema.names}")
         controls = [c for c in schema.names if c.startswith(MULTIGEN_PREFIX)]
+        _check_cell_paths(shard, table, schema, root, rel)
         texts = table.read(columns=[MULTIGEN_TEXT]).column(0) if shard.suffix == ".parquet" else table.column(
             MULTIGEN_TEXT)  # the index reads only the text column
         index.update(f"{rel}\0{schema.names}\0{len(texts)}\n".encode())
         for row, text in enumerate(texts.to_pylist()):
-            rid = f"{rel.with_suffix('')}/{row}"
-            records.append(Record(id=rid, image=_cell(shard, MULTIGEN_IMAGE, row), prompt=text or "",
-                                  split=split or hash_split(rid),
-                                  conditions={c[len(MULTIGEN_PREFIX):]: _cell(shard, c, row) for c in controls}))
+            rid, where = f"{rel.with_suffix('')}/{row}", f"row {row} of {rel}"
+            records.append(Record(id=rid, image=_cell(shard, MULTIGEN_IMAGE, row, root, where), prompt=text or "",
+                                  split=split or hash_split(rid), where=where,
+                                  conditions={c[len(MULTIGEN_PREFIX):]: _cell(shard, c, row, root, where)
+                                              for c in controls}))
     return records, fingerprint(index.digest(), shards, root), ()
 
 
@@ -340,8 +466,9 @@ INDEXERS = {"imagefolder": index_imagefolder, "fill50k": index_fill50k, "multige
 
 def _register(name: str) -> None:
     def build(split: str, size: int, resolution: int, conditions: tuple[str, ...], seed: int = 0) -> FolderDataset:
-        records, fp, classes = INDEXERS[name](data_root(name, LAYOUTS[name]))
-        return FolderDataset(name, records, fp, split, size, resolution, conditions, seed, classes)
+        root = data_root(name, LAYOUTS[name])
+        records, fp, classes = INDEXERS[name](root)
+        return FolderDataset(name, records, fp, split, size, resolution, conditions, seed, classes, root)
 
     DATASETS.register(name)(build)
 

@@ -167,6 +167,9 @@ class ShapesWorld(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def verify(self) -> None:
+        """Nothing to check: scenes are generated from the seed, no file is read (the preflight's hook)."""
+
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLIT_CODE[self.split], index])
         return render(sample_objects(rng, self.resolution), self.resolution)

@@ -109,7 +109,8 @@ def test_materialize_caches_by_version(imagefolder):
 def test_corrupt_file_and_unset_variable(imagefolder, monkeypatch):
     (imagefolder / "img/1.png").write_bytes(b"not a png at all")
     ds = DATASETS.get("imagefolder")(split="eval", size=3, resolution=32, conditions=())
-    with pytest.raises(ConfigError, match=r"cannot decode image .*img/1.png") as e:
+    with pytest.raises(ConfigError, match=r"image 'img/1.png' in .* \(imagefolder, line 2 of metadata.jsonl\) "
+                                          r"cannot be decoded; fix or remove it") as e:
         [ds[i] for i in range(3)]
     assert "\n" not in str(e.value)
     monkeypatch.delenv("CONTROLBENCH_DATA_IMAGEFOLDER")
