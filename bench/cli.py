@@ -25,7 +25,7 @@ EPILOG = """examples:
 
 def _run(args) -> int:
     from bench.report import write_report
-    from bench.runner import git_sha, run_specs
+    from bench.runner import git_sha, run_all
     from bench.spec import apply_overrides, load_config, parse_overrides, resolve
     from bench.store import Store
 
@@ -42,10 +42,12 @@ def _run(args) -> int:
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
     t0 = time.time()
     with Store(store_path) as store:
-        records = run_specs(specs, store, out_dir, progress=not args.quiet)
+        summary = run_all(specs, store, out_dir, progress=not args.quiet)
         report = write_report(store.records(), out_dir / "report", {"git_sha": git_sha()}, plots=True, html=True)
-    done = sum(r.status == "FINISHED" for r in records)
-    print(f"{done}/{len(records)} runs finished in {time.time() - t0:.0f}s")
+    records, done = summary.records, summary.finished
+    print(f"{done}/{len(records)} runs finished in {time.time() - t0:.0f}s ({summary.ran} ran here)"
+          + (f"; {len(summary.elsewhere)} skipped: claimed by another live process, which will store them "
+             "(run again when it is done to report them)" if summary.elsewhere else ""))
     print(f"store:       {store_path}")
     print(f"images:      {out_dir / 'images'}")
     print(f"leaderboard: {report}")

@@ -17,7 +17,7 @@ Lightning and the models are imported inside the steps.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
 import resource
 import signal
@@ -380,13 +380,69 @@ def failed(spec: RunSpec, reason: str) -> RunRecord:
                      versions=package_versions())
 
 
-def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> None:
-    try:  # die with the parent: a killed sweep must not leave orphan runs burning CPU
-        import ctypes
+# ---- the run process ----------------------------------------------------------------------------
+# `python -m bench.runner RUN_ID OUT_DIR RESULT_PATH PROGRESS SPEC_JSON`: a fresh interpreter per run.
+# It can never outlive the process that started it, not even during its own start-up:
+#   1. the launcher sets PR_SET_PDEATHSIG=SIGKILL in the forked child before exec (preexec_fn);
+#      the setting survives execve, so it holds from the interpreter's first instruction;
+#   2. the child checks os.getppid() against the launcher's pid (passed in PARENT_ENV): a launcher
+#      that died between fork and prctl has already reparented the child, which exits at once;
+#   3. where prctl does not exist (not Linux), a watchdog thread polls os.getppid() instead.
+# The run id and out dir are on the command line, so /proc (and Store's claim liveness check,
+# which must never take over a run whose process still lives) can see which run a process is.
+# The death signal follows the thread that started the child: call run_isolated from a thread
+# that lives as long as the run (the commands call it from the main thread).
 
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
+PARENT_ENV = "CONTROLBENCH_RUN_PARENT"
+RUN_MODULE = "bench.runner"
+PARENT_GONE = 75  # the run process's exit code when its launcher died before it could start
+
+
+def _death_signal_setter():
+    """A function that makes the calling process receive SIGKILL when its parent thread exits,
+    or None where prctl(PR_SET_PDEATHSIG) does not exist (not Linux). Resolved here, so that
+    a preexec_fn (which runs in the forked child) only makes one foreign call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+    return lambda: prctl(pr_set_pdeathsig, sigkill)
+
+
+def _watch_parent(parent: int) -> None:
+    """Fallback without prctl: exit as soon as the parent is gone (the child is reparented)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(PARENT_GONE)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child_main(argv: list[str]) -> int:
+    """Entry point of the run process (see the comment above)."""
+    set_death_signal = _death_signal_setter()
+    if set_death_signal is not None:  # set by the launcher already; again for processes that did not
+        set_death_signal()            # get it at fork, e.g. DDP ranks Lightning starts by re-running us
+    parent = int(os.environ.get(PARENT_ENV) or 0)
+    if parent and os.getppid() != parent:
+        return PARENT_GONE  # the launcher died before the death signal was set: do nothing at all
+    if parent and set_death_signal is None:
+        _watch_parent(parent)
+    os.environ[PARENT_ENV] = str(os.getpid())  # processes this run starts check against it
+    _run_id, out_dir, result_path, progress, spec_json = argv
+    _child(json.loads(spec_json), out_dir, result_path, progress == "1")
+    return 0
+
+
+def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> None:
     spec = RunSpec.from_dict(spec_dict)
     try:
         record = execute(spec, Path(out_dir), progress)
@@ -403,37 +459,85 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
 
 
 def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
+    """Run one spec in its own process (see the comment above `PARENT_ENV`) and return its record;
+    a run process that crashes or is killed before writing its result becomes a FAILED record.
+    Its stdout and stderr (progress bars, a failure's traceback) are this process's."""
+    out_dir = Path(out_dir)
     result = out_dir / "records" / f"{spec.run_id}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    proc = mp.get_context("spawn").Process(target=_child, args=(spec.to_dict(), str(out_dir), str(result), progress))
-    proc.start()
-    proc.join()
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path: a ./bench must not shadow us
+    cmd = [sys.executable, *isolated, "-m", RUN_MODULE, spec.run_id, str(out_dir), str(result),
+           "1" if progress else "0", json.dumps(spec.to_dict(), sort_keys=True)]
+    # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
+    proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())},
+                            preexec_fn=_death_signal_setter())
+    try:
+        code = proc.wait()
+    finally:
+        if proc.returncode is None:  # interrupted (Ctrl-C) or failing here: the run goes with us
+            proc.kill()
+            proc.wait()
     if result.exists():
         return RunRecord.from_json(result.read_text())
-    code = proc.exitcode
-    why = f"killed by signal {-code}" if code and code < 0 else f"run process exited with code {code}"
+    why = f"killed by signal {-code}" if code < 0 else f"run process exited with code {code}"
     return failed(spec, f"{why} before writing a result (out of memory or killed?)")
 
 
-def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:
-    """Run every spec not already FINISHED in the store; FAILED runs do not stop the rest."""
-    from lightning.pytorch.utilities import rank_zero_only
+@dataclass(frozen=True)
+class RunSummary:
+    """What run_all did: the records of the specs already FINISHED or run here, in spec order,
+    how many of them ran here, and the specs left to another live process that claimed them."""
+
+    records: list[RunRecord]
+    ran: int
+    elsewhere: list[RunSpec]
+
+    @property
+    def finished(self) -> int:
+        return sum(r.finished for r in self.records)
+
+
+def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> RunSummary:
+    """Run every spec not already FINISHED in the store and not claimed by another live process
+    (Store.claim, as `bench sweep` does: concurrent commands on one store split the work);
+    FAILED runs do not stop the rest. Only this process writes the store."""
     from tqdm.auto import tqdm
 
-    records = []
+    records, elsewhere, ran = [], [], 0
     bar = tqdm(specs, desc="runs", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
         existing = store.get(spec.run_id)
+        if existing is None or not existing.finished:
+            if not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
+                existing = store.get(spec.run_id)
+                if existing is None or not existing.finished:
+                    elsewhere.append(spec)
+                    tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
+                               "live process: skipped here")
+                    continue
         if existing is not None and existing.finished:
             records.append(existing)
             continue
-        record = run_isolated(spec, out_dir, progress)
-        if rank_zero_only.rank == 0:  # a DDP launcher re-runs this command on every rank
+        try:
+            record = run_isolated(spec, out_dir, progress)
             store.put(record)
+        finally:
+            store.release(spec.run_id)
         records.append(record)
+        ran += 1
         if record.status != "FINISHED":
             tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
-    return records
+    return RunSummary(records, ran, elsewhere)
 
+
+def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:
+    """run_all's records: one per spec, except those another live process claimed."""
+    return run_all(specs, store, out_dir, progress).records
+
+
+if __name__ == "__main__":
+    from bench.runner import _child_main as main  # this file under its own name: one copy of its classes
+
+    sys.exit(main(sys.argv[1:]))

@@ -5,8 +5,10 @@ FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -51,10 +53,16 @@ def _claimant() -> tuple[str, int]:
     return socket.gethostname(), os.getpid()
 
 
-def _claim_is_live(host: str, pid: int, claimed_at: float) -> bool:
-    """A claim is stale once its process is gone (same host) or its lease ran out (other host)."""
+def _claim_is_live(run_id: str, host: str, pid: int, claimed_at: float) -> bool:
+    """A claim is live while its process lives, or a run process of its run id does (an orphan,
+    which the runner's death signal should make impossible, must never be run twice); on another
+    host, which cannot be probed, until its lease runs out."""
     if host != socket.gethostname():
         return time.time() - claimed_at < CLAIM_LEASE_S
+    return _pid_is_live(pid) or _run_process_is_live(run_id)
+
+
+def _pid_is_live(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,6 +70,29 @@ def _claim_is_live(host: str, pid: int, claimed_at: float) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
+
+
+# A run process's command line is `python ... -m bench.runner RUN_ID ...` (see bench.runner).
+RUN_PROCESS_MODULE = b"bench.runner"
+
+
+def _run_process_is_live(run_id: str) -> bool:
+    """Whether a process on this host is running ``run_id``: Linux /proc; elsewhere none can be
+    seen (there the runner's watchdog ends a run process whose parent died)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    want = run_id.encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if RUN_PROCESS_MODULE in args and want in args:
+            return True
+    return False
 
 
 def spec_hash(spec: dict) -> str:
@@ -87,6 +118,38 @@ class StoreError(ValueError):
     """A store file that cannot be used; the message is one line naming the path and the fix."""
 
 
+def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
+    """One line for any sqlite error: the file, SQLite's words, and what to do. The file itself is
+    left as it is: nothing is deleted or rewritten to get past an error."""
+    said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    low = said.lower()
+    if "not a database" in low:
+        what = (f"is not an SQLite database ({said}); it was left untouched: move it aside or pass --store "
+                "with another path")
+    elif "malformed" in low or "corrupt" in low:
+        what = (f"is damaged ({said}); it was left untouched: recover its records with "
+                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered` and use that file, or pass --store "
+                "with another path")
+    elif "locked" in low or "busy" in low:
+        what = (f"stayed locked by another process for over {BUSY_TIMEOUT_S:.0f}s ({said}); retry when it "
+                "has finished")
+    else:
+        what = (f"cannot be read or written ({said}); check the disk and the permissions of the file and its "
+                "directory, or pass --store with another path")
+    return StoreError(f"store {path} {what}")
+
+
+def _sqlite_errors(method):
+    """Store methods raise StoreError (one line, see _store_error), never a raw sqlite3.Error."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise _store_error(self.path, e) from None
+    return wrapper
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """Everything needed to compare, reproduce and audit one run.
@@ -94,6 +157,11 @@ class RunRecord:
     ``spec`` is the resolved run spec (method, method_version, dataset, dataset_version,
     condition, budget, budget_key, seed, base_model, hparams); ``metric_meta`` holds per
     metric {"version": str, "higher_is_better": bool} so reports never merge versions.
+
+    The JSON form (the store's text, the runner's result files) is strict JSON: a NaN or an
+    infinity anywhere is written as ``null``, and reading maps ``null`` back to NaN in the
+    numeric fields (``metrics``, ``compute`` and the curve's ``value``), so a non-finite
+    number reads back as NaN. Text with bare ``NaN`` (older stores) still reads.
     """
 
     run_id: str
@@ -144,7 +212,7 @@ class RunRecord:
 
     def to_json(self) -> str:
         # sort_keys makes the stored text canonical, so identical records compare equal as text.
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(_finite(self.to_dict()), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
@@ -156,7 +224,26 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
-        return cls.from_dict(json.loads(text))
+        data = json.loads(text)
+        if isinstance(data, dict):  # null -> NaN in the numeric fields (see the class docstring)
+            for key in ("metrics", "compute"):
+                if isinstance(data.get(key), dict):
+                    data[key] = {k: math.nan if v is None else v for k, v in data[key].items()}
+            if isinstance(data.get("curve"), list):
+                data["curve"] = [{**p, "value": math.nan} if isinstance(p, dict) and "value" in p and p["value"] is None
+                                 else p for p in data["curve"]]
+        return cls.from_dict(data)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
@@ -200,19 +287,24 @@ class Store:
             self._init_schema()
         except (sqlite3.Error, StoreError) as e:
             conn = getattr(self, "_conn", None)
-            if conn is not None:
-                conn.close()
             self._conn = None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
             if isinstance(e, StoreError):
                 raise
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise StoreError(
-                f"store {self.path} is not a usable SQLite database ({msg}); "
-                "move it aside or pass --store with another path"
-            ) from None
+            raise _store_error(self.path, e) from None
 
     def _init_schema(self) -> None:
+        """Check the file, then create or upgrade the schema. A damaged file fails the check before
+        anything is written to it (switching to WAL, creating tables), and an up-to-date store is
+        not written at all."""
         conn = self._db
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(1)").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0] if problems else '?'}")
         if not self.read_only:
             mode = _enable_wal(conn)
             if str(mode).lower() != "wal":
@@ -238,7 +330,8 @@ class Store:
             conn.execute(_CLAIMS_SCHEMA)
             if version < 2 and "runs" in tables:
                 self._upgrade_rows(conn)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _upgrade_rows(self, conn: sqlite3.Connection) -> None:
         """Rewrite schema-1 records in today's form, inside the caller's transaction."""
@@ -259,7 +352,10 @@ class Store:
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:  # SQLite already rolled back (e.g. on a damaged page): keep the first error
+                pass
             raise
 
     @property
@@ -269,6 +365,7 @@ class Store:
         return self._conn
 
     @property
+    @_sqlite_errors
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
@@ -283,6 +380,7 @@ class Store:
                 "move the store aside or pass --store"
             ) from None
 
+    @_sqlite_errors
     def _write(self, record: RunRecord, merge: bool) -> bool:
         """Upsert one record in its own transaction; see put/merge_from for the rules."""
         with self._transaction() as conn:
@@ -314,14 +412,17 @@ class Store:
         non-FINISHED one. Returns whether anything was written."""
         return self._write(record, merge=False)
 
+    @_sqlite_errors
     def get(self, run_id: str) -> RunRecord | None:
         row = self._db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else self._decode(run_id, row[0])
 
+    @_sqlite_errors
     def is_finished(self, run_id: str) -> bool:
         row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return row is not None and row[0] == "FINISHED"
 
+    @_sqlite_errors
     def records(self, status: str | None = None) -> list[RunRecord]:
         """All records (optionally of one status), oldest first."""
         if status is not None and status not in STATUSES:
@@ -335,6 +436,7 @@ class Store:
         recs = [self._decode(rid, text) for rid, text in rows]
         return sorted(recs, key=lambda r: (r.created_at, r.run_id))
 
+    @_sqlite_errors
     def claim(self, run_id: str) -> bool:
         """Take the right to run ``run_id`` in this process. False when it is already FINISHED
         or a live process holds the claim; a stale claim (see _claim_is_live) is taken over."""
@@ -343,17 +445,19 @@ class Store:
             if conn.execute("SELECT 1 FROM runs WHERE run_id = ? AND status = 'FINISHED'", (run_id,)).fetchone():
                 return False
             row = conn.execute("SELECT host, pid, claimed_at FROM claims WHERE run_id = ?", (run_id,)).fetchone()
-            if row is not None and tuple(row[:2]) != me and _claim_is_live(*row):
+            if row is not None and tuple(row[:2]) != me and _claim_is_live(run_id, *row):
                 return False
             conn.execute("INSERT OR REPLACE INTO claims (run_id, host, pid, claimed_at) VALUES (?, ?, ?, ?)",
                          (run_id, *me, time.time()))
         return True
 
+    @_sqlite_errors
     def release(self, run_id: str) -> None:
         """Drop this process's claim on ``run_id`` (after its record is stored)."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM claims WHERE run_id = ? AND host = ? AND pid = ?", (run_id, *_claimant()))
 
+    @_sqlite_errors
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
