@@ -44,6 +44,81 @@ def preflight(path: Path) -> None:
                           "save the UNet with safe_serialization=True")
 
 
+# (subfolder, weights file stem, builder) per component; the builder makes the model from its config
+# on the meta device, so its state-dict shapes cost no memory and no weights are read.
+COMPONENTS = (("unet", "diffusion_pytorch_model", "unet"), ("vae", "diffusion_pytorch_model", "vae"),
+              ("text_encoder", "model", "clip"), ("text_encoder_2", "model", "clip_projected"))
+
+
+def check_weights(path: Path) -> None:
+    """Every component's safetensors files readable (header and sizes) and holding the tensors, with
+    the shapes, that its config.json builds; a one-line ConfigError naming the file otherwise.
+    Reads only the headers: a check of a full SD1.5 directory takes about a second."""
+    from bench.weights import safetensors_shapes
+
+    preflight(path)
+    for sub, stem, builder in COMPONENTS:
+        folder = path / sub
+        if not (folder / "config.json").is_file():
+            continue  # optional parts (vae, text_encoder_2) absent; preflight checked the required ones
+        files = _weight_files(folder, stem)
+        found: dict[str, tuple[tuple[int, ...], Path]] = {}
+        for f in files:
+            for name, shape in safetensors_shapes(f).items():
+                found[name] = (shape, f)
+        expected = _expected_shapes(folder, builder)
+        for name, shape in expected.items():
+            if name not in found:
+                raise ConfigError(f"base model weights do not match {folder / 'config.json'}: tensor {name!r} is "
+                                  f"missing from {', '.join(str(f) for f in files)}; re-save the {sub} with "
+                                  "save_pretrained, or fix its config.json")
+            got, f = found[name]
+            if got != shape:
+                raise ConfigError(f"base model weights do not match {folder / 'config.json'}: {f} holds {name!r} "
+                                  f"with shape {list(got)}, the config builds {list(shape)}; use the config.json "
+                                  f"saved with these weights")
+
+
+def _weight_files(folder: Path, stem: str) -> list[Path]:
+    """The files from_pretrained reads: `<stem>.safetensors`, or the shards its index lists."""
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"unreadable shard index {index}: {e}; re-save the model with save_pretrained") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ConfigError(f"base model weights missing: {folder / missing[0]} (listed in {index.name}); "
+                              "copy every shard of the model")
+        return [folder / s for s in shards]
+    raise ConfigError(f"base model weights missing: {single}; save the model with safe_serialization=True")
+
+
+def _expected_shapes(folder: Path, builder: str) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the model its config.json describes, built on the meta device."""
+    try:
+        with torch.device("meta"):
+            if builder in ("unet", "vae"):
+                from diffusers import AutoencoderKL, UNet2DConditionModel
+
+                cls = UNet2DConditionModel if builder == "unet" else AutoencoderKL
+                model = cls.from_config(cls.load_config(folder))
+            else:
+                from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+                cls = CLIPTextModel if builder == "clip" else CLIPTextModelWithProjection
+                model = cls(CLIPTextConfig.from_pretrained(folder))
+    except Exception as e:  # any config the library cannot build from: a bad file, not a bug here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot build the model in {folder} from its config.json ({first}); "
+                          "use the config.json saved with the weights") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def _unet_is_sdxl(config: Path) -> bool:
     try:
         return json.loads(config.read_text()).get("addition_embed_type") == "text_time"

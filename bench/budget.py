@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
 
 from bench.errors import ConfigError
+from bench.yamlio import safe_load
 
 TUPLE_FIELDS = ("curve_steps",)
+INT_FIELDS = ("train_steps", "batch_size", "resolution", "lr_warmup_steps", "train_size", "inference_steps",
+              "eval_samples")
+# Lightning Trainer precisions (its string forms; the legacy "32"/"16"/"bf16" aliases are not accepted,
+# so one setting has one spelling and one budget key).
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+# The shared sampler's names (bench.sampler.SCHEDULERS; a test keeps the two equal). Listed here so
+# that checking a budget never imports torch or diffusers.
+SAMPLERS = ("ddim", "unipc", "euler", "dpmpp")
 BUDGETS_FILE = Path(__file__).resolve().parent / "configs" / "budgets.yaml"
 
 
@@ -60,32 +70,51 @@ class Budget:
         bad = sorted(set(overrides) - set(known))
         if bad:
             raise ConfigError(f"unknown budget field {bad[0]!r}; valid fields: {', '.join(sorted(known))}")
+        for k in TUPLE_FIELDS:
+            if k in overrides and not isinstance(overrides[k], (list, tuple)):
+                raise ConfigError(f"budget.{k} must be a list of integers (e.g. budget.{k}=[0,50,100]), got {overrides[k]!r}")
         values = {k: tuple(v) if k in TUPLE_FIELDS else v for k, v in overrides.items()}
         try:
             b = replace(self, **values)
             b.validate()
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"bad budget override {overrides}: {e}") from None
+            raise ConfigError(f"bad budget override: budget.{e}") from None
         return b
 
     def validate(self) -> None:
-        for f in ("train_steps", "batch_size", "resolution", "inference_steps", "eval_samples", "train_size"):
+        """Every field's type and range; the message names the field, what is allowed and the value."""
+        for f in INT_FIELDS:
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "train_steps" else 1):
-                raise ValueError(f"{f} must be a positive integer, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not all(isinstance(s, int) and 0 <= s <= self.train_steps for s in self.curve_steps):
+            low = 0 if f in ("train_steps", "lr_warmup_steps") else 1
+            if not _is_int(v) or v < low:
+                raise ValueError(f"{f} must be an integer >= {low}, got {v!r}")
+        for f, low, example in (("lr", "> 0", "1e-4"), ("guidance_scale", ">= 0", "7.5")):
+            v = getattr(self, f)
+            if not _is_number(v) or not math.isfinite(v) or not (v > 0 if low == "> 0" else v >= 0):
+                raise ValueError(f"{f} must be a finite number {low} (e.g. {example}), got {v!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not all(_is_int(s) and 0 <= s <= self.train_steps for s in self.curve_steps):
             raise ValueError(f"curve_steps must be integers in [0, train_steps={self.train_steps}], "
                              f"got {list(self.curve_steps)!r}")
-        if self.curve_steps and not (isinstance(self.curve_samples, int) and 1 <= self.curve_samples <= self.eval_samples):
+        if self.curve_steps and not (_is_int(self.curve_samples) and 1 <= self.curve_samples <= self.eval_samples):
             raise ValueError(f"curve_samples must be an integer in [1, eval_samples={self.eval_samples}], "
                              f"got {self.curve_samples!r}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read budgets file {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):

@@ -35,9 +35,9 @@ def _run(args) -> int:
         cfg_path = Path(overrides.pop(0))
     cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
     specs, out_dir = resolve(cfg)
-    from bench.base_model import preflight, resolve_base_path
+    from bench.preflight import check
 
-    preflight(resolve_base_path(specs[0].base_model))
+    check(specs)  # before the store opens: bad input is one line, exit 2, no FAILED rows
     out_dir = Path(args.out or out_dir)
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
     t0 = time.time()

@@ -41,10 +41,10 @@ class ProfileSetup:
 
 def parse_variant(variant: str) -> tuple[str, dict]:
     """'controlnet_pp:reward_steps=4,reward_start=0' -> ('controlnet_pp', {...})."""
-    import yaml
+    from bench.yamlio import safe_load
 
     name, _, rest = variant.partition(":")
-    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
+    return name, {k: safe_load(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
 
 
 def split_variants(text: str) -> list[str]:

@@ -1,12 +1,13 @@
 """Self-contained HTML leaderboard: one file, images inlined as data URIs, no network.
 
 Every string from a record (method names, prompts, hparams, reasons) goes through ``_e``;
-a Content-Security-Policy forbids any request leaving the file, so a missed escape or a
-stray URL cannot load anything.
+a Content-Security-Policy forbids any request leaving the file and allows only the page's own
+script and style, by hash, so a missed escape or a stray URL can neither load nor run anything.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -19,8 +20,6 @@ from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, Table, claim_cells, me
                           row_cells)
 from bench.store import RunRecord
 
-_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-        "script-src 'unsafe-inline'")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -55,6 +54,18 @@ window.addEventListener('load',()=>{
   b.ready='1';
 });
 """
+
+
+def _csp_hash(text: str) -> str:
+    """CSP source for one inline element: sha256 of its exact text, base64 (CSP Level 2)."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# No 'unsafe-inline': the browser runs the one <script> and applies the one <style> whose exact
+# text hashes to these values, so markup that slipped past escaping can neither run script nor
+# style the page, and nothing may be fetched (default-src 'none'; images are data: URIs).
+_CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; "
+        f"script-src {_csp_hash(_SCRIPT)}; base-uri 'none'; form-action 'none'")
 
 
 def _e(value: object) -> str:

@@ -12,6 +12,7 @@ import yaml
 from bench.budget import BUDGETS_FILE, Budget, load_budgets
 from bench.builtins import load_builtins
 from bench.errors import ConfigError
+from bench.yamlio import safe_load
 from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError
 from bench.store import spec_hash
 
@@ -66,7 +67,7 @@ class RunSpec:
 def load_config(path: Path | None) -> dict:
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -93,7 +94,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         else:
             raise ConfigError(f"bad override {arg!r}; write key=value (e.g. budget=smoke)")
         try:
-            parsed = yaml.safe_load(value) if value else ""
+            parsed = safe_load(value) if value else ""
         except yaml.YAMLError:
             parsed = value
         out.append((key.replace("-", "_"), parsed))
@@ -109,7 +110,7 @@ def apply_overrides(cfg: dict, overrides: list[tuple[str, Any]]) -> dict:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {head!r}{hint} (known: {', '.join(sorted(TOP_KEYS))})")
         if head in LIST_KEYS and isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",") if v]
+            value = [safe_load(v) for v in value.split(",") if v]
         if head in LIST_KEYS and not isinstance(value, list):
             value = [value]
         if not rest:

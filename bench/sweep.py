@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from bench.errors import ConfigError
+from bench.yamlio import safe_load
 from bench.files import atomic_write
 from bench.spec import RunSpec, apply_overrides, load_config, resolve
 
@@ -59,7 +60,7 @@ def _check_parameter(path: Path, name: str, spec: Any) -> None:
 def load_sweep(path: Path) -> Sweep:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
     except yaml.YAMLError:
@@ -195,12 +196,11 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
     if done is not None:
         return done
 
-    from bench.base_model import preflight, resolve_base_path
+    from bench.preflight import check
     from bench.store import Store
 
     specs, _ = resolve_sweep(sweep, count, seed)
-    for base in sorted({s.base_model for s in specs}):
-        preflight(resolve_base_path(base))
+    check(specs)  # once for the whole sweep, before the plan or any claim is written
     _write_plan(plan, [s.run_id for s in specs])
     ran = failed = finished = elsewhere = 0
     with Store(store_path) as store:

@@ -61,6 +61,43 @@ def needed_weights(*components) -> list[str]:
     return out
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no tensor data is read); a one-line
+    ConfigError naming the file when the header is unreadable or the file is shorter than it says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError: the file, not the code, is at fault
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"corrupt safetensors file {path}: {why}; copy or save it again") from None
+
+
+# First bytes of the formats torch.load reads: a zip archive (torch.save since 1.6) or a legacy pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_readable(path: Path) -> None:
+    """Cheap load check of a weight file or directory: safetensors headers parse and cover the
+    file; torch checkpoints start as a zip archive or pickle; nothing is empty."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix == ".safetensors":
+            safetensors_shapes(f)
+            continue
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(4)
+        except OSError as e:
+            raise ConfigError(f"cannot read weight file {f}: {e.strerror}") from None
+        if f.suffix in (".pth", ".pt", ".ckpt", ".bin") and not head.startswith(_TORCH_MAGIC):
+            raise ConfigError(f"corrupt weight file {f}: not a torch checkpoint (neither zip nor pickle); copy it again")
+        if not head and f.suffix in (".pth", ".pt", ".ckpt", ".bin", ".onnx"):
+            raise ConfigError(f"corrupt weight file {f}: empty; copy it again")
+
+
 def preflight(names: list[str], root: str | Path | None = None) -> None:
+    """Every named weight present and readable (see `check_readable`), the first failure named."""
     for name in names:
-        weight_path(name, root)
+        check_readable(weight_path(name, root))

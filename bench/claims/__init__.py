@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
 
 from bench.compare import Group, GroupKey, group_runs
 from bench.store import RunRecord
+from bench.yamlio import safe_load
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 VERDICTS = ("reproduced", "not reproduced", "not measured")
@@ -73,7 +73,7 @@ class ClaimResult:
 
 
 def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
-    entries = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or []
+    entries = safe_load(Path(path).read_text(encoding="utf-8")) or []
     claims = [Claim(**entry) for entry in entries]
     ids = [c.id for c in claims]
     dupes = sorted({i for i in ids if ids.count(i) > 1})

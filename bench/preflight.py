@@ -1,0 +1,69 @@
+"""The preflight: once per command, before any run starts, everything checkable without training.
+
+`bench run` and `bench sweep` call `check(specs)` right after resolving their configs and before
+they open the store, so bad input costs one line and exit 2 (a ConfigError), never a FAILED row
+per run. What is checked, and where:
+
+- registry names (methods, metrics, datasets, conditions, budgets), config keys, seeds, method
+  recipe fields (`Method.check_hparams`), budget fields (`Budget.validate`: integers, lr,
+  guidance, precision, sampler): while resolving, in bench/spec.py and bench/budget.py;
+- external weights: present and readable (`bench.weights.preflight`), also while resolving;
+- base models (here): the diffusers directory complete, every safetensors header readable and
+  every tensor's shape the one its config.json builds (`bench.base_model.check_weights`);
+- datasets (here): each (dataset, condition, split, size) a run will load, built as the runner
+  builds it, then `verify()`: its root and index are readable and every listed image decodes.
+
+Errors only a run can meet (a NaN loss, out of memory) stay per-run FAILED records.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from bench.spec import RunSpec
+
+
+def check(specs: Iterable[RunSpec]) -> None:
+    """Raise the first ConfigError among the checks above; return None when all pass."""
+    specs = list(specs)
+    check_base_models(sorted({s.base_model for s in specs}))
+    check_datasets(specs)
+
+
+def check_base_models(names: Iterable[str]) -> None:
+    from bench.arch import ARCHS
+    from bench.base_model import check_weights, resolve_base_path
+
+    for name in names:
+        if name not in ARCHS:  # architectures with random weights have no files to check
+            check_weights(resolve_base_path(name))
+
+
+def dataset_loads(specs: Iterable[RunSpec]) -> list[tuple[str, str | None, str, int, int]]:
+    """(dataset, condition, split, size, resolution) of every split the runs load, without repeats:
+    the eval split at eval_samples, and the train split at train_size when the budget trains or a
+    metric generates training data (a run of an untrainable method may skip it; checking it anyway
+    costs little and a broken train split is broken for the next method)."""
+    from bench.builtins import load_builtins
+    from bench.registry import METRICS
+
+    load_builtins()
+    out: list[tuple[str, str | None, str, int, int]] = []
+    for s in specs:
+        b = s.budget
+        loads = [("eval", b.eval_samples)]
+        if b.train_steps > 0 or any(getattr(METRICS.get(m), "synthesizes", False) for m in s.metrics):
+            loads.append(("train", b.train_size))
+        for split, size in loads:
+            key = (s.dataset, s.condition, split, size, b.resolution)
+            if key not in out:
+                out.append(key)
+    return out
+
+
+def check_datasets(specs: Iterable[RunSpec]) -> None:
+    from bench.registry import DATASETS
+
+    for name, condition, split, size, resolution in dataset_loads(specs):
+        dataset = DATASETS.get(name)(split=split, size=size, resolution=resolution,
+                                     conditions=(condition,) if condition else ())
+        dataset.verify()
