@@ -127,9 +127,9 @@ def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
         what = (f"is not an SQLite database ({said}); it was left untouched: move it aside or pass --store "
                 "with another path")
     elif "malformed" in low or "corrupt" in low:
-        what = (f"is damaged ({said}); it was left untouched: recover its records with "
-                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered` and use that file, or pass --store "
-                "with another path")
+        what = (f"is damaged ({said}); it was left untouched: recover what it holds with "
+                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered`, then pass --store {path}.recovered "
+                "(or another path)")
     elif "locked" in low or "busy" in low:
         what = (f"stayed locked by another process for over {BUSY_TIMEOUT_S:.0f}s ({said}); retry when it "
                 "has finished")
@@ -302,7 +302,7 @@ class Store:
         anything is written to it (switching to WAL, creating tables), and an up-to-date store is
         not written at all."""
         conn = self._db
-        problems = [r[0] for r in conn.execute("PRAGMA quick_check(1)").fetchall()]
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(2)").fetchall() if not r[0].startswith("***")]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0] if problems else '?'}")
         if not self.read_only:

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,3 +102,191 @@ def test_sigkill_mid_sweep_then_rerun_completes_without_duplicates(tmp_path, pro
     again = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4/4 runs finished" in again.stdout
     assert _finished(out / "store.sqlite") == done
+
+
+# ---- run processes never outlive their parent; concurrent runs share the work; damaged stores ----
+
+def _quiet_env(tmp_path: Path) -> dict:
+    return {**_env(tmp_path), "WANDB_MODE": "disabled"}  # the mirror is tested in test_wandb.py
+
+
+def _test_sweep_helpers():
+    """tests/test_sweep.py's helpers (its cheap grid), loaded from the file: tests/ is no package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_test_sweep_helpers", Path(__file__).with_name("test_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_processes(out: Path) -> dict[int, list[bytes]]:
+    """Live run processes (`python -m bench.runner RUN_ID OUT_DIR ...`) writing to `out`, by pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bench.runner" in args and str(out).encode() in args:
+            found[int(entry.name)] = args
+    return found
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+    except OSError:
+        return False
+
+
+def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: float = 300) -> dict:
+    """Start `args` (a bench command), wait until ready(run processes, output so far), SIGKILL that
+    process alone (not its process group, so nothing kills its run process but the death signal),
+    and assert that none of its run processes survives it. Returns what was seen at the kill."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(1 << 16), b"")))
+    reader.start()
+    deadline, kids = time.time() + timeout, {}
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            kids = _run_processes(out)
+            if ready(kids, b"".join(chunks)):
+                break
+            time.sleep(0.005)
+        seen = {"kids": kids, "torch": any(_torch_loaded(pid) for pid in kids), "output": b"".join(chunks)}
+        assert proc.poll() is None, "the command ended before the kill point: " + seen["output"][-2000:].decode()
+        assert time.time() < deadline, "kill point not reached: " + seen["output"][-2000:].decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join()
+    until = time.time() + 5
+    while _run_processes(out) and time.time() < until:
+        time.sleep(0.05)
+    assert not _run_processes(out), f"run processes outlived their parent: {_run_processes(out)}"
+    assert kids and not any(Path(f"/proc/{pid}").exists() and _torch_loaded(pid) for pid in kids)
+    return seen
+
+
+def _rows(store: Path, sql: str) -> list:
+    with sqlite3.connect(store) as db:
+        return db.execute(sql).fetchall()
+
+
+@pytest.mark.slow
+def test_killing_bench_run_at_any_point_leaves_no_run_process_and_the_rerun_completes(tmp_path, proxy_arch_dir):
+    """Kill -9 the `bench run` process right after it spawned its run process (before that has
+    imported torch), during training and during evaluation: no run process survives any of them,
+    and the re-run completes the run once."""
+    out = tmp_path / "out"
+    args = [*BENCH, "run", "budget=smoke", "methods=controlnet", "seeds=0", "metrics=canny_f1",
+            f"base_model={proxy_arch_dir}", f"out_dir={out}"]  # progress on: its output shows the steps
+    env = _quiet_env(tmp_path)
+
+    spawned = _kill_parent_when(args, env, out, lambda kids, text: bool(kids))
+    assert not spawned["torch"], "killed too late: the run process had imported torch"
+    (run_id,) = {a[a.index(b"bench.runner") + 1].decode() for a in spawned["kids"].values()}
+
+    started = {}
+
+    def training(kids, text):  # training follows the train split's rendering; evaluation makes the image dir
+        if kids and b"render train set: 100%" in text:
+            started.setdefault("t", time.time())
+        return "t" in started and time.time() - started["t"] > 1.0
+
+    trained = _kill_parent_when(args, env, out, training)
+    assert trained["torch"] and b"sample:" not in trained["output"] and not (out / "images" / run_id).exists()
+
+    evaluated = _kill_parent_when(args, env, out, lambda kids, text: kids and (out / "images" / run_id).is_dir())
+    assert evaluated["torch"]
+    assert _rows(out / "store.sqlite", "SELECT COUNT(*) FROM runs") == [(0,)]  # nothing reached the store
+    assert len(_rows(out / "store.sqlite", "SELECT * FROM claims")) == 1  # the dead parent's claim
+
+    rerun = subprocess.run([*args, "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "1/1 runs finished" in rerun.stdout, rerun.stderr[-2000:]
+    assert _rows(out / "store.sqlite", "SELECT run_id, status FROM runs") == [(run_id, "FINISHED")]
+    assert _rows(out / "store.sqlite", "SELECT * FROM claims") == []
+    assert [p.name for p in (out / "records").iterdir()] == [f"{run_id}.json"]
+    assert len([p for p in (out / "images" / run_id).iterdir() if not p.name.startswith(".")]) == 8
+
+
+@pytest.mark.slow
+def test_killing_bench_sweep_right_after_it_spawned_a_run_leaves_no_run_process(tmp_path, proxy_arch_dir):
+    grid = _test_sweep_helpers()._grid(tmp_path, proxy_arch_dir, 1)
+    out, env = tmp_path / "out", _quiet_env(tmp_path)
+    args = [*BENCH, "sweep", str(grid), "--local", "--quiet"]
+    spawned = _kill_parent_when(args, env, out, lambda kids, text: bool(kids))
+    assert not spawned["torch"], "killed too late: the run process had imported torch"
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "1 ran here" in rerun.stdout, rerun.stderr[-2000:]
+    assert [s for _, s in _rows(out / "store.sqlite", "SELECT run_id, status FROM runs")] == ["FINISHED"]
+    assert _rows(out / "store.sqlite", "SELECT * FROM claims") == []
+
+
+@pytest.mark.slow
+def test_two_concurrent_bench_runs_on_one_out_split_the_work(tmp_path, proxy_arch_dir):
+    out = tmp_path / "out"
+    args = [*BENCH, "run", "budget=smoke", "methods=baseline", "seeds=0,1", "metrics=canny_f1",
+            f"base_model={proxy_arch_dir}", f"out_dir={out}", "--quiet"]
+    procs = [subprocess.Popen(args, env=_quiet_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    ran = [int(o.split(" ran here")[0].split("(")[-1]) for o, _ in outs]
+    assert sum(ran) == 2, outs  # each run ran exactly once, in one of the two processes
+    if ran == [1, 1]:  # both started together: each left the other's run to it, and said so
+        assert all("1 skipped: claimed by another live process" in o for o, _ in outs), outs
+    assert sorted(s for _, s in _rows(out / "store.sqlite", "SELECT run_id, status FROM runs")) == ["FINISHED"] * 2
+
+
+def _damaged_store(path: Path) -> bytes:
+    """A store whose SQLite header is valid but one of whose pages is garbage."""
+    from bench.store import RunRecord, Store
+
+    with Store(path) as store:
+        for i in range(40):
+            store.put(RunRecord(run_id=f"r{i:02d}", spec={"method": "baseline", "seed": i}, status="FINISHED",
+                                metrics={"canny_f1": 0.5}, reason="x" * 1500))
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page and data[:16] == b"SQLite format 3\x00"
+    data[5 * page:6 * page] = bytes((i * 37 + 11) % 251 for i in range(page))
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_store_with_a_damaged_page_is_one_line_exit_2_and_left_untouched(tmp_path, proxy_arch_dir, capsys):
+    store = tmp_path / "store.sqlite"
+    before = _damaged_store(store)
+    good = tmp_path / "good.sqlite"
+    from bench.store import Store
+
+    Store(good).close()
+    grid = _test_sweep_helpers()._grid(tmp_path, proxy_arch_dir, 1)
+    baseline = Path(__file__).resolve().parent.parent / "sweeps" / "regression" / "baseline.json"
+    commands = {
+        "run": ["run", "budget=smoke", "methods=baseline", "seeds=0", f"base_model={proxy_arch_dir}",
+                f"out_dir={tmp_path / 'out'}", "--store", str(store), "--quiet"],
+        "report": ["report", "--store", str(store), "--out", str(tmp_path / "report")],
+        "sweep": ["sweep", str(grid), "--local", "--store", str(store), "--quiet"],
+        "check": ["check", "--baseline", str(baseline), "--store", str(store)],
+        "merge from": ["store", "merge", str(good), str(store)],
+        "merge into": ["store", "merge", str(store), str(good)],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"store {store} is damaged" in err and "--store" in err, (name, err)
+        assert store.read_bytes() == before, f"{name} wrote to the damaged store"
+    assert not (tmp_path / "out" / "images").exists()  # refused before any run
+    cli = subprocess.run([*BENCH, "report", "--store", str(store), "--out", str(tmp_path / "r")], capture_output=True,
+                         text=True, env=_env(tmp_path), timeout=120)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert store.read_bytes() == before

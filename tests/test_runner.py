@@ -68,3 +68,47 @@ def test_consistency_curve_is_measured_on_fixed_steps_and_subset(proxy_arch_dir,
     assert points == {(0, "canny_f1"), (2, "canny_f1"), (4, "canny_f1")}  # fd is not a consistency metric
     assert all(0 <= p["value"] <= 1 for p in rec.curve)
     assert len(rec.metrics) == 2 and rec.compute["step_time_s"] > 0
+
+
+def test_a_run_process_whose_launcher_is_already_gone_does_nothing(proxy_arch_dir, tmp_path):
+    """The race between fork and prctl: a run process started by a launcher that died before the death
+    signal was set finds another parent and exits at once, before importing torch or running anything."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bench.runner import PARENT_ENV, PARENT_GONE, RUN_MODULE
+
+    (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"])
+    result = out / "records" / f"{spec.run_id}.json"
+    t0 = time.perf_counter()
+    child = subprocess.run([sys.executable, "-m", RUN_MODULE, spec.run_id, str(out), str(result), "0",
+                            json.dumps(spec.to_dict())], env={**os.environ, PARENT_ENV: "1"},  # not its parent
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == PARENT_GONE, child.stderr
+    assert not out.exists() and time.perf_counter() - t0 < 30
+
+
+def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arch_dir, tmp_path, monkeypatch):
+    import socket
+
+    import bench.runner as runner
+
+    specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
+    executed = []
+
+    def spy(spec, out_dir, progress=True):  # the decision under test is which specs reach here
+        executed.append(spec.run_id)
+        return dataclasses.replace(runner.failed(spec, ""), status="FINISHED")
+
+    monkeypatch.setattr(runner, "run_isolated", spy)
+    with Store(tmp_path / "store.sqlite") as store:
+        store._db.execute("INSERT INTO claims VALUES (?, ?, 1, ?)", (specs[0].run_id, socket.gethostname(), 9e9))
+        summary = runner.run_all(specs, store, out, progress=False)
+        assert executed == [specs[1].run_id] and summary.ran == 1 and summary.elsewhere == [specs[0]]
+        assert [r.run_id for r in summary.records] == [specs[1].run_id] and store.is_finished(specs[1].run_id)
+        assert store._db.execute("SELECT run_id FROM claims").fetchall() == [(specs[0].run_id,)]  # ours released
+        again = runner.run_all(specs, store, out, progress=False)  # finished: not run, not claimed
+        assert executed == [specs[1].run_id] and again.ran == 0 and again.elsewhere == [specs[0]]

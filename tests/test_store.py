@@ -1,7 +1,12 @@
 """Store: round trip, WAL, FINISHED-wins, merge idempotence, corrupt files, concurrent writers."""
 from __future__ import annotations
 
+import json
+import math
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,11 +141,67 @@ with Store(path) as store:
 
 
 def test_two_processes_write_concurrently(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     path = str(tmp_path / "shared.db")
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, p]) for p in ("a", "b")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     with Store(path) as store:
         assert len(store.records()) == 100
+
+
+def _strict(text: str):
+    def refuse(token: str):
+        raise ValueError(f"bare {token} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_are_strict_json_and_non_finite_numbers_read_back_as_nan(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    rec = make_record("r1", metrics={"canny_f1": nan, "fd": inf, "ok": 0.5}, compute={"step_time_s": nan},
+                      curve=[{"step": 2, "metric": "canny_f1", "value": -inf}])
+    text = rec.to_json()
+    assert _strict(text)["metrics"] == {"canny_f1": None, "fd": None, "ok": 0.5}
+    json.dumps(json.loads(text), allow_nan=False)
+    back = RunRecord.from_json(text)
+    assert math.isnan(back.metrics["canny_f1"]) and math.isnan(back.metrics["fd"]) and back.metrics["ok"] == 0.5
+    assert math.isnan(back.compute["step_time_s"]) and math.isnan(back.curve[0]["value"])
+    with Store(tmp_path / "s.db") as store:
+        store.put(rec)
+        assert math.isnan(store.get("r1").metrics["canny_f1"])
+        stored = store._db.execute("SELECT record FROM runs").fetchone()[0]
+        _strict(stored)
+        old = make_record("old", created_at=2.0).to_json().replace('"canny_f1": 0.5', '"canny_f1": NaN')
+        store._db.execute("INSERT INTO runs VALUES ('old', 'FINISHED', 'controlnet', 'bk1', ?, 0)", (old,))
+        assert math.isnan(store.get("old").metrics["canny_f1"])  # stores written before strict JSON still read
+        assert [r.run_id for r in store.records()] == ["r1", "old"]
+
+
+def test_every_sqlite_error_is_a_one_line_store_error(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.put(make_record("r1"))
+        store._conn.close()  # the connection fails under the store: each call says so in one line
+        for call in (lambda: store.get("r1"), store.records, lambda: store.put(make_record("r2")),
+                     lambda: store.claim("r1"), lambda: store.release("r1"), lambda: len(store)):
+            with pytest.raises(StoreError) as info:
+                call()
+            assert str(tmp_path / "s.db") in str(info.value) and "\n" not in str(info.value)
+            assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_claim_whose_run_process_outlived_its_claimant_is_not_taken_over(tmp_path: Path) -> None:
+    """An orphan run process (claimant dead, run process alive) keeps its claim: taking it over
+    would run the same config twice at once."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "bench.runner", "run-x", "out"])
+    try:
+        with Store(tmp_path / "s.db") as store:
+            store._db.execute("INSERT INTO claims VALUES ('run-x', ?, ?, 0)", (socket.gethostname(), dead.pid))
+            store._db.execute("INSERT INTO claims VALUES ('run-y', ?, ?, 0)", (socket.gethostname(), dead.pid))
+            assert not store.claim("run-x")  # its run process still runs
+            assert store.claim("run-y")  # no process runs run-y: stale, taken over
+            orphan.kill()
+            orphan.wait()
+            assert store.claim("run-x")
+    finally:
+        orphan.kill()
+        orphan.wait()
