@@ -97,6 +97,22 @@ def test_self_contained_with_plots_grids_and_spec(records: list[RunRecord], tmp_
     assert "canny_f1 ↑" in text and "key100" in text and "abc123" in text and "canny_f1@1" in text
 
 
+def test_csp_allows_only_the_pages_own_script_and_style_by_hash(records: list[RunRecord], tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    text = render(records, tmp_path / "report")
+    csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', text).group(1))
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "nonce-" not in csp
+    policy = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+        assert len(bodies) == 1 and f"<{tag} " not in text  # one element, no attributes to smuggle in
+        digest = base64.b64encode(hashlib.sha256(bodies[0].encode()).digest()).decode()
+        assert policy[directive] == f"'sha256-{digest}'"
+    assert " style=" not in text and " onclick=" not in text  # inline attributes would be refused
+
+
 def test_write_report_html_and_markdown_parity(records: list[RunRecord], tmp_path: Path) -> None:
     out = tmp_path / "report"
     md_path = write_report(records, out, {"git_sha": "abc123"}, plots=True, html=True)

@@ -1,0 +1,291 @@
+"""Bad input is caught once, before any compute: exit 2, one line, no traceback, store untouched.
+
+One parametrized test covers every bad-input case of issue 13 (items 4-6) and the ones handled
+before it. Each case runs `bench run` (or `bench sweep --local`) in process against a store that
+already exists, and checks: exit code 2, exactly one line on stderr naming the problem, no
+traceback, the store's bytes unchanged with no FAILED (or any other) row added, and nothing
+written under --out. Scientific notation is the positive case: it parses as YAML 1.2 does
+everywhere (CLI, config, sweep, budgets, claims) and a run with `budget.lr=1e-4` finishes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from bench.cli import main
+from bench.store import Store
+
+RUN = ["run", "budget=smoke", "methods=baseline", "seeds=0"]
+
+
+# ---- builders: each returns the overrides after RUN, or a whole argv (`run CONFIG ...`, `sweep ...`) ----
+
+def _folder_builders():
+    """tests/test_folders.py's tiny-folder builders (loaded as tests/test_folders_e2e.py does)."""
+    name = "_controlbench_folder_builders"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_folders.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+PROXY_ARCH: dict[str, Path] = {}  # the session's random-weight proxy base (conftest's save_proxy_arch)
+
+
+def _base_copy(tmp: Path) -> Path:
+    base = tmp / "base"
+    if not base.exists():
+        shutil.copytree(PROXY_ARCH["dir"], base)
+    return base
+
+
+def corrupt_unet_truncated(tmp: Path, env) -> list[str]:
+    base = _base_copy(tmp)
+    f = base / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return [f"base_model={base}"]
+
+
+def corrupt_unet_garbage_header(tmp: Path, env) -> list[str]:
+    base = _base_copy(tmp)
+    f = base / "unet" / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:8] + b"\x00garbage{" + data[17:])  # same length, the JSON header broken
+    return [f"base_model={base}"]
+
+
+def unet_shape_mismatch(tmp: Path, env) -> list[str]:
+    base = _base_copy(tmp)
+    cfg = base / "unet" / "config.json"
+    c = json.loads(cfg.read_text())
+    c["in_channels"] += 1  # conv_in.weight no longer matches the saved tensor
+    cfg.write_text(json.dumps(c))
+    return [f"base_model={base}"]
+
+
+def text_encoder_shape_mismatch(tmp: Path, env) -> list[str]:
+    base = _base_copy(tmp)
+    cfg = base / "text_encoder" / "config.json"
+    c = json.loads(cfg.read_text())
+    c["intermediate_size"] += 8
+    cfg.write_text(json.dumps(c))
+    return [f"base_model={base}"]
+
+
+def missing_base_model(tmp: Path, env) -> list[str]:
+    return [f"base_model={tmp / 'nowhere'}"]
+
+
+def corrupt_png(tmp: Path, env) -> list[str]:
+    root = tmp / "folder"
+    _folder_builders().make_imagefolder(root, n=12, n_eval=4)
+    (root / "img/1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)  # an eval image
+    env.setenv("CONTROLBENCH_DATA_IMAGEFOLDER", str(root))
+    return ["dataset=imagefolder", "metrics=canny_f1", "budget.eval_samples=4", "budget.train_size=8"]
+
+
+def missing_weight(tmp: Path, env) -> list[str]:
+    env.setenv("CONTROLBENCH_WEIGHTS", str(tmp / "weights"))
+    return ["metrics=canny_f1,fid"]
+
+
+def corrupt_weight(tmp: Path, env) -> list[str]:
+    from bench.builtins import load_builtins
+    from bench.weights import WEIGHTS
+
+    load_builtins()
+    path = tmp / "weights" / WEIGHTS.get("inception-fid").relpath
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"<html>404 not found</html>")  # what a failed download leaves behind
+    env.setenv("CONTROLBENCH_WEIGHTS", str(tmp / "weights"))
+    return ["metrics=canny_f1,fid"]
+
+
+def bad_yaml(tmp: Path, env) -> list[str]:
+    bad = tmp / "bad.yaml"
+    bad.write_text("methods: [baseline\nbudget: : smoke\n")
+    return ["run", str(bad), *RUN[1:]]  # the config file comes first
+
+
+def _sweep(tmp: Path, parameters: dict) -> list[str]:
+    path = tmp / "sweep.yaml"
+    path.write_text(json.dumps({"program": "bench", "method": "grid", "metric": {"name": "canny_f1", "goal": "maximize"},
+                                "command": ["${program}", "run", "${args}"], "parameters": parameters}))
+    return ["sweep", str(path), "--local"]
+
+
+def sweep_unknown_sampler(tmp: Path, env) -> list[str]:
+    return _sweep(tmp, {"budget": {"value": "smoke"}, "methods": {"value": "baseline"},
+                        "budget.sampler": {"values": ["ddim", "dpm"]}})
+
+
+def sweep_bad_yaml(tmp: Path, env) -> list[str]:
+    path = tmp / "sweep.yaml"
+    path.write_text("parameters: {budget: {values: [smoke}\n")
+    return ["sweep", str(path), "--local"]
+
+
+def corrupt_store_page(tmp: Path, env) -> list[str]:
+    """A store whose header is valid and whose second page is garbage (issue 13 item 6)."""
+    store = tmp / "db" / "store.sqlite"
+    data = bytearray(store.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[page: 2 * page] = b"\xde\xad\xbe\xef" * (page // 4)
+    store.write_bytes(bytes(data))
+    return []
+
+
+def args(*a: str) -> Callable[[Path, object], list[str]]:
+    return lambda tmp, env: list(a)
+
+
+# (case, build, needle in the one line): items 4-5 of issue 13 first, then those handled before it
+CASES = [
+    ("unknown sampler", args("budget.sampler=dpm"),
+     "budget.sampler must be one of ddim, unipc, euler, dpmpp, got 'dpm'"),
+    ("bad precision", args("budget.precision=fp8"),
+     "budget.precision must be one of 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true, got 'fp8'"),
+    ("non-numeric guidance", args("budget.guidance_scale=high"),
+     "budget.guidance_scale must be a finite number >= 0 (e.g. 7.5), got 'high'"),
+    ("negative train_steps", args("budget.train_steps=-3"), "budget.train_steps must be an integer >= 0, got -3"),
+    ("non-numeric lr", args("budget.lr=fast"), "budget.lr must be a finite number > 0 (e.g. 1e-4), got 'fast'"),
+    ("corrupt UNet safetensors (truncated)", corrupt_unet_truncated,
+     "unet/diffusion_pytorch_model.safetensors: Error while deserializing header"),
+    ("corrupt UNet safetensors (garbage header)", corrupt_unet_garbage_header,
+     "unet/diffusion_pytorch_model.safetensors: Error while deserializing header"),
+    ("UNet shape mismatch", unet_shape_mismatch, "holds 'conv_in.weight' with shape"),
+    ("text encoder shape mismatch", text_encoder_shape_mismatch, "text_encoder/config.json"),
+    ("corrupt PNG in an imagefolder", corrupt_png, "image 'img/1.png' in"),
+    ("corrupt weight file", corrupt_weight, "corrupt weight file"),
+    ("sweep with an unknown sampler", sweep_unknown_sampler, "budget.sampler must be one of"),
+    ("corrupt store page", corrupt_store_page, "store.sqlite"),
+    # handled before issue 13
+    ("unknown method", args("methods=contrlnet"), "did you mean 'controlnet'"),
+    ("unknown metric", args("metrics=fid_typo"), "unknown metric"),
+    ("unknown dataset", args("dataset=shapez"), "unknown dataset"),
+    ("unknown budget", args("budget=nope"), "unknown budget 'nope'"),
+    ("unknown budget field", args("budget.steps=3"), "unknown budget field 'steps'"),
+    ("unknown config key", args("--frobnicate=1"), "unknown config key 'frobnicate'"),
+    ("unknown hparam", args("methods=controlnet", "hparams.controlnet.nope=1"), "unknown hparam"),
+    ("hparam of the wrong type", args("methods=controlnet", "hparams.controlnet.conditioning_scale=abc"),
+     "conditioning_scale"),
+    ("bad seeds", args("seeds=-1"), "seeds must be non-negative integers"),
+    ("bad YAML config", bad_yaml, "not valid YAML"),
+    ("bad YAML sweep", sweep_bad_yaml, "not valid YAML"),
+    ("missing weight", missing_weight, "missing weight 'inception-fid'"),
+    ("missing base model", missing_base_model, "base model file missing"),
+]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("case, build, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_before_compute(case, build, needle, tmp_path, monkeypatch, capsys,
+                                                     proxy_arch_dir):
+    PROXY_ARCH["dir"] = proxy_arch_dir
+    store = tmp_path / "db" / "store.sqlite"
+    store.parent.mkdir()
+    with Store(store):  # an existing store: its bytes must not change, and no row may be added
+        pass
+    argv = build(tmp_path, monkeypatch)
+    if argv[:1] not in (["run"], ["sweep"]):
+        argv = RUN + argv
+    before = _snapshot(store.parent)
+    capsys.readouterr()
+
+    code = main(argv + [f"--store={store}", f"--out={tmp_path / 'out'}", "--quiet"])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench: error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert _snapshot(store.parent) == before  # unchanged bytes, no -wal/-journal left behind
+    assert not (tmp_path / "out").exists()
+    if case != "corrupt store page":
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0  # no FAILED rows
+
+
+def test_a_corrupt_unet_exits_2_from_the_real_entry_point(tmp_path, proxy_arch_dir):
+    """The same through `python -m bench.cli`: the exit code and the one line a shell sees."""
+    PROXY_ARCH["dir"] = proxy_arch_dir
+    argv = corrupt_unet_truncated(tmp_path, None)
+    env = {**os.environ, "CONTROLBENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "bench.cli", *RUN, *argv, f"--out={tmp_path / 'out'}", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "corrupt safetensors file" in out.stderr and not (tmp_path / "out").exists()
+
+
+# ---- scientific notation: YAML 1.2 floats everywhere ------------------------------------------
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1e-05", 1e-5), ("1E4", 1e4), (".5", 0.5), ("-.5e3", -500.0),
+                                         ("+1e+3", 1e3), ("1.0e-3", 1e-3), ("3", 3), ("1e", "1e"), ("e4", "e4"),
+                                         ("0x10", 16), ("'1e-4'", "1e-4")])
+def test_numbers_parse_as_yaml_1_2(text, value):
+    from bench.yamlio import safe_load
+
+    got = safe_load(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_scientific_notation_in_overrides_configs_sweeps_budgets_and_claims(tmp_path):
+    from bench.budget import load_budgets
+    from bench.claims import load_claims
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.sweep import load_sweep, resolve_sweep
+
+    for form in (["budget.lr=1e-4"], ["--budget.lr=1e-4"], ["--budget.lr", "1e-4"]):  # what W&B agents pass
+        specs, _ = resolve(apply_overrides(load_config(None), parse_overrides(["budget=smoke", *form])))
+        assert specs[0].budget.lr == 1e-4
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("methods: [baseline]\ndataset: shapes\ncondition: canny\nbudget: {name: smoke, lr: 1e-05}\n"
+                   "base_model: proxy\nmetrics: [canny_f1]\n")
+    assert resolve(load_config(cfg))[0][0].budget.lr == 1e-5
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("program: bench\nmethod: grid\nmetric: {name: canny_f1, goal: maximize}\n"
+                     "command: [bench, run, '${args}']\nparameters:\n  budget: {value: smoke}\n"
+                     "  methods: {value: baseline}\n  budget.lr: {values: [1e-4, 1E-3]}\n")
+    specs, _ = resolve_sweep(load_sweep(sweep))
+    assert sorted({s.budget.lr for s in specs}) == [1e-4, 1e-3]
+    budgets = tmp_path / "b.yaml"
+    budgets.write_text("tiny: {train_steps: 1, batch_size: 1, resolution: 32, lr: 1e-4, guidance_scale: 75e-1}\n")
+    assert load_budgets(budgets)["tiny"].lr == 1e-4 and load_budgets(budgets)["tiny"].guidance_scale == 7.5
+    claims = tmp_path / "claims.yaml"
+    shipped = (Path(load_claims.__code__.co_filename).parent / "claims.yaml").read_text(encoding="utf-8")
+    claims.write_text(shipped.replace("value: 0.23}", "value: 23e-2}", 1), encoding="utf-8")
+    first = load_claims(claims)[0]
+    assert first.expect["value"] == 0.23 and isinstance(first.expect["value"], float)
+
+
+def test_a_run_with_lr_1e_minus_4_finishes(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([*RUN, "budget.lr=1e-4", "metrics=canny_f1", "budget.eval_samples=2", f"--out={out}", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with Store(out / "store.sqlite") as store:
+        [record] = store.records()
+    assert record.status == "FINISHED" and record.spec["budget_fields"]["lr"] == 1e-4
+
+
+def test_budget_sampler_names_are_the_shared_samplers():
+    """Budget.validate lists the samplers without importing torch; they must be the sampler's own."""
+    from bench.budget import SAMPLERS
+    from bench.sampler import SCHEDULERS
+
+    assert set(SAMPLERS) == set(SCHEDULERS)
