@@ -349,8 +349,14 @@ def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
 MULTIGEN_IMAGE, MULTIGEN_TEXT, MULTIGEN_PREFIX = "image", "text", "control_"
 
 
+def _stamp(path: str | Path) -> tuple[int, int]:
+    """Part of the shard caches' keys, so a shard rewritten in place is read afresh."""
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
 @lru_cache(maxsize=4)
-def _arrow(path: str):
+def _arrow(path: str, stamp: tuple[int, int] = (0, 0)):
     import pyarrow as pa
 
     with pa.memory_map(path) as source:  # zero-copy; HF save_to_disk writes IPC streams
@@ -361,28 +367,29 @@ def _arrow(path: str):
 
 
 @lru_cache(maxsize=8)
-def _parquet(path: str):
+def _parquet(path: str, stamp: tuple[int, int] = (0, 0)):
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path)
 
 
 @lru_cache(maxsize=8)
-def _row_group(path: str, group: int, column: str):
-    return _parquet(path).read_row_group(group, columns=[column]).column(0)
+def _row_group(path: str, stamp: tuple[int, int], group: int, column: str):
+    return _parquet(path, stamp).read_row_group(group, columns=[column]).column(0)
 
 
 def _cell(path: Path, column: str, row: int, root: Path, where: str) -> Callable[[], bytes]:
     def read() -> bytes:
+        stamp = _stamp(path)
         if path.suffix == ".parquet":  # read one row group, not the whole shard
-            meta, r = _parquet(str(path)).metadata, row
+            meta, r = _parquet(str(path), stamp).metadata, row
             for group in range(meta.num_row_groups):
                 if r < meta.row_group(group).num_rows:
                     break
                 r -= meta.row_group(group).num_rows
-            value = _row_group(str(path), group, column)[r].as_py()
+            value = _row_group(str(path), stamp, group, column)[r].as_py()
         else:
-            value = _arrow(str(path)).column(column)[row].as_py()
+            value = _arrow(str(path), stamp).column(column)[row].as_py()
         if isinstance(value, dict):  # HF Image feature: its bytes, else its file (kept inside the root)
             value = value.get("bytes") or inside(root, _image_path(path, root, value.get("path")), f"{column}.path",
                                                  where, "multigen").read_bytes()
@@ -435,7 +442,7 @@ def index_multigen(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     for shard in shards:
         rel = shard.relative_to(root)
         split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in ("train", "eval", "test") else None
-        table = _parquet(str(shard)) if shard.suffix == ".parquet" else _arrow(str(shard))
+        table = (_parquet if shard.suffix == ".parquet" else _arrow)(str(shard), _stamp(shard))
         schema = table.schema_arrow if shard.suffix == ".parquet" else table.schema
         missing = {MULTIGEN_IMAGE, MULTIGEN_TEXT} - set(schema.names)
         if missing:

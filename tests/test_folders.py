@@ -1,7 +1,7 @@
 """Local-folder datasets: tiny folders built in tmp_path and read through the registered builders."""
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 
 import cv2
@@ -24,17 +24,66 @@ def write_png(path, h=40, w=60, seed=0):
     cv2.imwrite(str(path), image)
 
 
-def make_imagefolder(root, n=12):
+# Builders of tiny folders in each layout; tests/test_folders_e2e.py and tests/test_traversal.py
+# reuse them. `folder`/`sub` put the files (and so the sample ids) under nested paths.
+
+
+def make_imagefolder(root, n=12, folder="img", n_eval=3):
+    """metadata.jsonl: `{folder}/{i}.png`, the first n_eval in split eval; even i has a canny file."""
     lines = []
     for i in range(n):
-        write_png(root / f"img/{i}.png", seed=i)
-        row = {"file_name": f"img/{i}.png", "text": f"a box {i}", "boxes": [[15, 10, 45, 30]], "labels": ["box"],
-               "split": "eval" if i < 3 else "train"}
+        write_png(root / f"{folder}/{i}.png", seed=i)
+        row = {"file_name": f"{folder}/{i}.png", "text": f"a box {i}", "boxes": [[15, 10, 45, 30]], "labels": ["box"],
+               "split": "eval" if i < n_eval else "train"}
         if i % 2 == 0:
             write_png(root / f"cond/{i}.png", seed=100 + i)
             row["conditions"] = {"canny": f"cond/{i}.png"}
         lines.append(json.dumps(row))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def make_fill50k(root, n=20, sub=""):
+    """prompt.json with source/{sub}{i}.png (a circle outline) and target/{sub}{i}.png (filled)."""
+    lines = []
+    for i in range(n):
+        src, tgt = np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)
+        cv2.circle(src, (32, 32), 10 + i % 20, (255, 255, 255), 1)
+        cv2.circle(tgt, (32, 32), 10 + i % 20, (0, 0, 255), -1)
+        for kind, image in (("source", src), ("target", tgt)):
+            (root / kind / sub).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / kind / f"{sub}{i}.png"), image)
+        lines.append(json.dumps({"source": f"source/{sub}{i}.png", "target": f"target/{sub}{i}.png",
+                                 "prompt": f"circle {i}"}))
+    (root / "prompt.json").write_text("\n".join(lines))
+
+
+def png_bytes(tmp, seed):
+    write_png(tmp, seed=seed)
+    return tmp.read_bytes()
+
+
+def make_multigen(root, splits=(("train", 5), ("eval", 3)), shard="part-0"):
+    """<split>/<shard>.parquet with image (HF Image struct), text and control_depth; ids <split>/<shard>/<row>."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = root.parent / f"{root.name}-tmp.png"
+    for split, n in splits:
+        (root / split / shard).parent.mkdir(parents=True, exist_ok=True)
+        image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the HF Image feature
+        table = pa.table({"image": pa.array([{"bytes": png_bytes(tmp, i), "path": None} for i in range(n)], image),
+                          "text": [f"{split} {i}" for i in range(n)],
+                          "control_depth": [png_bytes(tmp, 50 + i) for i in range(n)]})
+        pq.write_table(table, root / split / f"{shard}.parquet", row_group_size=2)
+    tmp.unlink()
+
+
+def make_identity_folder(root, identities=(("alice", 3), ("bob", 6), ("solo", 1)), ext=".jpg"):
+    """<identity>/<k><ext> images; prompts.jsonl names one of bob's."""
+    for ident, n in identities:
+        for k in range(n):
+            write_png(root / ident / f"{k}{ext}", seed=k)
+    (root / "prompts.jsonl").write_text(json.dumps({"file_name": "bob/2.jpg", "text": "bob smiling"}) + "\n")
 
 
 @pytest.fixture
@@ -122,15 +171,7 @@ def test_corrupt_file_and_unset_variable(imagefolder, monkeypatch):
 
 
 def test_fill50k(tmp_path, monkeypatch):
-    lines = []
-    for i in range(20):
-        src, tgt = np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)
-        cv2.circle(src, (32, 32), 10 + i, (255, 255, 255), 1)
-        cv2.circle(tgt, (32, 32), 10 + i, (0, 0, 255), -1)
-        (tmp_path / "source").mkdir(exist_ok=True), (tmp_path / "target").mkdir(exist_ok=True)
-        cv2.imwrite(str(tmp_path / f"source/{i}.png"), src), cv2.imwrite(str(tmp_path / f"target/{i}.png"), tgt)
-        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"circle {i}"}))
-    (tmp_path / "prompt.json").write_text("\n".join(lines))
+    make_fill50k(tmp_path)
     monkeypatch.setenv("CONTROLBENCH_DATA_FILL50K", str(tmp_path))
     n_eval = sum(hash_split(f"target/{i}.png") == "eval" for i in range(20))
     ds = DATASETS.get("fill50k")(split="train", size=20 - n_eval, resolution=32, conditions=("fill",))
@@ -155,20 +196,8 @@ def test_file_only_condition_and_keypoints(imagefolder):
 
 
 def test_multigen_parquet(tmp_path, monkeypatch):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-
-    def png(seed):
-        buf = io.BytesIO()
-        write_png(tmp_path / "t.png", seed=seed)
-        buf.write((tmp_path / "t.png").read_bytes())
-        return buf.getvalue()
-
-    for split, n in (("train", 5), ("eval", 3)):
-        (tmp_path / "mg" / split).mkdir(parents=True)
-        table = pa.table({"image": [{"bytes": png(i), "path": None} for i in range(n)],
-                          "text": [f"{split} {i}" for i in range(n)],
-                          "control_depth": [png(50 + i) for i in range(n)]})
-        pq.write_table(table, tmp_path / "mg" / split / "part-0.parquet", row_group_size=2)
+    pytest.importorskip("pyarrow")
+    make_multigen(tmp_path / "mg")
     monkeypatch.setenv("CONTROLBENCH_DATA_MULTIGEN", str(tmp_path / "mg"))
     ds = DATASETS.get("multigen")(split="eval", size=3, resolution=16, conditions=("depth",))
     items = [ds[i] for i in range(3)]
@@ -185,10 +214,7 @@ def test_multigen_parquet(tmp_path, monkeypatch):
 
 
 def test_identity_folder(tmp_path, monkeypatch):
-    for ident, n in (("alice", 3), ("bob", 6), ("solo", 1)):
-        for k in range(n):
-            write_png(tmp_path / ident / f"{k}.jpg", seed=k)
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"file_name": "bob/2.jpg", "text": "bob smiling"}) + "\n")
+    make_identity_folder(tmp_path)
     monkeypatch.setenv("CONTROLBENCH_DATA_IDENTITY_FOLDER", str(tmp_path))
     from bench.datasets.folders import index_identity
 
@@ -206,3 +232,52 @@ def test_identity_folder(tmp_path, monkeypatch):
     if "bob/2.jpg" in items:
         assert items["bob/2.jpg"].prompts == ["bob smiling"]
     assert {r.split for r in all_records if r.identity == "bob"} == {hash_split("bob")}  # split by identity
+
+
+def test_verify_decodes_what_a_run_reads_and_names_the_entry(imagefolder, monkeypatch):
+    from bench.datasets import folders
+
+    build = DATASETS.get("imagefolder")
+    build(split="eval", size=3, resolution=32, conditions=("canny",)).verify()  # all good: returns None
+    (imagefolder / "cond/2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    without = build(split="eval", size=3, resolution=32, conditions=())
+    without.verify()  # the broken canny map is not read by a run without that condition
+    with pytest.raises(ConfigError) as e:
+        build(split="eval", size=3, resolution=32, conditions=("canny",)).verify()
+    assert str(e.value) == (f"image 'cond/2.png' in {imagefolder} (imagefolder, line 3 of metadata.jsonl) cannot be "
+                            "decoded; fix or remove it")
+    (imagefolder / "img/5.png").unlink()  # a train file: missing files fail the index's fingerprint first
+    with pytest.raises(ConfigError, match=r"img/5.png is listed but missing"):
+        build(split="train", size=9, resolution=32, conditions=())
+    # past VERIFY_MAX_FILES, a fixed sample: the files with the smallest sha1 of their label
+    make_imagefolder(imagefolder, n=12)
+    monkeypatch.setattr(folders, "VERIFY_MAX_FILES", 3)
+    ds = build(split="train", size=9, resolution=32, conditions=())
+    labels = sorted(f"img/{i}.png" for i in range(3, 12))
+    picked = sorted(labels, key=lambda x: hashlib.sha1(x.encode()).digest())[:3]
+    read = []
+    monkeypatch.setattr(folders.FolderDataset, "_decode", lambda self, source, rec, what="image": read.append(
+        self._label(source, rec, what)))
+    ds.verify()
+    assert sorted(read) == sorted(picked)
+
+
+def test_verify_identity_references_and_generated_worlds(tmp_path, monkeypatch):
+    make_identity_folder(tmp_path)
+    (tmp_path / "bob" / "4.jpg").write_bytes(b"")
+    monkeypatch.setenv("CONTROLBENCH_DATA_IDENTITY_FOLDER", str(tmp_path))
+    split = hash_split("bob")
+    ds = DATASETS.get("identity_folder")(split=split, size=6 + 3 * (hash_split("alice") == split), resolution=24,
+                                         conditions=())
+    with pytest.raises(ConfigError, match=r"image 'bob/4.jpg' in .* \(identity_folder, identity folder bob/\) "
+                                          r"cannot be decoded; fix or remove it"):
+        ds.verify()
+    for name in ("shapes", "identity", "identity_multi"):  # generated from seeds: nothing to read
+        assert DATASETS.get(name)(split="eval", size=2, resolution=32, conditions=()).verify() is None
+
+
+def test_imagefolder_sample_ids_are_unique(imagefolder):
+    rows = (imagefolder / "metadata.jsonl").read_text().splitlines()
+    (imagefolder / "metadata.jsonl").write_text("\n".join(rows + [rows[1]]) + "\n")
+    with pytest.raises(ConfigError, match=r"metadata.jsonl:13: file_name 'img/1.png' is listed again \(first on line 2\)"):
+        DATASETS.get("imagefolder")(split="eval", size=1, resolution=32, conditions=())
