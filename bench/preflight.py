@@ -7,7 +7,8 @@ per run. What is checked, and where:
 - registry names (methods, metrics, datasets, conditions, budgets), config keys, seeds, method
   recipe fields (`Method.check_hparams`), budget fields (`Budget.validate`: integers, lr,
   guidance, precision, sampler): while resolving, in bench/spec.py and bench/budget.py;
-- external weights: present and readable (`bench.weights.preflight`), also while resolving;
+- external weights: present, while resolving; readable here (`bench.weights.check_readable`:
+  safetensors headers parse and cover the file, torch checkpoints are zip or pickle);
 - base models (here): the diffusers directory complete, every safetensors header readable and
   every tensor's shape the one its config.json builds (`bench.base_model.check_weights`);
 - datasets (here): each (dataset, condition, split, size) a run will load, built as the runner
@@ -25,8 +26,22 @@ from bench.spec import RunSpec
 def check(specs: Iterable[RunSpec]) -> None:
     """Raise the first ConfigError among the checks above; return None when all pass."""
     specs = list(specs)
+    check_weight_files(specs)
     check_base_models(sorted({s.base_model for s in specs}))
     check_datasets(specs)
+
+
+def check_weight_files(specs: Iterable[RunSpec]) -> None:
+    from bench.builtins import load_builtins
+    from bench.registry import CONDITIONS, METHODS, METRICS
+    from bench.weights import needed_weights, preflight
+
+    load_builtins()
+    components = []
+    for s in specs:
+        components += [METHODS.get(s.method), *(METRICS.get(m) for m in s.metrics)]
+        components += [CONDITIONS.get(s.condition)] if s.condition else []
+    preflight(needed_weights(*components), contents=True)
 
 
 def check_base_models(names: Iterable[str]) -> None:

@@ -2,7 +2,7 @@
 
 The root is `$CONTROLBENCH_WEIGHTS` (default `~/.cache/controlbench/weights`). Components (metrics, condition extractors, methods) list the weight
 names they need in a `weights` class attribute; `preflight` checks them all before any compute
-and names the first missing path and how to get it; `bench doctor` prints the whole table.
+and names the first missing (or unreadable) path and how to get it; `bench doctor` prints the whole table.
 """
 from __future__ import annotations
 
@@ -97,7 +97,10 @@ def check_readable(path: Path) -> None:
             raise ConfigError(f"corrupt weight file {f}: empty; copy it again")
 
 
-def preflight(names: list[str], root: str | Path | None = None) -> None:
-    """Every named weight present and readable (see `check_readable`), the first failure named."""
+def preflight(names: list[str], root: str | Path | None = None, contents: bool = False) -> None:
+    """Every named weight present (and with `contents`, readable: see `check_readable`); the first
+    failure named. Resolving a config checks presence; `bench.preflight` checks contents once per command."""
     for name in names:
-        check_readable(weight_path(name, root))
+        path = weight_path(name, root)
+        if contents:
+            check_readable(path)
