@@ -114,13 +114,16 @@ def hash_split(key: str) -> str:
     return "eval" if int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10 == 0 else "train"
 
 
-def fingerprint(index: bytes, files: list[Path], root: Path) -> str:
+def fingerprint(index: bytes, files: list[Path], root: Path, where: dict[Path, str] | None = None) -> str:
+    """`where` names the index entry of each file, for the message when one is missing."""
     h = hashlib.sha256(index)
     for f in sorted(set(files)):
         try:
             size = f.stat().st_size
         except OSError:
-            raise ConfigError(f"dataset file {f} is listed but missing") from None
+            entry = f" ({where[f]})" if where and f in where else ""
+            raise ConfigError(f"dataset file {f.relative_to(root)}{entry} is listed but missing under {root}; "
+                              "restore it or remove its entry") from None
         h.update(f"{f.relative_to(root)}\0{size}\n".encode())
     return f"n{len(set(files))}-{h.hexdigest()[:12]}"
 
@@ -277,7 +280,7 @@ def _jsonl(path: Path, layout: str = "") -> tuple[list[tuple[int, dict]], bytes]
 
 def index_imagefolder(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     rows, data = _jsonl(root / "metadata.jsonl", '{"file_name": ..., "text": ...}')
-    records, files, seen = [], [], {}
+    records, files, seen, wheres = [], [], {}, {}
     for n, row in rows:
         where = f"line {n} of metadata.jsonl"
         name = row.get("file_name")
@@ -294,18 +297,19 @@ def index_imagefolder(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
                               f'e.g. {{"canny": "cond/0.png"}}')
         conds = {k: inside(root, v, f"conditions.{k}", where, "imagefolder") for k, v in conds.items()}
         files += [image, *conds.values()]
+        wheres.update({p: where for p in (image, *conds.values()) if p not in wheres})
         records.append(Record(id=name, image=image, prompt=row.get("text", ""),
                               split=row.get("split") or hash_split(name), conditions=conds,
                               boxes=row.get("boxes"), labels=row.get("labels"), keypoints=row.get("keypoints"),
                               where=where))
     classes = tuple(sorted({v for r in records for v in (r.labels or []) if isinstance(v, str)}))
-    return records, fingerprint(data, files, root), classes
+    return records, fingerprint(data, files, root, wheres), classes
 
 
 def index_fill50k(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     layout = '{"source": "source/0.png", "target": "target/0.png", "prompt": ...}'
     rows, data = _jsonl(root / "prompt.json", layout)
-    records, files = [], []
+    records, files, wheres = [], [], {}
     for n, r in rows:
         where = f"line {n} of prompt.json"
         missing = [k for k in ("source", "target") if k not in r]
@@ -314,9 +318,10 @@ def index_fill50k(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
         target = inside(root, r["target"], "target", where, "fill50k")
         source = inside(root, r["source"], "source", where, "fill50k")
         files += [source, target]
+        wheres.setdefault(source, where), wheres.setdefault(target, where)
         records.append(Record(id=r["target"], image=target, prompt=r.get("prompt", ""), split=hash_split(r["target"]),
                               conditions={"fill": source}, where=where))
-    return records, fingerprint(data, files, root), ()
+    return records, fingerprint(data, files, root, wheres), ()
 
 
 def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:

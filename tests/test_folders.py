@@ -247,7 +247,8 @@ def test_verify_decodes_what_a_run_reads_and_names_the_entry(imagefolder, monkey
     assert str(e.value) == (f"image 'cond/2.png' in {imagefolder} (imagefolder, line 3 of metadata.jsonl) cannot be "
                             "decoded; fix or remove it")
     (imagefolder / "img/5.png").unlink()  # a train file: missing files fail the index's fingerprint first
-    with pytest.raises(ConfigError, match=r"img/5.png is listed but missing"):
+    with pytest.raises(ConfigError, match=r"dataset file img/5.png \(line 6 of metadata.jsonl\) is listed but missing "
+                                          r"under .*; restore it or remove its entry"):
         build(split="train", size=9, resolution=32, conditions=())
     # past VERIFY_MAX_FILES, a fixed sample: the files with the smallest sha1 of their label
     make_imagefolder(imagefolder, n=12)

@@ -41,7 +41,7 @@ def _identities(split: str, k: int) -> list[str]:
 
 
 def build_imagefolder(root: Path) -> dict:
-    B.make_imagefolder(root, n=12, folder="img dir/sub", n_eval=4)
+    B.make_imagefolder(root, n=12, folder="img dir/süb", n_eval=4)  # ids "img dir/süb/0.png": '/', space, unicode
     return dict(condition="canny", metrics="canny_f1", reextracts=True)
 
 
