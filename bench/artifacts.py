@@ -19,10 +19,10 @@ Import-light on purpose (no torch): the report imports it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import hashlib
 from urllib.parse import quote
 
 from bench.files import atomic_write

@@ -182,15 +182,14 @@ class FolderDataset(torch.utils.data.Dataset):
     def _decode(self, source: Source, rec: Record, what: str = "image") -> np.ndarray:
         """Read and decode one file or cell; a one-line ConfigError naming it, its index entry and the fix."""
         label = self._label(source, rec, what)
-        entry = f"{self.name}, {rec.where}" if rec.where else self.name
+        at = f"{label!r}{f' in {self.root}' if self.root else ''} ({self.name}{f', {rec.where}' if rec.where else ''})"
         try:
             data = source.read_bytes() if isinstance(source, Path) else source()
         except OSError as e:
-            raise ConfigError(f"image {label!r} in {self.root} ({entry}) cannot be read ({e.strerror or e}); "
-                              "restore it or remove its entry") from None
+            raise ConfigError(f"image {at} cannot be read ({e.strerror or e}); restore it or remove its entry") from None
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if image is None:
-            raise ConfigError(f"image {label!r} in {self.root} ({entry}) cannot be decoded; fix or remove it")
+            raise ConfigError(f"image {at} cannot be decoded; fix or remove it")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def sources(self, rec: Record) -> list[tuple[Source, str]]:
