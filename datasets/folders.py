@@ -279,17 +279,13 @@ def _jsonl(path: Path, layout: str = "") -> tuple[list[tuple[int, dict]], bytes]
 
 def index_imagefolder(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     rows, data = _jsonl(root / "metadata.jsonl", '{"file_name": ..., "text": ...}')
-    records, files, seen, wheres = [], [], {}, {}
+    records, files, wheres = [], [], {}
     for n, row in rows:
         where = f"line {n} of metadata.jsonl"
         name = row.get("file_name")
         if not name:
             raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: record has no file_name")
         image = inside(root, name, "file_name", where, "imagefolder")
-        if name in seen:
-            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: file_name {name!r} is listed again (first on line "
-                              f"{seen[name]}); a sample id must be unique, remove one")
-        seen[name] = n
         conds = row.get("conditions") or {}
         if not isinstance(conds, dict):
             raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: conditions must map a kind to a file, "
@@ -475,10 +471,21 @@ INDEXERS = {"imagefolder": index_imagefolder, "fill50k": index_fill50k, "multige
             "identity_folder": index_identity}
 
 
+def unique_ids(records: list[Record], name: str, root: Path) -> None:
+    """Sample ids name the files a run writes and seed each sample's noise: each must be listed once."""
+    seen: dict[str, str] = {}
+    for rec in records:
+        if rec.id in seen:
+            raise ConfigError(f"dataset {name}: sample id {rec.id!r} is listed twice in {root} ({seen[rec.id]}, then "
+                              f"{rec.where}); remove one entry")
+        seen[rec.id] = rec.where
+
+
 def _register(name: str) -> None:
     def build(split: str, size: int, resolution: int, conditions: tuple[str, ...], seed: int = 0) -> FolderDataset:
         root = data_root(name, LAYOUTS[name])
         records, fp, classes = INDEXERS[name](root)
+        unique_ids(records, name, root)
         return FolderDataset(name, records, fp, split, size, resolution, conditions, seed, classes, root)
 
     DATASETS.register(name)(build)

@@ -281,7 +281,8 @@ def test_verify_identity_references_and_generated_worlds(tmp_path, monkeypatch):
 def test_imagefolder_sample_ids_are_unique(imagefolder):
     rows = (imagefolder / "metadata.jsonl").read_text().splitlines()
     (imagefolder / "metadata.jsonl").write_text("\n".join(rows + [rows[1]]) + "\n")
-    with pytest.raises(ConfigError, match=r"metadata.jsonl:13: file_name 'img/1.png' is listed again \(first on line 2\)"):
+    with pytest.raises(ConfigError, match=r"dataset imagefolder: sample id 'img/1.png' is listed twice in .* \(line 2 "
+                                          r"of metadata.jsonl, then line 13 of metadata.jsonl\); remove one entry"):
         DATASETS.get("imagefolder")(split="eval", size=1, resolution=32, conditions=())
 
 
