@@ -241,8 +241,8 @@ def test_two_concurrent_bench_runs_on_one_out_split_the_work(tmp_path, proxy_arc
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     ran = [int(o.split(" ran here")[0].split("(")[-1]) for o, _ in outs]
     assert sum(ran) == 2, outs  # each run ran exactly once, in one of the two processes
-    if ran == [1, 1]:  # both started together: each left the other's run to it, and said so
-        assert all("1 skipped: claimed by another live process" in o for o, _ in outs), outs
+    if ran == [1, 1]:  # one of them found the other's run claimed (the other may find its run finished)
+        assert any("1 skipped: claimed by another live process" in o for o, _ in outs), outs
     assert sorted(s for _, s in _rows(out / "store.sqlite", "SELECT run_id, status FROM runs")) == ["FINISHED"] * 2
 
 
