@@ -384,6 +384,8 @@ class Store:
     def _write(self, record: RunRecord, merge: bool) -> bool:
         """Upsert one record in its own transaction; see put/merge_from for the rules."""
         with self._transaction() as conn:
+            if record.finished:  # in the same transaction: a process killed after the put leaves no claim behind
+                conn.execute("DELETE FROM claims WHERE run_id = ?", (record.run_id,))
             return self._upsert(conn, record, merge)
 
     def _upsert(self, conn: sqlite3.Connection, record: RunRecord, merge: bool) -> bool:
