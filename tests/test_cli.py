@@ -148,8 +148,9 @@ def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: flo
     and assert that none of its run processes survives it. Returns what was seen at the kill."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(1 << 16), b"")))
-    reader.start()
+    # A daemon reader, never joined before the check: the pipe ends only when every writer is gone,
+    # the run process included, so waiting for it would wait for an orphan to finish.
+    threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(1 << 16), b"")), daemon=True).start()
     deadline, kids = time.time() + timeout, {}
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -162,16 +163,18 @@ def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: flo
         assert time.time() < deadline, "kill point not reached: " + seen["output"][-2000:].decode()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        until = time.time() + 5
+        while _run_processes(out) and time.time() < until:
+            time.sleep(0.05)
+        survivors = _run_processes(out)
+        assert kids and not survivors, f"run processes outlived their parent: {survivors}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join()
-    until = time.time() + 5
-    while _run_processes(out) and time.time() < until:
-        time.sleep(0.05)
-    assert not _run_processes(out), f"run processes outlived their parent: {_run_processes(out)}"
-    assert kids and not any(Path(f"/proc/{pid}").exists() and _torch_loaded(pid) for pid in kids)
+        for pid in [proc.pid, *_run_processes(out)]:  # never leave one behind, whatever failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
     return seen
 
 
