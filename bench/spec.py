@@ -12,9 +12,9 @@ import yaml
 from bench.budget import BUDGETS_FILE, Budget, load_budgets
 from bench.builtins import load_builtins
 from bench.errors import ConfigError
-from bench.yamlio import safe_load
 from bench.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError
 from bench.store import spec_hash
+from bench.yamlio import safe_load, where
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
@@ -71,9 +71,7 @@ def load_config(path: Path | None) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config {path} is not valid YAML{where}; fix the file or pass another CONFIG") from None
+        raise ConfigError(f"config {path} is not valid YAML{where(e)}; fix the file or pass another CONFIG") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a YAML mapping of keys like methods:, dataset:, budget:")
     return cfg

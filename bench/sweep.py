@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from bench.errors import ConfigError
-from bench.yamlio import safe_load
 from bench.files import atomic_write
 from bench.spec import RunSpec, apply_overrides, load_config, resolve
+from bench.yamlio import safe_load, where
 
 SWEEP_METHODS = ("grid", "random", "bayes")
 SWEEP_KEYS = {"program", "method", "metric", "parameters", "command", "name", "description", "project", "entity",
@@ -63,8 +63,8 @@ def load_sweep(path: Path) -> Sweep:
         raw = safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"sweep file {path} is not valid YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {path} is not valid YAML{where(e)}; fix the file (W&B sweep format)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         raise ConfigError(f"sweep file {path} must be a W&B sweep mapping with parameters:")
     unknown = sorted(set(raw) - SWEEP_KEYS)

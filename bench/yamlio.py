@@ -41,3 +41,9 @@ Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_RE, list("-+0123456789."))
 def safe_load(stream: str | bytes) -> Any:
     """`yaml.safe_load` with YAML 1.2 floats; raises yaml.YAMLError like it."""
     return yaml.load(stream, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
+
+
+def where(error: yaml.YAMLError) -> str:
+    """" at line N" of a YAML error (for one-line messages), or "" when PyYAML gives no position."""
+    mark = getattr(error, "problem_mark", None)
+    return f" at line {mark.line + 1}" if mark else ""
