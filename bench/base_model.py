@@ -9,6 +9,7 @@ of both encoders concatenated, the second encoder's pooled projection, size/crop
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -59,13 +60,16 @@ def check_weights(path: Path) -> None:
     preflight(path)
     for sub, stem, builder in COMPONENTS:
         folder = path / sub
-        if not (folder / "config.json").is_file():
+        if not folder.exists():
             continue  # optional parts (vae, text_encoder_2) absent; preflight checked the required ones
+        if not (folder / "config.json").is_file():  # present, so the loader will read it
+            raise ConfigError(f"base model file missing: {folder / 'config.json'}; re-save the {sub} with "
+                              "save_pretrained, or remove the folder")
         files = _weight_files(folder, stem)
         found: dict[str, tuple[tuple[int, ...], Path]] = {}
         for f in files:
             for name, shape in safetensors_shapes(f).items():
-                found[name] = (shape, f)
+                found[_LEGACY_ATTENTION.sub(lambda m: _LEGACY_NAMES[m.group(1)], name)] = (shape, f)
         expected = _expected_shapes(folder, builder)
         for name, shape in expected.items():
             if name not in found:
@@ -77,6 +81,12 @@ def check_weights(path: Path) -> None:
                 raise ConfigError(f"base model weights do not match {folder / 'config.json'}: {f} holds {name!r} "
                                   f"with shape {list(got)}, the config builds {list(shape)}; use the config.json "
                                   f"saved with these weights")
+
+
+# Attention-block names of VAEs saved by diffusers < 0.14, renamed on load by diffusers (ModelMixin
+# converts deprecated attention blocks); the check compares them under today's names.
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_ATTENTION = re.compile(r"(?<=\.attentions\.\d\.)(query|key|value|proj_attn)(?=\.(?:weight|bias)$)")
 
 
 def _weight_files(folder: Path, stem: str) -> list[Path]:
@@ -95,7 +105,9 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
             raise ConfigError(f"base model weights missing: {folder / missing[0]} (listed in {index.name}); "
                               "copy every shard of the model")
         return [folder / s for s in shards]
-    raise ConfigError(f"base model weights missing: {single}; save the model with safe_serialization=True")
+    variants = sorted(p.name for p in folder.glob(f"{stem}.*.safetensors"))
+    hint = f" (found only {', '.join(variants)}: save it without a variant)" if variants else ""
+    raise ConfigError(f"base model weights missing: {single}{hint}; save the model with safe_serialization=True")
 
 
 def _expected_shapes(folder: Path, builder: str) -> dict[str, tuple[int, ...]]:

@@ -289,3 +289,40 @@ def test_budget_sampler_names_are_the_shared_samplers():
     from bench.sampler import SCHEDULERS
 
     assert set(SAMPLERS) == set(SCHEDULERS)
+
+
+def test_complete_base_models_pass_the_weight_check(tiny_sd_dir, tiny_sdxl_dir, proxy_arch_dir, tmp_path):
+    """No false alarms: SD and SDXL layouts, the shipped proxy, sharded UNets, and VAEs saved with
+    the attention names of diffusers < 0.14 (which diffusers renames on load) all pass."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from bench.base_model import PROXY_BASE_DIR, check_weights
+    from bench.errors import ConfigError
+
+    for path in (tiny_sd_dir, tiny_sdxl_dir, proxy_arch_dir, PROXY_BASE_DIR):
+        check_weights(path)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_sd_dir, legacy)
+    vae = legacy / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for k, v in load_file(vae).items():
+        for new, was in old.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{was}.")
+        renamed[k] = v
+    assert any(".query." in k for k in renamed)
+    save_file(renamed, vae, metadata={"format": "pt"})
+    check_weights(legacy)
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_sd_dir, sharded)
+    unet = UNet2DConditionModel.from_pretrained(sharded / "unet")
+    shutil.rmtree(sharded / "unet")
+    unet.save_pretrained(sharded / "unet", max_shard_size="20KB")
+    shards = sorted((sharded / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    check_weights(sharded)
+    shards[-1].unlink()
+    with pytest.raises(ConfigError, match=f"weights missing: .*{shards[-1].name} \\(listed in"):
+        check_weights(sharded)
