@@ -9,7 +9,6 @@ everywhere (CLI, config, sweep, budgets, claims) and a run with `budget.lr=1e-4`
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import cv2
+import numpy as np
 import pytest
 
 from bench.cli import main
@@ -28,17 +29,6 @@ RUN = ["run", "budget=smoke", "methods=baseline", "seeds=0"]
 
 
 # ---- builders: each returns the overrides after RUN, or a whole argv (`run CONFIG ...`, `sweep ...`) ----
-
-def _folder_builders():
-    """tests/test_folders.py's tiny-folder builders (loaded as tests/test_folders_e2e.py does)."""
-    name = "_controlbench_folder_builders"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_folders.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 PROXY_ARCH: dict[str, Path] = {}  # the session's random-weight proxy base (conftest's save_proxy_arch)
 
@@ -89,10 +79,15 @@ def missing_base_model(tmp: Path, env) -> list[str]:
 
 def corrupt_png(tmp: Path, env) -> list[str]:
     root = tmp / "folder"
-    _folder_builders().make_imagefolder(root, n=12, n_eval=4)
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        cv2.imwrite(str(root / f"img/{i}.png"), np.full((40, 60, 3), 40 * i, np.uint8))
+        rows.append(json.dumps({"file_name": f"img/{i}.png", "text": f"a box {i}", "split": "eval" if i < 2 else "train"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     (root / "img/1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)  # an eval image
     env.setenv("CONTROLBENCH_DATA_IMAGEFOLDER", str(root))
-    return ["dataset=imagefolder", "metrics=canny_f1", "budget.eval_samples=4", "budget.train_size=8"]
+    return ["dataset=imagefolder", "metrics=canny_f1", "budget.eval_samples=2", "budget.train_size=4"]
 
 
 def missing_weight(tmp: Path, env) -> list[str]:
