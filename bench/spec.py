@@ -159,6 +159,25 @@ def _seeds(value) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _trainer(cfg: dict) -> tuple[tuple[str, Any], ...]:
+    """`strategy` and `devices` for Lightning's Trainer, checked here so a typo is not one FAILED run each."""
+    opts = {k: cfg[k] for k in TRAINER_KEYS if cfg.get(k) not in (None, "")}
+    if "strategy" in opts:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        allowed = ["auto", *StrategyRegistry.available_strategies()]
+        if opts["strategy"] not in allowed:
+            raise ConfigError(f"strategy must be one of {', '.join(allowed)}, got {opts['strategy']!r}")
+    if "devices" in opts:
+        d = opts["devices"]
+        ok = (d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1))
+              or (isinstance(d, list) and d and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)))
+        if not ok:
+            raise ConfigError(f"devices must be a count >= 1, -1 (all), auto, or a list of device indices "
+                              f"(e.g. devices=2 or devices=[0,1]), got {d!r}")
+    return tuple(sorted(opts.items()))
+
+
 def _refuse_self_grading(method: str, cls, condition, hparams: dict, metrics: dict) -> None:
     rewards = set(cls.reward_model_ids(condition, hparams))
     for name, metric in metrics.items():
@@ -212,7 +231,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     # Before any compute: every weight the run needs, with the first missing one named.
     preflight(needed_weights(*metric_classes.values(), *classes.values(),
                              *(CONDITIONS.get(c) for c in conditions if c)))
-    trainer = tuple(sorted((k, cfg[k]) for k in TRAINER_KEYS if cfg.get(k) not in (None, "")))
+    trainer = _trainer(cfg)
     specs = []
     for m in method_names:
         hp = hparams.get(m) or {}

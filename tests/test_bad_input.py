@@ -176,6 +176,8 @@ CASES = [
     ("hparam of the wrong type", args("methods=controlnet", "hparams.controlnet.conditioning_scale=abc"),
      "conditioning_scale"),
     ("bad seeds", args("seeds=-1"), "seeds must be non-negative integers"),
+    ("unknown strategy", args("strategy=dpp"), "strategy must be one of auto, ddp, "),
+    ("bad devices", args("devices=abc"), "devices must be a count >= 1, -1 (all), auto, or a list of device indices"),
     ("bad YAML config", bad_yaml, "not valid YAML"),
     ("bad YAML sweep", sweep_bad_yaml, "not valid YAML"),
     ("missing weight", missing_weight, "missing weight 'inception-fid'"),
