@@ -53,9 +53,6 @@ class Group:
     def records(self) -> list[RunRecord]:
         return [r for seeds in self.arms.values() for r in seeds.values()]
 
-    def seed_sets(self) -> dict[Arm, tuple[int, ...]]:
-        return {arm: tuple(sorted(seeds, key=str)) for arm, seeds in self.arms.items()}
-
 
 def _metric_versions(rec: RunRecord) -> tuple[tuple[str, str], ...] | str:
     """The planned metrics' versions from the spec (so a FAILED attempt of a run gets the same
