@@ -66,7 +66,7 @@ def dataset_loads(specs: Iterable[RunSpec]) -> list[tuple[str, str | None, str, 
     for s in specs:
         b = s.budget
         loads = [("eval", b.eval_samples)]
-        if b.train_steps > 0 or any(getattr(METRICS.get(m), "synthesizes", False) for m in s.metrics):
+        if b.train_steps > 0 or any(METRICS.get(m).synthesizes for m in s.metrics):
             loads.append(("train", b.train_size))
         for split, size in loads:
             key = (s.dataset, s.condition, split, size, b.resolution)
