@@ -5,11 +5,17 @@ shared sampler runs:
 - `prompt_embeds`: modify text embeddings (PhotoMaker);
 - `prepare`: compute once per generation (adapter features, control image for CFG);
 - `unet_kwargs`: per-step extra UNet inputs (ControlNet residuals, adapter features, tokens);
-- `denoise`: the UNet call itself, for methods that inject inside the UNet (ControlNeXt).
+- `denoise`: the UNet call itself, for methods that inject inside the UNet (ControlNeXt);
+- `step_embeds`: the prompt embedding of one sampling step (PhotoMaker's `start_merge_step`).
+
+Training follows the method's Recipe (what its authors chose) under the shared Budget (what the
+comparison holds equal): `draw_drops` (prompt/image dropout), `sample_timesteps`, and
+`param_groups` (trainable subsets with learning-rate multipliers on the budget's lr).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, replace
@@ -94,16 +100,36 @@ def _conform(value: Any, tp: Any) -> Any:
     raise TypeError(tp)
 
 
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What a method's authors chose: the settings each method trains and samples with by default.
 
     Each method subclasses it as ``<Method>.Recipe`` with its own typed fields (defaults follow
-    the official code). A config sets a field as ``hparams.<method>.<field>``; the run spec keeps
-    only the fields the user set, and ``Method.recipe`` is the resolved, frozen instance.
+    the official code, cited next to each value). A config sets a field as
+    ``hparams.<method>.<field>``; the run spec keeps the fields the user set (``hparams``) and
+    the resolved recipe (``recipe``); ``Method.recipe`` is the resolved, frozen instance.
+    A subclass's ``__post_init__`` must call ``super().__post_init__()``.
     """
 
-    empty_prompt_prob: float = 0.5  # prompt dropout while training: the unconditional input of CFG
+    # Prompt dropout while training (the unconditional input of CFG). 0.5: ControlNet paper
+    # (Zhang et al. 2023) §3.4 "we randomly replace 50% text prompts with empty strings".
+    empty_prompt_prob: float = 0.5
+    # Training timesteps: "uniform" t ~ U{0..T-1} (DDPM, every method's default), or "cubic"
+    # t = (1 - u^3) T, biased towards large t (T2I-Adapter paper §3.4).
+    timesteps: str = "uniform"
+
+    def __post_init__(self):
+        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+            raise ConfigError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
+        if self.timesteps not in TIMESTEP_SAMPLING:
+            raise ConfigError(f"timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {self.timesteps!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved recipe as JSON-ready values (tuples as lists), for the run spec."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def fields_help(cls) -> str:
@@ -135,6 +161,31 @@ class Recipe:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Drops:
+    """Per-sample training drops: train on the empty prompt (`text`) and/or without the image
+    condition (`image`; methods with reference images). Bool tensors [B] on the CPU."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Trainable parameters that share a learning rate: `budget.lr * lr_scale`."""
+
+    name: str
+    params: list
+    lr_scale: float = 1.0
+
+
+def cubic_timesteps(n: int, num_train_timesteps: int, device=None) -> torch.Tensor:
+    """t = (1 - u^3) T, u ~ U[0, 1): T2I-Adapter's sampling, as diffusers'
+    `train_t2i_adapter_sdxl.py` writes it (floor, clamped to T - 1)."""
+    u = torch.rand((n,), device=device)
+    return ((1 - u ** 3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 class Method(L.LightningModule):
     version: ClassVar[str] = "v1"
     conditions: ClassVar[tuple[str, ...]] = ()  # empty: works without a spatial condition
@@ -162,6 +213,10 @@ class Method(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("base.") and p.requires_grad]
 
+    def param_groups(self) -> list[ParamGroup]:
+        """Trainable subsets and their learning-rate multipliers (one group by default)."""
+        return [ParamGroup("trainable", self.trainable_parameters(), 1.0)]
+
     def inference_parameters(self) -> int:
         """Parameters added at inference on top of the base model."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base."))
@@ -181,6 +236,10 @@ class Method(L.LightningModule):
     def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, state: Any) -> dict:
         return {}
 
+    def step_embeds(self, embeds: PromptEmbeds, step: int, num_steps: int, state: Any) -> PromptEmbeds:
+        """The prompt embedding the sampler's step `step` (0-based, of `num_steps`) denoises with."""
+        return embeds
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, state: Any) -> torch.Tensor:
         """One UNet prediction; the sampler and the training loss both call this."""
         return self.base.unet(x, t, **embeds.unet_inputs(), **self.unet_kwargs(x, t, embeds, state)).sample
@@ -196,16 +255,28 @@ class Method(L.LightningModule):
         return torch.cat([image] * 2) if cfg else image
 
     # ---- training -----------------------------------------------------------------
+    def draw_drops(self, n: int) -> Drops:
+        """This step's training drops: the empty prompt with probability `empty_prompt_prob`."""
+        return Drops(text=torch.rand((n,)) < self.recipe.empty_prompt_prob, image=torch.zeros(n, dtype=torch.bool))
+
+    def sample_timesteps(self, n: int, device=None) -> torch.Tensor:
+        total = self.base.scheduler.config.num_train_timesteps
+        if self.recipe.timesteps == "cubic":
+            return cubic_timesteps(n, total, device)
+        return torch.randint(0, total, (n,), device=device)
+
     def noised_prediction(self, batch: Batch) -> "Noised":
         """Noise the batch at random timesteps and predict with this method (one UNet call)."""
-        base, sched = self.base, self.base.scheduler
+        base = self.base
         x0 = base.encode_images(batch.image)
-        prompts = [("" if torch.rand(()) < self.recipe.empty_prompt_prob else p) for p in batch.prompts]
-        batch = replace(batch, prompts=prompts)  # hooks see the prompts actually trained on
+        drops = self.draw_drops(len(batch))
+        prompts = ["" if drop else p for p, drop in zip(batch.prompts, drops.text.tolist())]
+        # hooks see what is actually trained on: the prompts, and which image conditions are dropped
+        batch = replace(batch, prompts=prompts, refs={**batch.refs, "drop_image": drops.image.to(x0.device)})
         embeds = self.prompt_embeds(base.encode_prompt(prompts, tuple(batch.image.shape[-2:])), batch)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
-        noisy = sched.add_noise(x0, noise, t)
+        t = self.sample_timesteps(len(x0), x0.device)
+        noisy = base.scheduler.add_noise(x0, noise, t)
         state = self.prepare(batch, embeds, cfg=False)
         return Noised(x0, noise, t, noisy, embeds, state, self.denoise(noisy, t, embeds, state))
 
@@ -228,8 +299,8 @@ class Method(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=self.budget.lr, weight_decay=0.0)
+        groups = [{"params": g.params, "lr": self.budget.lr * g.lr_scale} for g in self.param_groups() if g.params]
+        opt = torch.optim.AdamW(groups, lr=self.budget.lr, weight_decay=0.0)
         warm = max(1, self.budget.lr_warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -118,6 +118,10 @@ def _refuse_stale_versions(spec: RunSpec, method_cls: type, metric_classes: dict
     now = {spec.method: method_cls.version, **{n: cls.version for n, cls in metric_classes.items()}}
     planned = {spec.method: spec.method_version, **dict(spec.metric_versions)}
     stale = [f"{n} {planned[n]} -> {now.get(n)}" for n in planned if planned[n] != now.get(n)]
+    recipe = method_cls.make_recipe(dict(spec.hparams)).as_dict()
+    if spec.recipe and recipe != dict(spec.recipe):
+        changed = sorted(k for k in recipe.keys() | dict(spec.recipe).keys() if recipe.get(k) != dict(spec.recipe).get(k))
+        stale.append(f"{spec.method} recipe fields {', '.join(changed)}")
     if stale:
         raise ConfigError(f"code changed since this run was planned ({', '.join(stale)}); run the command again "
                           "to plan it with the current versions")

@@ -64,10 +64,11 @@ def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: f
     shape = (base.unet.config.in_channels, h // base.scale_factor, w // base.scale_factor)
     latents = initial_noise(shape, sample_generators(seed, batch.ids)).to(device, base.unet.dtype)
     latents = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc="sample", leave=False, disable=not progress):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="sample", leave=False, disable=not progress)):
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
-        pred = method.denoise(x, t, embeds, state)
+        pred = method.denoise(x, t, method.step_embeds(embeds, i, len(timesteps), state), state)
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)

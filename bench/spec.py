@@ -36,7 +36,8 @@ class RunSpec:
     base_model: str
     metrics: tuple[str, ...]
     metric_versions: tuple[tuple[str, str], ...]
-    hparams: tuple[tuple[str, Any], ...] = field(default=())
+    hparams: tuple[tuple[str, Any], ...] = field(default=())  # the fields the user set
+    recipe: tuple[tuple[str, Any], ...] = field(default=())  # the method's resolved recipe (defaults + hparams)
     trainer: tuple[tuple[str, Any], ...] = field(default=())  # strategy/devices; empty = one device
 
     def to_dict(self) -> dict:
@@ -44,7 +45,8 @@ class RunSpec:
                     dataset_version=self.dataset_version, condition=self.condition, budget=self.budget.name,
                     budget_key=self.budget.key(), budget_fields=self.budget.as_dict(),
                     seed=self.seed, base_model=self.base_model, metrics=list(self.metrics),
-                    metric_versions=dict(self.metric_versions), hparams=dict(self.hparams))
+                    metric_versions=dict(self.metric_versions), hparams=dict(self.hparams),
+                    recipe=dict(self.recipe))
         if self.trainer:  # only when set, so single-device run ids stay what they were
             d["trainer"] = dict(self.trainer)
         return d
@@ -61,6 +63,7 @@ class RunSpec:
                    base_model=d["base_model"], metrics=tuple(d["metrics"]),
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
                    hparams=tuple(sorted(d["hparams"].items())),
+                   recipe=tuple(sorted(d.get("recipe", {}).items())),
                    trainer=tuple(sorted(d.get("trainer", {}).items())))
 
 
@@ -235,7 +238,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     specs = []
     for m in method_names:
         hp = hparams.get(m) or {}
-        classes[m].check_hparams(hp)
+        recipe = tuple(sorted(classes[m].make_recipe(hp).as_dict().items()))  # also checks hp
         usable = [c for c in conditions if not classes[m].conditions or c in classes[m].conditions]
         if not usable:
             raise ConfigError(f"method {m} needs condition in {classes[m].conditions}, the config has "
@@ -249,5 +252,5 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                                      dataset_version=dataset_versions[dataset_name], condition=condition, budget=budget,
                                      seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
-                                     trainer=trainer))
+                                     recipe=recipe, trainer=trainer))
     return specs, Path(cfg.get("out_dir") or "runs/default")
