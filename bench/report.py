@@ -2,7 +2,9 @@
 
 Which runs share a table, and which share a row, is decided by bench.compare (the same rule
 `bench check` and claims use): dataset@version, condition, budget key, base model and metric
-versions per table; method, method version and hparams per row.
+versions per table; method, method version and hparams per row. Under each table, every row's
+resolved recipe (the fields the user set marked); where one method has several hparam arms in
+a table (a tuning sweep), a tuning summary per method and metric.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from bench.compare import Group, arm_labels, group_runs
+from bench.compare import Arm, Group, arm_labels, group_runs
 from bench.files import atomic_write
 from bench.store import RunRecord
 
@@ -58,6 +60,26 @@ class Row:
     compute: dict[str, float] = field(default_factory=dict)
     run_ids: tuple[str, ...] = ()
     seeds: tuple[Any, ...] = ()
+    # the resolved recipe (field, value), sorted; None when the records predate spec["recipe"]
+    recipe: tuple[tuple[str, Any], ...] | None = None
+    overridden: frozenset[str] = frozenset()  # fields the user set (spec["hparams"])
+    recipe_note: str = ""  # e.g. the seeds' records disagree on the recipe
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    """One method's trials (its arms differing only in hparams) scored by one metric; a trial's
+    score is its mean over seeds."""
+
+    method: str
+    metric: str
+    higher_is_better: bool
+    trials: int
+    best_hparams: dict[str, Any]
+    best: float
+    low: float
+    median: float
+    high: float
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,8 @@ class Table:
     columns: list[str]
     rows: list[Row]
     higher_is_better: dict[str, bool]
+    tuning: list[TuningResult] = field(default_factory=list)
+    tuning_note: str = ""  # e.g. methods were tuned with different trial counts
 
 
 def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, str]:
@@ -76,6 +100,17 @@ def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, s
     if math.isnan(mean):
         return (1, 0.0, row.method)
     return (0, -mean if higher else mean, row.method)
+
+
+def _recipe(members: list[RunRecord]) -> tuple[tuple[tuple[str, Any], ...] | None, frozenset[str], str]:
+    """(the newest record's resolved recipe, the fields its user set, a note if seeds disagree)."""
+    newest = max(members, key=lambda r: (r.created_at, r.run_id))
+    raw = newest.spec.get("recipe")
+    recipe = tuple(sorted(raw.items())) if isinstance(raw, Mapping) else None
+    overridden = frozenset(str(k) for k in (newest.spec.get("hparams") or {}))
+    seen = {json.dumps(r.spec.get("recipe"), sort_keys=True, default=str) for r in members}
+    note = "the seeds' records disagree on the recipe; shown: the newest" if len(seen) > 1 else ""
+    return recipe, overridden, note
 
 
 def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
@@ -86,8 +121,44 @@ def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
         vals = [float(r.compute[key]) for r in members if key in r.compute]
         if vals:
             compute[key] = float(np.mean(vals))
+    recipe, overridden, note = _recipe(members)
     return Row(label, len(members), metrics, compute, tuple(r.run_id for r in members),
-               tuple(sorted(seeds, key=str)))
+               tuple(sorted(seeds, key=str)), recipe, overridden, note)
+
+
+def _trial_score(seeds: dict[Any, RunRecord], metric: str) -> float:
+    vals = [r.metrics[metric] for r in seeds.values() if metric in r.metrics]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def tuning(group: Group, columns: list[str]) -> tuple[list[TuningResult], str]:
+    """Per method with several arms in the group (same method and version, different hparams:
+    tuning trials) and per metric: the best trial by the metric's direction, the trial count and
+    the spread of trial scores. Also a note when tuned methods got different trial counts."""
+    by_method: dict[tuple[str, str], list[Arm]] = {}
+    for a in group.arms:
+        by_method.setdefault((a.method, a.method_version), []).append(a)
+    tuned = {k: arms for k, arms in sorted(by_method.items()) if len(arms) > 1}
+    names = {m for m, _ in tuned}
+    results = []
+    for (method, version), arms in tuned.items():
+        label = method if sum(m == method for m, _ in tuned) == 1 else f"{method}@{version}"
+        for metric in columns:
+            scored = [(_trial_score(group.arms[a], metric), a) for a in arms]
+            scored = [(s, a) for s, a in scored if math.isfinite(s)]
+            if not scored:
+                continue
+            higher = group.higher_is_better.get(metric, True)
+            score, best = min(scored, key=lambda sa: (-sa[0] if higher else sa[0], sa[1].hparams))
+            vals = [s for s, _ in scored]
+            results.append(TuningResult(label, metric, higher, len(scored), best.hparams_dict, score,
+                                        min(vals), float(np.median(vals)), max(vals)))
+    counts = {(m, v): len(arms) for (m, v), arms in tuned.items()}
+    note = ""
+    if len(names) > 1 and len(set(counts.values())) > 1:
+        note = ("tuning budgets differ (trials per method): "
+                + ", ".join(f"{m} {n}" for (m, _), n in sorted(counts.items())))
+    return results, note
 
 
 def seed_note(rows: Sequence[Row]) -> str:
@@ -123,7 +194,9 @@ def _table(group: Group) -> Table:
     }
     ds = f"{key.dataset}@{key.dataset_version}" if key.dataset_version else key.dataset
     title = f"{ds} · {info['condition']} · budget {info['budget'] or '?'} ({key.budget_key[:12]})"
-    return Table(title, info, columns, rows, {m: group.higher_is_better.get(m, True) for m in columns})
+    tuned, tuning_note = tuning(group, columns)
+    return Table(title, info, columns, rows, {m: group.higher_is_better.get(m, True) for m in columns},
+                 tuned, tuning_note)
 
 
 def leaderboard(
@@ -174,6 +247,38 @@ def row_cells(t: Table, r: Row) -> list[str]:
     cells += [_fmt_ci(*r.metrics.get(m, (math.nan, math.nan))) for m in t.columns]
     cells += [_fmt(r.compute[k] / div) if k in r.compute else "–" for k, _, div in COMPUTE_COLUMNS]
     return cells
+
+
+def recipe_value(value: Any) -> str:
+    """A recipe value as text: strings bare (the empty string as ""), the rest as JSON."""
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def recipe_items(r: Row) -> list[tuple[str, str, bool]] | None:
+    """(field, value text, set by the user) per recipe field; None when not recorded."""
+    if r.recipe is None:
+        return None
+    return [(k, recipe_value(v), k in r.overridden) for k, v in r.recipe]
+
+
+RECIPE_LEGEND = "Recipes: each row's resolved recipe; fields set in hparams are marked"
+NO_RECIPE = "recipe not recorded"
+
+TUNING_HEADERS = ("method", "metric", "trials", "best trial's hparams", "best", "min", "median", "max")
+TUNING_INTRO = ("Methods with several hparam settings in one table (tuning trials; the recipe default "
+                "counts as one if it ran). A trial's score is its mean over seeds. The best trial is "
+                "chosen on the eval set it is scored on, so its score is optimistic.")
+
+
+def tuning_cells(t: TuningResult) -> list[str]:
+    """Unescaped cells in TUNING_HEADERS order."""
+    hp = json.dumps(t.best_hparams, sort_keys=True, default=str) if t.best_hparams else "{} (recipe default)"
+    return [t.method, f"{t.metric} {'↑' if t.higher_is_better else '↓'}", str(t.trials), hp,
+            _fmt(t.best), _fmt(t.low), _fmt(t.median), _fmt(t.high)]
 
 
 CLAIM_HEADERS = ("claim", "source", "statement", "definition", "expected", "measured",
@@ -229,6 +334,44 @@ def _markdown_extras(claims: Sequence[ClaimResult] | None, figures: Sequence[Fig
     return out
 
 
+def _md_text(value: object) -> str:
+    """_esc, plus backslashes before Markdown's inline markers, for text outside code spans."""
+    s = _esc(value)
+    for ch in "*_`[]#!":
+        s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def _markdown_recipes(rows: Sequence[Row]) -> list[str]:
+    out = [f"{RECIPE_LEGEND} **bold**:", ""]
+    for r in rows:
+        items = recipe_items(r)
+        if items is None:
+            text = f"_{NO_RECIPE}_"
+        else:
+            text = ", ".join(f"**{_md_text(k)} {_md_text(v)}**" if user else f"{_md_text(k)} {_md_text(v)}"
+                             for k, v, user in items) or "_no fields_"
+        note = f" _({_md_text(r.recipe_note)})_" if r.recipe_note else ""
+        out.append(f"- {_md_text(r.method)}: {text}{note}")
+    return out + [""]
+
+
+def _markdown_tuning(tables: Sequence[Table]) -> list[str]:
+    tuned = [t for t in tables if t.tuning]
+    if not tuned:
+        return []
+    out = ["## Tuning", "", TUNING_INTRO, ""]
+    for t in tuned:
+        out += [f"### {_esc(t.title)}", ""]
+        if t.tuning_note:
+            out += [f"- **{_esc(t.tuning_note)}**", ""]
+        out.append("| " + " | ".join(TUNING_HEADERS) + " |")
+        out.append("|" + "|".join(["---", "---", "---:", "---"] + ["---:"] * 4) + "|")
+        out += ["| " + " | ".join(_esc(c) for c in tuning_cells(r)) + " |" for r in t.tuning]
+        out.append("")
+    return out
+
+
 def render_markdown(
     tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any],
     claims: Sequence[ClaimResult] | None = None, figures: Sequence[Figure] = (),
@@ -265,7 +408,8 @@ def render_markdown(
         out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
         for r in t.rows:
             out.append("| " + " | ".join([_esc(r.method)] + row_cells(t, r)) + " |")
-        out.append("")
+        out += [""] + _markdown_recipes(t.rows)
+    out += _markdown_tuning(tables)
     out += ["## Excluded runs", ""]
     if excluded:
         out += ["| run | method | reason |", "|---|---|---|"]

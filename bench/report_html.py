@@ -16,8 +16,9 @@ from typing import Any, Mapping, Sequence
 
 from bench.claims import ClaimResult
 from bench.plots import Figure, SampleGrid
-from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, Table, claim_cells, metric_header,
-                          row_cells)
+from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, NO_RECIPE, RECIPE_LEGEND, TUNING_HEADERS,
+                          TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_items, row_cells,
+                          tuning_cells)
 from bench.store import RunRecord
 
 
@@ -30,6 +31,7 @@ th.sortable{cursor:pointer;background:#f3f3f3} td.num{text-align:right;white-spa
 img.sample{width:64px;height:64px;image-rendering:pixelated}
 figure{display:inline-block;margin:0 1em 1em 0} code{font-size:.85em}
 table.claims td{font-size:.75em;max-width:20em}
+ul.recipes,p.recipes{font-size:.85em;margin-top:0}
 """
 
 # Sorts by data-sort (numbers) or text; on load it records what the acceptance test reads.
@@ -117,7 +119,41 @@ def _leaderboard(t: Table) -> str:
         rows.append([f'<td data-method="{_e(r.method)}">{_e(r.method)}</td>']
                     + [_num_td(c, v) for c, v in zip(cells, values)])
     return (f"<h2>{_e(t.title)}</h2><ul>{items}</ul>"
-            + _table(headers, rows, "leaderboard"))
+            + _table(headers, rows, "leaderboard") + _recipes(t.rows))
+
+
+def _recipes(rows: Sequence[Row]) -> str:
+    lines = []
+    for r in rows:
+        items = recipe_items(r)
+        if items is None:
+            text = f"<i>{_e(NO_RECIPE)}</i>"
+        else:
+            text = ", ".join(f'<b class="user-set">{_e(k)} {_e(v)}</b>' if user else f"{_e(k)} {_e(v)}"
+                             for k, v, user in items) or "<i>no fields</i>"
+        note = f" <i>({_e(r.recipe_note)})</i>" if r.recipe_note else ""
+        lines.append(f'<li data-recipe="{_e(r.method)}"><code>{_e(r.method)}</code>: {text}{note}</li>')
+    return f'<p class="recipes">{_e(RECIPE_LEGEND)} <b>bold</b>:</p><ul class="recipes">{"".join(lines)}</ul>'
+
+
+def _tuning(tables: Sequence[Table]) -> str:
+    tuned = [t for t in tables if t.tuning]
+    if not tuned:
+        return ""
+    parts = [f"<h2>Tuning</h2><p>{_e(TUNING_INTRO)}</p>"]
+    numeric = {"trials", "best", "min", "median", "max"}
+    for t in tuned:
+        parts.append(f"<h3>{_e(t.title)}</h3>")
+        if t.tuning_note:
+            parts.append(f"<p><b>{_e(t.tuning_note)}</b></p>")
+        rows = []
+        for res in t.tuning:
+            values = {"trials": float(res.trials), "best": res.best, "min": res.low, "median": res.median,
+                      "max": res.high}
+            rows.append([_num_td(c, values[h]) if h in numeric else f"<td>{_e(c)}</td>"
+                         for h, c in zip(TUNING_HEADERS, tuning_cells(res))])
+        parts.append(_table(TUNING_HEADERS, rows, "tuning"))
+    return "".join(parts)
 
 
 def _excluded(excluded: list[tuple[RunRecord, str]]) -> str:
@@ -177,7 +213,7 @@ def render_html(tables: list[Table], excluded: list[tuple[RunRecord, str]], meta
             "↓ lower is better. Runs from different budgets or metric versions are never merged. "
             "Click a column header to sort.</p>"]
     body += [_leaderboard(t) for t in tables] or ["<p><i>No finished runs to compare.</i></p>"]
-    body += [_excluded(excluded), _figures(figures)]
+    body += [_tuning(tables), _excluded(excluded), _figures(figures)]
     body += [_grid(g) for g in grids] + [_claims(claims)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">'

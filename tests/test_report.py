@@ -136,3 +136,103 @@ def test_write_report_is_atomic(tmp_path: Path) -> None:
     assert out == tmp_path / "report" / "leaderboard.md"
     assert "controlnet" in out.read_text(encoding="utf-8")
     assert [p.name for p in out.parent.iterdir()] == ["leaderboard.md"]  # no temp left behind
+
+
+# ---- recipes beside each table ----------------------------------------------------------------
+CN_RECIPE = {"conditioning_scale": 1.0, "empty_prompt_prob": 0.5, "timesteps": "uniform"}
+
+
+def test_recipe_line_per_row_marks_user_set_fields() -> None:
+    records = [rec("a", "controlnet", hparams={"conditioning_scale": 0.7},
+                   recipe={**CN_RECIPE, "conditioning_scale": 0.7}),
+               rec("b", "t2i_adapter", f1=0.4, recipe={"conditioning_scale": 1.0, "empty_prompt_prob": 0.5,
+                                                      "timesteps": "cubic", "unet_trainable": ""})]
+    (table,), _ = leaderboard(records)
+    cn = next(r for r in table.rows if r.method == "controlnet")
+    assert cn.recipe == tuple(sorted({**CN_RECIPE, "conditioning_scale": 0.7}.items()))
+    assert cn.overridden == {"conditioning_scale"}
+    md = render_markdown([table], [], META)
+    after = md.split("| t2i_adapter |", 1)[1]  # the lines come under the table
+    assert ("- controlnet: **conditioning\\_scale 0.7**, empty\\_prompt\\_prob 0.5, timesteps uniform"
+            in after.splitlines())
+    assert ("- t2i\\_adapter: conditioning\\_scale 1.0, empty\\_prompt\\_prob 0.5, timesteps cubic, "
+            'unet\\_trainable ""' in after.splitlines())
+    assert after.index("- controlnet:") < after.index("- t2i\\_adapter:")  # leaderboard order
+    assert "## Excluded runs" in after.split("- t2i\\_adapter:", 1)[1]
+
+
+def test_records_without_recipe_say_so() -> None:
+    md = render_markdown(*leaderboard([rec("old", "controlnet")]), META)
+    assert "- controlnet: _recipe not recorded_" in md.splitlines()
+
+
+def test_recipe_values_are_escaped_and_seed_disagreement_noted() -> None:
+    records = [rec("a", "controlnext", seed=0, created_at=1.0, hparams={"unet_trainable": "a|b*_x\nz"},
+                   recipe={"unet_trainable": "a|b*_x\nz", "scale": 1.0}),
+               rec("b", "controlnext", seed=1, created_at=2.0, hparams={"unet_trainable": "a|b*_x\nz"},
+                   recipe={"unet_trainable": "a|b*_x\nz", "scale": 2.0})]
+    (table,), _ = leaderboard(records)
+    (row,) = table.rows
+    assert dict(row.recipe)["scale"] == 2.0 and "disagree" in row.recipe_note  # the newest, flagged
+    md = render_markdown([table], [], META)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- controlnext:"))
+    assert "**unet\\_trainable a\\|b\\*\\_x z**" in line and "disagree" in line
+
+
+# ---- tuning view ------------------------------------------------------------------------------
+def _trials(method: str, scores: list[float], meta: dict, budget_key: str = "bk1") -> list[RunRecord]:
+    return [rec(f"{method}-{i}", method, f1=s, f1_meta=meta, budget_key=budget_key,
+                hparams={"conditioning_scale": 0.5 + 0.1 * i}) for i, s in enumerate(scores)]
+
+
+@pytest.mark.parametrize("meta, best_index", [(F1, 2), (FD, 3)])
+def test_tuning_best_trial_respects_direction(meta: dict, best_index: int) -> None:
+    scores = [0.50, 0.62, 0.91, 0.05, 0.40]
+    records = _trials("controlnet", scores, meta) + [rec("t2i", "t2i_adapter", f1=0.3, f1_meta=meta)]
+    (table,), _ = leaderboard(records)
+    by_metric = {t.metric: t for t in table.tuning}
+    assert {t.method for t in table.tuning} == {"controlnet"}  # one arm of t2i_adapter: not tuned
+    f1 = by_metric["canny_f1"]
+    assert f1.higher_is_better is meta["higher_is_better"] and f1.trials == 5
+    assert f1.best == pytest.approx(scores[best_index])
+    assert f1.best_hparams == {"conditioning_scale": pytest.approx(0.5 + 0.1 * best_index)}
+    assert (f1.low, f1.median, f1.high) == pytest.approx((0.05, 0.50, 0.91))
+    fd = by_metric["fd_proxy"]  # fd = 10 (1 - f1), lower is better: the f1-best trial
+    assert fd.best == pytest.approx(10 * (1 - 0.91)) and fd.best_hparams["conditioning_scale"] == pytest.approx(0.7)
+    md = render_markdown([table], [], META)
+    section = md.split("## Tuning", 1)[1].split("## Excluded runs", 1)[0]
+    arrow = "↑" if meta["higher_is_better"] else "↓"
+    best_hp = f'{{"conditioning_scale": {0.5 + 0.1 * best_index}}}'
+    assert f"| controlnet | canny_f1 {arrow} | 5 | {best_hp} | {_fmt_expected(scores[best_index])} |" in section
+
+
+def _fmt_expected(x: float) -> str:
+    from bench.report import _fmt
+
+    return _fmt(x)
+
+
+def test_tuning_trials_average_seeds_and_note_unequal_budgets() -> None:
+    records = [rec(f"cn{i}-{s}", "controlnet", seed=s, f1=f, hparams={"conditioning_scale": c})
+               for i, (c, fs) in enumerate(((0.5, (0.2, 0.9)), (1.0, (0.6, 0.6)))) for s, f in enumerate(fs)]
+    records += _trials("t2i_adapter", [0.3, 0.4, 0.5], F1)
+    (table,), _ = leaderboard(records)
+    cn = next(t for t in table.tuning if t.method == "controlnet" and t.metric == "canny_f1")
+    # by the seed mean (0.55 vs 0.6), not by the single best seed (0.9)
+    assert cn.trials == 2 and cn.best == pytest.approx(0.6) and cn.best_hparams == {"conditioning_scale": 1.0}
+    assert (cn.low, cn.high) == pytest.approx((0.55, 0.6))
+    assert table.tuning_note == "tuning budgets differ (trials per method): controlnet 2, t2i_adapter 3"
+    assert table.tuning_note in render_markdown([table], [], META)
+
+
+def test_no_tuning_section_without_trials() -> None:
+    tables, _ = leaderboard([rec("a"), rec("b", "t2i_adapter")])
+    assert tables[0].tuning == [] and "## Tuning" not in render_markdown(tables, [], META)
+
+
+def test_tuning_never_spans_budgets() -> None:
+    """Two settings of one method under different budgets are two tables, not two trials."""
+    records = [rec("a", hparams={"conditioning_scale": 0.5}, budget_key="bk1"),
+               rec("b", hparams={"conditioning_scale": 1.5}, budget_key="bk2")]
+    tables, _ = leaderboard(records)
+    assert len(tables) == 2 and all(t.tuning == [] for t in tables)
