@@ -43,11 +43,13 @@ def _artifacts(tmp: Path, run_id: str, seed: int) -> dict[str, str]:
 
 
 def rec(tmp: Path, run_id: str, method: str, seed: int, f1: float, train_steps: int = 100,
-        status: str = "FINISHED", hparams: dict | None = None) -> RunRecord:
+        status: str = "FINISHED", hparams: dict | None = None, recipe: dict | None = None) -> RunRecord:
     budget = {"train_steps": train_steps, "resolution": 32, "eval_samples": N_IDS, "seeds": [0, 1]}
     spec = {"method": method, "method_version": "1", "dataset": "shapes", "dataset_version": "shapes-v1/seed0/32px",
             "condition": "canny", "budget": f"b{train_steps}", "budget_key": f"key{train_steps}", "seed": seed,
             "base_model": "proxy", "hparams": hparams or {}, "budget_fields": budget}
+    if recipe is not None:
+        spec["recipe"] = recipe
     return RunRecord(run_id=run_id, spec=spec, status=status, reason="OOM <b>" if status != "FINISHED" else "",
                      metrics={"canny_f1": f1}, metric_meta={"canny_f1": F1}, git_sha="abc123",
                      compute={"params_total": 2e6, "params_trainable": 5e5, "step_time_s": 0.1 + f1 / 10,
@@ -61,7 +63,8 @@ def records(tmp_path: Path) -> list[RunRecord]:
     for seed in (0, 1):
         out.append(rec(tmp_path, f"cn{seed}", "controlnet", seed, 0.7 + 0.01 * seed))
         out.append(rec(tmp_path, f"t2i{seed}", "t2i_adapter", seed, 0.5 + 0.02 * seed))
-        out.append(rec(tmp_path, f"evil{seed}", EVIL, seed, 0.3, hparams={"q": EVIL}))
+        out.append(rec(tmp_path, f"evil{seed}", EVIL, seed, 0.3, hparams={"q": EVIL},
+                       recipe={"q": EVIL, "empty_prompt_prob": 0.5}))
         out.append(rec(tmp_path, f"cn400_{seed}", "controlnet", seed, 0.8, train_steps=400))
     out.append(rec(tmp_path, "failed", "t2i_adapter", 2, 0.0, status="FAILED"))
     return out
@@ -83,6 +86,28 @@ def test_everything_user_provided_is_escaped(records: list[RunRecord], tmp_path:
     assert "&lt;script&gt;alert(&quot;prompt&quot;)&lt;/script&gt; &#x27;quoted&#x27; &amp;" in text
     assert 'data-method="ev&quot;il&#x27;&lt;script&gt;' in text
     assert "OOM &lt;b&gt;" in text
+    assert ('<b class="user-set">q ev&quot;il&#x27;&lt;script&gt;alert(1)&lt;/script&gt;</b>' in text)
+
+
+def test_recipes_under_each_table_and_tuning_section(records: list[RunRecord], tmp_path: Path) -> None:
+    """The evil arm recorded its recipe, the others predate spec["recipe"]; two controlnet
+    settings in one table are tuning trials, the better one (higher canny_f1) named best."""
+    extra = [rec(tmp_path, f"cnhp{seed}", "controlnet", seed, 0.9, hparams={"conditioning_scale": 1.5},
+                 recipe={"conditioning_scale": 1.5, "empty_prompt_prob": 0.5, "timesteps": "uniform"})
+             for seed in (0, 1)]
+    text = render(records + extra, tmp_path / "report")
+    key100 = text.split("<h2>", 2)[1]  # the first table's section runs until the next heading
+    assert key100.index('table class="leaderboard"') < key100.index('<ul class="recipes">')
+    items = dict(re.findall(r'<li data-recipe="([^"]*)">(.*?)</li>', text))
+    assert items['controlnet {&quot;conditioning_scale&quot;: 1.5}'] == (
+        '<code>controlnet {&quot;conditioning_scale&quot;: 1.5}</code>: <b class="user-set">conditioning_scale '
+        "1.5</b>, empty_prompt_prob 0.5, timesteps uniform")
+    assert items["controlnet {}"].endswith("<i>recipe not recorded</i>")
+    assert text.count("<li data-recipe=") == 5  # 4 rows in key100, 1 in key400
+    tuning = text.split("<h2>Tuning</h2>", 1)[1].split("<h2>", 1)[0]
+    row = re.search(r"<tr><td>controlnet</td><td>canny_f1 ↑</td>(.*?)</tr>", tuning).group(1)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", row) == [
+        "2", '{&quot;conditioning_scale&quot;: 1.5}', "0.900", "0.705", "0.802", "0.900"]
 
 
 def test_self_contained_with_plots_grids_and_spec(records: list[RunRecord], tmp_path: Path) -> None:
