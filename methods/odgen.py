@@ -1,50 +1,86 @@
-"""ODGEN (Zhu et al. 2024): layout control from a text list and an image list feeding a ControlNet.
+"""ODGEN (Zhu et al. 2024, arXiv 2405.15199 §3; no public code found): layout control from a text
+list and an image list feeding a ControlNet.
 
 - Text list: each box's "a <class>" is encoded separately by the frozen text encoder (the EOS
   token's final hidden state, CLIP's pooled position), painted into its box on a per-box canvas;
   a trainable conv net pools the canvases (sum over boxes) into a few channels.
-- Image list: per class, a canvas with a foreground crop pasted into each box of that class.
-  Training pastes the object's own masked pixels, or, with probability `sprite_prob`, the
-  class's canonical gray sprite, which is all generation has (there is no target image then).
+- Image list: per class, a canvas with a *generated* object of that class resized into each box
+  of that class (§3.2: the visual prompts are synthesized objects, in training and at generation
+  alike, so no real target pixel ever enters the condition). The objects come from a small fixed
+  bank per class, generated once with the frozen base through the shared sampler (the budget's
+  sampler, steps and guidance; a fixed seed; one prompt per colour in the world's phrasing,
+  "a red circle"); each box takes a bank entry chosen by a hash of (sample id, box index).
 Both read refs["boxes"]/refs["labels"]; the `layout` condition image is only for humans.
+
+Stage 1 (fine-tuning the base on whole images plus foreground crops, so that it generates single
+objects filling the frame) is skipped at proxy scale: the proxy base is already trained on this
+world and draws one object of the prompted colour for a single-object prompt, but as a whole
+scene (a blob at a random place on the background, at times with a stray second blob), and a
+fine-tune would spend training steps the budget holds equal across methods. Instead each bank
+image is cropped to its largest foreground component (pixels far from the border's median colour),
+which is what stage 1's object-filling frames give. Cost: the bank's objects are only as shape-
+faithful as the base's scenes (the proxy's blobs get colours right and shapes roughly), and 18
+sampler runs once per model (about 1 s for the smoke budget, 5 s for quick, on 2 CPU cores).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from bench.datasets.layouts import box_slices
-from bench.datasets.shapes import SHAPES, ShapeObject, render
+from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
+from bench.method import Method
 from bench.methods.controlnet import ControlNet
 from bench.registry import METHODS
+from bench.sampler import generate
 from bench.types import Batch
 
-SPRITE_GRAY = 0.5
+BANK_SEED = 0
+FOREGROUND_THRESHOLD = 0.25  # max channel distance from the background colour; objects differ by > 0.5
 
 
-def class_sprites(size: int = 64) -> list[Tensor]:
-    """Per class, an upright shape mask [h,w] cropped to its own extent, so it fills any box it is resized to."""
-    out = []
-    for shape in SHAPES:
-        inst = torch.from_numpy(render((ShapeObject(shape, "red", size / 2, size / 2, size / 3, 0.0),), size).instance)
-        ys, xs = torch.nonzero(inst).unbind(1)
-        out.append(inst[ys.min():ys.max() + 1, xs.min():xs.max() + 1].float())
-    return out
+def bank_prompts() -> list[list[str]]:
+    """Per class, one single-object prompt per colour, in the dataset's own phrasing."""
+    return [[prompt_for((ShapeObject(shape, color, 0.0, 0.0, 0.0, 0.0),)) for color in COLORS] for shape in SHAPES]
+
+
+def foreground_crop(image: Tensor) -> tuple[Tensor, Tensor]:
+    """The largest connected foreground component of a generated [3,H,W] image, cropped to its
+    extent: (pixels [3,h,w], mask [h,w] float). Foreground: pixels far from the border's median
+    colour. No foreground: the whole frame."""
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], 1)
+    background = border.median(1).values[:, None, None]
+    fg = ((image - background).abs().amax(0) > FOREGROUND_THRESHOLD).numpy()
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return image, torch.ones(image.shape[1:])
+    keep = labels == 1 + int(np.bincount(labels.ravel())[1:].argmax())
+    ys, xs = np.nonzero(keep)
+    rows, cols = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+    return image[:, rows, cols], torch.from_numpy(keep[rows, cols]).float()
+
+
+def box_choice(sample_id: str, index: int, n: int) -> int:
+    """The bank entry of box `index` of a sample: fixed per (sample id, box), the same in training and generation."""
+    return int.from_bytes(hashlib.sha256(f"{sample_id}/{index}".encode()).digest()[:4], "big") % n
 
 
 @METHODS.register("odgen")
 class ODGEN(ControlNet):
     """A ControlNet whose conditioning input is the layout encoding instead of an image."""
 
-    version = "odgen-v1"
+    version = "odgen-v2"
     conditions = ("layout",)
 
     @dataclass(frozen=True)
     class Recipe(ControlNet.Recipe):
-        sprite_prob: float = 0.5  # training pastes the class sprite instead of the object's own pixels
+        pass  # v1's sprite_prob is gone: the image list no longer reads real pixels
 
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)
@@ -58,12 +94,32 @@ class ODGEN(ControlNet):
         hidden = base.encode_prompt(names, (base.unet.config.sample_size,) * 2).hidden
         # Fixed (frozen encoder): computed once here, moved with the module as a buffer.
         self.register_buffer("class_embeds", hidden[torch.arange(len(SHAPES)), eos.to(hidden.device)].float(), persistent=False)
-        self.sprites = class_sprites()
+        self._bank: list[list[tuple[Tensor, Tensor]]] | None = None  # built on first use, on the model's device
         d, k = self.class_embeds.shape[1], 32
         # A 1x1 conv commutes with painting, so the net's first layer projects each class embedding
         # before painting: the same function as convolving [D,H,W] canvases, at k/D of the memory.
         self.text_proj = nn.Linear(d, k, bias=False)
         self.text_net = nn.Sequential(nn.Conv2d(k, k, 3, padding=1), nn.SiLU(), nn.Conv2d(k, self.text_channels, 3, padding=1))
+
+    # ---- the object bank ------------------------------------------------------------
+    def object_bank(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per class, (pixels [3,h,w], mask [h,w]) of generated objects, on the CPU. A pure function
+        of the base model and the budget: explicit per-image generators, and the global RNG is
+        forked so that training noise does not depend on when the bank was built."""
+        if self._bank is None:
+            prompts = [p for per_class in bank_prompts() for p in per_class]
+            r = self.budget.resolution
+            batch = Batch(ids=[f"odgen-bank/{p}" for p in prompts], image=torch.zeros(len(prompts), 3, r, r),
+                          prompts=prompts)
+            device = self.base.unet.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+                images = generate(self.base, Method(self.base, None, self.budget), batch, sampler=self.budget.sampler,
+                                  steps=self.budget.inference_steps, guidance_scale=self.budget.guidance_scale,
+                                  seed=BANK_SEED).cpu()
+            crops = [foreground_crop(image) for image in images]
+            n = len(COLORS)
+            self._bank = [crops[c * n:(c + 1) * n] for c in range(len(SHAPES))]
+        return self._bank
 
     # ---- layout encoders ------------------------------------------------------------
     def box_counts(self, batch: Batch) -> Tensor:
@@ -82,25 +138,22 @@ class ODGEN(ControlNet):
         return torch.einsum("ck,bchw->bkhw", self.text_proj(self.class_embeds), counts)
 
     def image_canvas(self, batch: Batch) -> Tensor:
-        """Per-class canvases of pasted foregrounds, concatenated: [B,3*C,H,W]."""
+        """Per-class canvases of generated objects pasted into their boxes, concatenated: [B,3*C,H,W].
+        Reads only boxes, labels and ids: never the batch's images."""
         b, _, h, w = batch.image.shape
+        bank = self.object_bank()
         canvas = torch.zeros(b, len(SHAPES), 3, h, w)
-        semantic = batch.refs.get("semantic")
-        for i, (boxes, labels) in enumerate(zip(batch.refs["boxes"], batch.refs["labels"])):
-            for box, label in zip(boxes.tolist(), labels.tolist()):
+        for i, (sid, boxes, labels) in enumerate(zip(batch.ids, batch.refs["boxes"], batch.refs["labels"])):
+            for j, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
                 rows, cols = box_slices(box, h, w)
                 bh, bw = rows.stop - rows.start, cols.stop - cols.start
                 if bh <= 0 or bw <= 0:
                     continue
-                own = self.training and semantic is not None and float(torch.rand(())) >= self.recipe.sprite_prob
-                if own:  # the object's own pixels; masking drops background and other classes
-                    mask = (semantic[i, rows, cols] == 1 + label).float().cpu()
-                    crop = batch.image[i, :, rows, cols].float().cpu() * mask
-                else:
-                    mask = F.interpolate(self.sprites[label][None, None], size=(bh, bw), mode="area")[0, 0]
-                    crop = SPRITE_GRAY * mask.expand(3, -1, -1)
+                pixels, mask = bank[label][box_choice(sid, j, len(bank[label]))]
+                pixels = F.interpolate(pixels[None], size=(bh, bw), mode="bilinear", antialias=True)[0]
+                mask = F.interpolate(mask[None, None], size=(bh, bw), mode="bilinear", antialias=True)[0, 0] > 0.5
                 region = canvas[i, label, :, rows, cols]
-                canvas[i, label, :, rows, cols] = torch.where(mask > 0, crop, region)  # later boxes on top
+                canvas[i, label, :, rows, cols] = torch.where(mask, pixels.clamp(0, 1), region)  # later boxes on top
         return canvas.flatten(1, 2).to(self.class_embeds.device)
 
     def layout_features(self, batch: Batch) -> Tensor:
