@@ -1,0 +1,192 @@
+"""An equal tuning budget per method (issue 14): one sweeps/tune_<method>.yaml per trainable
+control method, all with the same run_cap, sweep method, budget, seeds and search-space shape:
+the method's main inference scale over [0.5x, 1.5x] of its recipe default, and its training
+prompt dropout over the same absolute [0, 0.5]. Budget fields (lr, steps, batch) are never tuned.
+
+The checks are functions returning problems, so the tests below also show each one failing."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.builtins import load_builtins
+from bench.errors import ConfigError
+from bench.registry import METHODS, METRICS
+from bench.sweep import load_sweep, resolve_sweep
+from bench.yamlio import safe_load
+
+load_builtins()
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+# Registered names that are not control methods, so they get no tuning sweep.
+NOT_CONTROL = {
+    "baseline": "the base model without control: nothing to train",
+    "frozen": "a profiling reference (one scalar through the frozen UNet)",
+    "finetune": "the cost reference of ControlNet's compute claims (full UNet fine-tuning)",
+}
+PROMPT_DROPOUT = ("empty_prompt_prob", "text_drop_prob")  # the recipe field that drops the training prompt
+EXPECTED_SHAPE = (("dropout", "uniform", 0.0, 0.5), ("scale", "uniform", 0.5, 1.5))
+FIXED = {"methods", "dataset", "condition", "budget", "base_model", "seeds", "metrics", "out_dir"}
+SHARED = ("budget", "base_model", "seeds", "out_dir")  # equal in every tune sweep
+OWN_METRIC = {"canny": "canny_f1", "seg": "seg_miou", "layout": "layout_map", "keypoints": "id_sim_proxy"}
+
+
+def trainable_methods() -> list[str]:
+    return sorted(set(METHODS.names()) - set(NOT_CONTROL))
+
+
+def tune_files() -> dict[str, Path]:
+    return {p.stem.removeprefix("tune_"): p for p in sorted(SWEEPS.glob("tune_*.yaml"))}
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    load_sweep(path)  # bench sweep's own validation first
+    return safe_load(path.read_text())
+
+
+def recipe_default(method: str, name: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(METHODS.get(method).Recipe)}
+    return fields[name].default if name in fields else None
+
+
+def tuned(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in raw["parameters"].items() if "value" not in v}
+
+
+def shape(method: str, raw: dict[str, Any]) -> tuple:
+    """The search space without names: per tuned field its role, distribution and range, the
+    scale's range relative to its recipe default."""
+    out = []
+    for key, spec in tuned(raw).items():
+        name = key.rsplit(".", 1)[-1]
+        lo, hi = spec.get("min"), spec.get("max")
+        if name in PROMPT_DROPOUT:
+            out.append(("dropout", spec.get("distribution"), lo, hi))
+        else:
+            d = recipe_default(method, name)
+            ok = isinstance(d, float) and d > 0 and lo is not None and hi is not None
+            out.append(("scale", spec.get("distribution"), round(lo / d, 6) if ok else None,
+                        round(hi / d, 6) if ok else None))
+    return tuple(sorted(out, key=str))
+
+
+def sweep_problems(method: str, raw: dict[str, Any]) -> list[str]:
+    """One tune sweep on its own: it runs its method, tunes only that method's recipe fields
+    (each one existing, valid at both ends of its range), and optimises the method's own metric."""
+    params = raw["parameters"]
+    problems = []
+    if params.get("methods", {}).get("value") != method:
+        problems.append(f"methods: {params.get('methods')} is not {{value: {method}}}")
+    fixed = {k for k, v in params.items() if "value" in v}
+    if fixed != FIXED:
+        problems.append(f"fixed parameters {sorted(fixed)} differ from {sorted(FIXED)}")
+    outside = [k for k in tuned(raw) if not k.startswith(f"hparams.{method}.")]
+    if outside:  # lr, steps, batch and the rest of the budget are held equal, never tuned
+        problems.append(f"tunes {outside}, which are not {method}'s recipe fields")
+    fields = {k.rsplit(".", 1)[-1]: v for k, v in tuned(raw).items() if k.startswith(f"hparams.{method}.")}
+    for end in ("min", "max"):
+        try:
+            METHODS.get(method).check_hparams({f: spec.get(end) for f, spec in fields.items()})
+        except ConfigError as e:
+            problems.append(f"{end} of the search space: {e}")
+    condition = params.get("condition", {}).get("value")
+    want = OWN_METRIC.get(condition)
+    metric = raw.get("metric", {})
+    if metric.get("name") != f"metrics/{want}" or want not in params.get("metrics", {}).get("value", []):
+        problems.append(f"metric {metric.get('name')!r}: the {condition} tune sweeps optimise metrics/{want}")
+    elif metric.get("goal") != ("maximize" if METRICS.get(want).higher_is_better else "minimize"):
+        problems.append(f"goal {metric.get('goal')!r} contradicts {want}'s higher_is_better")
+    return problems
+
+
+def budget_problems(sweeps: dict[str, dict[str, Any]]) -> list[str]:
+    """Across the tune sweeps: the same trial count, sweep method, budget, seeds and search shape."""
+    problems = []
+    for what, get in (("run_cap", lambda r: r.get("run_cap")), ("sweep method", lambda r: r.get("method")),
+                      *((k, lambda r, k=k: r["parameters"].get(k)) for k in SHARED)):
+        values = {m: get(r) for m, r in sweeps.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            problems.append(f"{what} differs: {values}")
+    caps = [r.get("run_cap") for r in sweeps.values()]
+    if any(not isinstance(c, int) or c < 2 for c in caps):
+        problems.append(f"run_cap must be a trial count >= 2 in every sweep, got {caps}")
+    for m, r in sweeps.items():
+        if shape(m, r) != EXPECTED_SHAPE:
+            problems.append(f"{m}: search space {shape(m, r)} is not {EXPECTED_SHAPE}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def sweeps() -> dict[str, dict[str, Any]]:
+    return {m: load_raw(p) for m, p in tune_files().items()}
+
+
+@pytest.mark.parametrize("method", trainable_methods())
+def test_every_trainable_method_has_a_tune_sweep(method: str) -> None:
+    assert method in tune_files(), f"no sweeps/tune_{method}.yaml: every control method gets equal tuning"
+
+
+def test_every_tune_sweep_is_a_trainable_method() -> None:
+    assert set(NOT_CONTROL) <= set(METHODS.names())  # the exclusions name real methods
+    assert sorted(tune_files()) == trainable_methods()
+
+
+@pytest.mark.parametrize("method", sorted(tune_files()))
+def test_tune_sweep_tunes_its_own_recipe(method: str, sweeps) -> None:
+    assert sweep_problems(method, sweeps[method]) == []
+
+
+def test_equal_tuning_budget(sweeps) -> None:
+    assert budget_problems(sweeps) == []
+
+
+def _controlnet(sweeps) -> dict[str, Any]:
+    return copy.deepcopy(sweeps["controlnet"])
+
+
+def test_checks_catch_an_unknown_field_a_budget_field_and_another_metric(sweeps) -> None:
+    raw = _controlnet(sweeps)
+    p = raw["parameters"]
+    p["hparams.controlnet.no_such_field"] = p.pop("hparams.controlnet.conditioning_scale")
+    p["budget.lr"] = {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-3}
+    raw["metric"] = {"name": "metrics/prompt_fidelity", "goal": "maximize"}
+    found = "\n".join(sweep_problems("controlnet", raw))
+    assert "unknown hparam 'no_such_field'" in found
+    assert "tunes ['budget.lr']" in found
+    assert "optimise metrics/canny_f1" in found
+
+
+def test_checks_catch_unequal_trials_and_shapes(sweeps) -> None:
+    other = copy.deepcopy(sweeps["t2i_adapter"])
+    other["run_cap"] += 1
+    assert budget_problems(sweeps) == []
+    assert any(p.startswith("run_cap differs") for p in budget_problems({**sweeps, "t2i_adapter": other}))
+    for change in ({"min": 0.4}, {"distribution": "log_uniform_values"}):
+        wider = _controlnet(sweeps)
+        wider["parameters"]["hparams.controlnet.conditioning_scale"].update(change)
+        assert any(p.startswith("controlnet: search space") for p in budget_problems({"controlnet": wider}))
+    extra = _controlnet(sweeps)
+    extra["parameters"]["hparams.controlnet.timesteps"] = {"values": ["uniform", "cubic"]}
+    assert budget_problems({"controlnet": extra}) != []
+
+
+@pytest.mark.parametrize("method", sorted(tune_files()))
+def test_bench_sweep_local_expands_it(method: str) -> None:
+    """What `bench sweep FILE --local` runs: run_cap seeded random draws, each a valid run spec
+    of the method with the tuned fields in range and nothing else overridden."""
+    path = tune_files()[method]
+    raw = load_raw(path)
+    specs, out = resolve_sweep(load_sweep(path))
+    assert len(specs) == raw["run_cap"] and out == Path(raw["parameters"]["out_dir"]["value"])
+    for spec in specs:
+        assert spec.method == method and spec.budget.name == raw["parameters"]["budget"]["value"]
+        hp = dict(spec.hparams)
+        assert set(hp) == {k.rsplit(".", 1)[-1] for k in tuned(raw)}
+        for key, s in tuned(raw).items():
+            assert s["min"] <= hp[key.rsplit(".", 1)[-1]] <= s["max"]
+        assert all(math.isfinite(v) for v in hp.values())
