@@ -1,9 +1,21 @@
-"""ControlNeXt (Peng et al. 2024): a light conv branch added to the UNet's first hidden state.
+"""ControlNeXt (Peng et al. 2024): a light conv branch added once inside the UNet encoder.
 
 Instead of ControlNet's encoder copy and zero convs, the branch output is *cross-normalized*
-(given the mean and std of the main branch's features, per sample) and added once, right
-after `conv_in`, as the public ControlNeXt SVD/Flux code does. Optionally a chosen subset of
-UNet weights is fine-tuned too; those count as trainable. Not in diffusers, so written here.
+(given the mean and std of the main branch's features, per sample) and added once, to the
+output of the UNet's first down block, after that block's skip connections are stored, as the
+official SD1.5 code does (dvlab-research/ControlNeXt, ControlNeXt-SD1.5-Training/models/unet.py,
+`if down_idx == 0 and conditional_controls is not None`: adaptive-avg-pooled to the block's
+output size, cross-normalized, `sample + controls * scale`). The official training also tunes
+the UNet's attention output projections (`to_out`) and trains the branch at 10x the learning
+rate. Not in diffusers, so written here.
+
+Kept deviation: the branch is this harness's scaled conv stack (stem, ResNet blocks with one 2x
+downsampling per power of two between pixel and latent size), not the official
+`ControlNeXtModel` layer for layer (3 stride-2 stages to latent size, 128/256 channels), so it
+also fits the 32-px pixel-space proxy. SDXL's official recipe differs: scale 1.0
+(`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout 0.2
+(ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them
+in `hparams.controlnext` for an SDXL base.
 """
 from __future__ import annotations
 
@@ -13,20 +25,21 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import ConfigError
-from bench.method import Method
+from bench.method import Method, ParamGroup
 from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.registry import METHODS
 
 
-def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Give `control` the per-sample mean and std (over C,H,W) of `main`."""
+def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Give `control` the per-sample mean and std (over C,H,W) of `main` (official eps 1e-12)."""
     dims = tuple(range(1, main.ndim))
     c_mean, c_std = control.mean(dims, keepdim=True), control.std(dims, keepdim=True)
     m_mean, m_std = main.mean(dims, keepdim=True), main.std(dims, keepdim=True)
-    return (control - c_mean) / (c_std + eps) * m_std + m_mean
+    return (control - c_mean) * (m_std / (c_std + eps)) + m_mean
 
 
 class ControlBranch(nn.Module):
@@ -71,15 +84,22 @@ class ControlBranch(nn.Module):
 
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
-    version = "controlnext-v2"  # v2: narrow full-resolution layers at SD scale; the proxy branch is unchanged
+    # v3: the official SD1.5 recipe: injected after down_blocks[0] (not conv_in), scale 0.35,
+    # `to_out` tuned, branch at 10x lr, no prompt dropout
+    version = "controlnext-v3"
     conditions = IMAGE_CONDITIONS
 
+    # Sources: ControlNeXt-SD1.5-Training/{scripts.sh, train_controlnext.py} (dvlab-research/ControlNeXt).
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
-        controlnext_scale: float = 1.0  # multiplies the cross-normalized control features
+        empty_prompt_prob: float = 0.0  # train_controlnext.py `--proportion_empty_prompts` default 0; scripts.sh keeps it
+        controlnext_scale: float = 0.35  # scripts.sh `--controlnext_scale 0.35` (training and inference)
         branch_channels: int = 0  # width of the branch at latent resolution; 0: 2x the UNet's conv_in width
         branch_blocks: int = 2  # ResNet blocks at latent resolution
-        unet_trainable: str = ""  # regex over UNet parameter names to fine-tune too; "" tunes none
+        # train_controlnext.py: `if "to_out" in name: para.requires_grad = True`; "" tunes no UNet weight
+        unet_trainable: str = "to_out"
+        # train_controlnext.py: the branch's param group has `"lr": args.learning_rate * 10`, the UNet's the base lr
+        branch_lr_scale: float = 10.0
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
@@ -105,6 +125,10 @@ class ControlNeXt(Method):
     def trainable_parameters(self):
         return super().trainable_parameters() + self.tuned
 
+    def param_groups(self):
+        return [ParamGroup("branch", list(self.branch.parameters()), self.recipe.branch_lr_scale),
+                ParamGroup("unet_tuned", self.tuned, 1.0)]
+
     def prepare(self, batch, embeds, cfg):
         return self.control_image(batch, cfg)
 
@@ -113,9 +137,11 @@ class ControlNeXt(Method):
         scale = self.recipe.controlnext_scale
 
         def inject(module, inputs, output):
-            return output + scale * cross_normalize(control.to(output.dtype), output)
+            sample, skips = output  # the skips are stored before the control is added
+            pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample.dtype)
+            return sample + scale * cross_normalize(pooled, sample), skips
 
-        handle = self.base.unet.conv_in.register_forward_hook(inject)
+        handle = self.base.unet.down_blocks[0].register_forward_hook(inject)
         try:
             return super().denoise(x, t, embeds, state)
         finally:  # the hook lives for this one call, so the base UNet stays untouched

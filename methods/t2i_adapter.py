@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from bench.method import Method
 from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.registry import METHODS
 
 
-def adapter_layout(unet_config, scale_factor: int) -> dict:
+def adapter_layout(unet_config, scale_factor: int, in_channels: int = 3) -> dict:
     """T2IAdapter arguments whose features land on the UNet's intrablock residual positions.
 
     SD1.5's (cross, cross, cross, plain) pattern takes `full_adapter`: one feature per down block.
@@ -21,32 +23,51 @@ def adapter_layout(unet_config, scale_factor: int) -> dict:
     xl = unet_config.down_block_types[0] == "DownBlock2D"
     if xl and len(channels) == 3:
         channels.append(channels[-1])
-    return dict(in_channels=3, channels=channels, num_res_blocks=2,
+    return dict(in_channels=in_channels, channels=channels, num_res_blocks=2,
                 downscale_factor=scale_factor * (2 if xl else 1),
                 adapter_type="full_adapter_xl" if xl else "full_adapter")
 
 
+# Conditions the released adapters read as one grey channel: canny and sketch (TencentARC/T2I-Adapter
+# configs/inference/Adapter-XL-{canny,sketch}.yaml: `cin: 256` = 1 channel x 16x16 pixel-unshuffle;
+# SD1.4's t2iadapter_canny/sketch: `cin: 64` = 1 x 8x8).
+GREY_CONDITIONS = ("canny", "sketch")
+LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion, which diffusers' adapter pipeline applies to 1-channel input
+
+
 @METHODS.register("t2i_adapter")
 class T2IAdapterMethod(Method):
-    version = "t2i_adapter-v2"  # v2: the XL layout also feeds the mid block
+    # v3: the official recipe: cubic timesteps, no prompt dropout, 1-channel canny input
+    version = "t2i_adapter-v3"
     conditions = IMAGE_CONDITIONS
 
+    # Source: TencentARC/T2I-Adapter train_sketch.py (the official training script).
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
+        empty_prompt_prob: float = 0.0  # train_sketch.py computes embeddings with `proportion_empty_prompts=0`
+        timesteps: str = "cubic"  # train_sketch.py "Cubic sampling": t = (1 - u**3) * T; paper §3.4
         conditioning_scale: float = 1.0  # multiplies every adapter feature (diffusers' adapter_conditioning_scale)
-        num_res_blocks: int = 2  # ResNet blocks per adapter stage
+        num_res_blocks: int = 2  # ResNet blocks per adapter stage (Adapter-XL configs: `nums_rb: 2`)
 
     def __init__(self, base, condition, budget, hparams=None):
         from diffusers import T2IAdapter
 
         super().__init__(base, condition, budget, hparams)
-        layout = adapter_layout(base.unet.config, base.scale_factor)
+        self.grey = condition in GREY_CONDITIONS
+        layout = adapter_layout(base.unet.config, base.scale_factor, in_channels=1 if self.grey else 3)
         layout["num_res_blocks"] = self.recipe.num_res_blocks
         self.adapter = T2IAdapter(**layout)
         self.adapter.train()
 
-    def prepare(self, batch, embeds, cfg):
+    def adapter_input(self, batch) -> torch.Tensor:
         image = batch.conditions[self.condition].to(self.base.unet.dtype)
+        if self.grey:
+            luma = torch.tensor(LUMA, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+            image = (image * luma).sum(1, keepdim=True)
+        return image
+
+    def prepare(self, batch, embeds, cfg):
+        image = self.adapter_input(batch)
         feats = [f * self.recipe.conditioning_scale for f in self.adapter(image)]
         return [f.repeat(2, 1, 1, 1) for f in feats] if cfg else feats
 

@@ -48,7 +48,7 @@ def test_shared_sampler_matches_diffusers_pipeline(method_name, tiny_sd_dir, smo
     if method_name == "controlnet":
         ref = StableDiffusionControlNetPipeline(controlnet=method.controlnet, **common)(image=batch.conditions["canny"], **call)
     elif method_name == "t2i_adapter":
-        ref = StableDiffusionAdapterPipeline(adapter=method.adapter, **common)(image=batch.conditions["canny"], **call)
+        ref = StableDiffusionAdapterPipeline(adapter=method.adapter, **common)(image=method.adapter_input(batch), **call)
     else:
         ref = StableDiffusionPipeline(**common)(**call)
     ref = torch.as_tensor(ref.images)
@@ -92,7 +92,7 @@ def test_shared_sampler_matches_diffusers_sdxl_pipeline(method_name, tiny_sdxl_d
         pipe = StableDiffusionXLControlNetPipeline(controlnet=method.controlnet, add_watermarker=False, **common)
         ref = pipe(image=batch.conditions["canny"], **call)
     elif method_name == "t2i_adapter":
-        ref = StableDiffusionXLAdapterPipeline(adapter=method.adapter, **common)(image=batch.conditions["canny"], **call)
+        ref = StableDiffusionXLAdapterPipeline(adapter=method.adapter, **common)(image=method.adapter_input(batch), **call)
     else:
         ref = StableDiffusionXLPipeline(add_watermarker=False, **common)(**call)
     ref = torch.as_tensor(ref.images)

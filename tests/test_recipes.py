@@ -1,0 +1,183 @@
+"""The Recipe core and the spatial methods' official recipes: timestep sampling, prompt dropout,
+learning-rate groups, ControlNeXt's injection point, T2I-Adapter's grey input, and the sampler's
+per-step prompt hook."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import bench.methods  # noqa: F401
+from bench.base_model import BaseModel
+from bench.errors import ConfigError
+from bench.method import cubic_timesteps
+from bench.methods.controlnext import cross_normalize
+from bench.registry import METHODS
+from bench.types import collate
+
+
+def _batch(n: int, conditions=("canny",)):
+    from bench.datasets.shapes import ShapesWorld
+
+    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
+    return collate([world[i] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    return BaseModel.load("proxy")
+
+
+def test_cubic_timesteps_follow_their_distribution():
+    """t = floor((1 - u^3) T): P(t >= k) = (1 - k/T)^(1/3). A chi-square test on 20 bins against
+    that CDF passes, and the same test rejects uniform draws."""
+    total, n = 1000, 200_000
+    torch.manual_seed(0)
+    t = cubic_timesteps(n, total).numpy()
+    assert t.min() >= 0 and t.max() <= total - 1
+    edges = np.linspace(0, total, 21)
+    survival = lambda k: (1 - np.clip(k, 0, total) / total) ** (1 / 3)  # noqa: E731  P(t >= k)
+    expected = n * (survival(edges[:-1]) - survival(edges[1:]))
+    observed = np.histogram(t, bins=edges)[0]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    uniform = np.histogram(torch.randint(0, total, (n,)).numpy(), bins=edges)[0]
+    assert stats.chisquare(uniform, expected).pvalue < 1e-6
+    assert np.mean(t) > 0.7 * total  # biased towards large t: E[t] = 3T/4
+
+
+def test_each_method_samples_its_own_timesteps(proxy, smoke_budget):
+    t2i = METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {})
+    controlnet = METHODS.get("controlnet")(proxy, "canny", smoke_budget, {})
+    assert t2i.recipe.timesteps == "cubic" and controlnet.recipe.timesteps == "uniform"
+    torch.manual_seed(1)
+    cubic = t2i.sample_timesteps(20_000).float()
+    torch.manual_seed(1)
+    uniform = controlnet.sample_timesteps(20_000).float()
+    total = proxy.scheduler.config.num_train_timesteps
+    assert abs(cubic.mean().item() - 0.75 * total) < 0.02 * total
+    assert abs(uniform.mean().item() - 0.5 * total) < 0.02 * total
+
+
+def test_unknown_timestep_sampling_is_a_config_error():
+    with pytest.raises(ConfigError, match="timesteps must be one of uniform, cubic"):
+        METHODS.get("controlnet").check_hparams({"timesteps": "logit_normal"})
+
+
+@pytest.mark.parametrize("name, expected", [("controlnet", 0.5), ("t2i_adapter", 0.0), ("controlnext", 0.0)])
+def test_prompt_dropout_follows_each_method(name, expected, proxy, smoke_budget):
+    method = METHODS.get(name)(proxy, "canny", smoke_budget, {})
+    torch.manual_seed(0)
+    drops = method.draw_drops(4000)
+    assert method.recipe.empty_prompt_prob == expected
+    assert abs(drops.text.float().mean().item() - expected) < 0.03
+    assert not drops.image.any()
+
+
+def test_trained_prompts_are_the_dropped_ones(proxy, smoke_budget, monkeypatch):
+    """The hooks see the prompts actually trained on, and the image-drop mask in refs."""
+    method = METHODS.get("controlnet")(proxy, "canny", smoke_budget, {"empty_prompt_prob": 1.0})
+    seen = {}
+
+    def spy(embeds, batch):
+        seen["prompts"], seen["drop_image"] = batch.prompts, batch.refs["drop_image"]
+        return embeds
+
+    monkeypatch.setattr(method, "prompt_embeds", spy)
+    method.noised_prediction(_batch(3))
+    assert seen["prompts"] == ["", "", ""] and seen["drop_image"].tolist() == [False] * 3
+
+
+def test_controlnext_branch_trains_at_ten_times_the_lr(proxy, smoke_budget):
+    method = METHODS.get("controlnext")(proxy, "canny", smoke_budget, {})
+    opt = method.configure_optimizers()["optimizer"]
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([smoke_budget.lr, 10 * smoke_budget.lr])
+    tuned = {id(p) for p in method.tuned}
+    names = [n for n, p in method.base.unet.named_parameters() if id(p) in tuned]
+    assert names and all("to_out" in n for n in names)
+    grouped = sum(len(g["params"]) for g in opt.param_groups)
+    assert grouped == len(method.trainable_parameters())
+
+
+def _stored_skips_and_next_input(unet, call):
+    """Run `call()`; return the skip connections in the order diffusers stores them (read back
+    where the up blocks consume them) and the sample entering down_blocks[1]."""
+    consumed, entering = [], []
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw: consumed.append(kw["res_hidden_states_tuple"]),
+                                         with_kwargs=True) for b in unet.up_blocks]
+    hooks.append(unet.down_blocks[1].register_forward_pre_hook(
+        lambda m, a, kw: entering.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s for block in reversed(consumed) for s in block], entering[0]
+
+
+def test_controlnext_leaves_the_stored_skip_unchanged(proxy, smoke_budget):
+    """Against diffusers' plain UNet forward: the skips stored by conv_in and down_blocks[0] are
+    identical, and the sample passed on is the plain one plus 0.35 x cross_normalize(pooled control),
+    as the official SD1.5 UNet adds it after `down_block_res_samples += res_samples`."""
+    method = METHODS.get("controlnext")(proxy, "canny", smoke_budget, {}).eval()
+    unet = method.base.unet
+    batch = _batch(2)
+    x, t = torch.randn(2, unet.config.in_channels, 32, 32), torch.tensor([300, 700])
+    embeds = proxy.encode_prompt(batch.prompts, (32, 32))
+    state = method.prepare(batch, embeds, cfg=False)
+    plain_skips, plain_next = _stored_skips_and_next_input(unet, lambda: unet(x, t, **embeds.unet_inputs()))
+    skips, injected = _stored_skips_and_next_input(unet, lambda: method.denoise(x, t, embeds, state))
+    first = 1 + len(unet.down_blocks[0].resnets) + (1 if unet.down_blocks[0].downsamplers else 0)
+    assert all(torch.equal(a, b) for a, b in zip(skips[:first], plain_skips[:first]))
+    assert not torch.allclose(skips[first], plain_skips[first])  # later blocks do see the control
+    with torch.no_grad():
+        control = torch.nn.functional.adaptive_avg_pool2d(method.branch(state, t), plain_next.shape[-2:])
+    expected = plain_next + 0.35 * cross_normalize(control, plain_next)
+    assert torch.allclose(injected, expected, atol=1e-5)
+    assert not torch.allclose(injected, plain_next)
+
+
+def test_t2i_adapter_reads_canny_as_one_grey_channel(proxy, smoke_budget):
+    method = METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {})
+    seg = METHODS.get("t2i_adapter")(proxy, "seg", smoke_budget, {})
+    assert method.adapter.config.in_channels == 1 and seg.adapter.config.in_channels == 3
+    batch = _batch(2, ("canny",))
+    grey = method.adapter_input(batch)
+    assert grey.shape[1] == 1
+    assert torch.allclose(grey[:, 0], batch.conditions["canny"][:, 0], atol=1e-6)  # canny maps are R=G=B
+
+
+class _StepRecorder:
+    """Wraps a method; records which prompt embedding each sampling step used."""
+
+    def __init__(self, method, switch_at: int):
+        self.method, self.switch_at, self.calls = method, switch_at, []
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def step_embeds(self, embeds, step, num_steps, state):
+        self.calls.append((step, num_steps))
+        return embeds if step < self.switch_at else embeds.with_hidden(embeds.hidden * 0)
+
+    def denoise(self, x, t, embeds, state):
+        return self.method.denoise(x, t, embeds, state)
+
+
+def test_the_sampler_asks_for_each_steps_prompt_embedding(proxy, smoke_budget):
+    """`step_embeds` is called once per step with its index, and what it returns is denoised with:
+    switching at step k differs from never switching exactly from step k on."""
+    from bench.sampler import generate
+
+    baseline = METHODS.get("baseline")(proxy, None, smoke_budget, {})
+    batch = _batch(2)
+    kw = dict(sampler="ddim", steps=6, guidance_scale=2.0, seed=0)
+    recorder = _StepRecorder(baseline, switch_at=3)
+    switched = generate(proxy, recorder, batch, **kw)
+    assert recorder.calls == [(i, 6) for i in range(6)]
+    never = generate(proxy, _StepRecorder(baseline, switch_at=99), batch, **kw)
+    plain = generate(proxy, baseline, batch, **kw)
+    assert torch.equal(never, plain)
+    assert not torch.allclose(switched, plain)
