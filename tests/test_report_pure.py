@@ -98,6 +98,12 @@ def test_bench_report_loads_no_model_and_shows_every_grid_image(finished_store: 
             assert cv2.imread(str(out / path)) is not None, path
     html_text = (out / "leaderboard.html").read_text(encoding="utf-8")
     assert html_text.count('<img class="sample"') == 2 * GRID_SAMPLES * 3
+    # the runner records the resolved recipe; each table prints it under its rows
+    with Store(finished_store) as store:
+        recipe = store.records()[0].spec["recipe"]
+    line = "- baseline: " + ", ".join(f"{k} {v}" for k, v in sorted(recipe.items())).replace("_", "\\_")
+    assert md.count(line + "\n") == 2 and "recipe not recorded" not in md
+    assert html_text.count('<li data-recipe="baseline">') == 2
 
 
 def test_records_from_before_grid_artifacts_show_dashes_with_a_note(finished_store: Path, tmp_path: Path) -> None:
