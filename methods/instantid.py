@@ -1,12 +1,17 @@
 """InstantID: an identity embedding drives an IP-Adapter-style image adapter AND IdentityNet.
 
-- The ID embedding comes from a recognizer (InstantID: an ArcFace; the proxy: `instance_embed`,
-  trained with a margin loss on train identities). Several references are averaged, as
-  InstantID's multi-reference practice does, and re-normalised.
-- Image adapter: `ImageProjection` turns the embedding into tokens for decoupled cross-attention
-  (InstantID uses a Resampler; a linear projection is the IP-Adapter form of the same map).
+- The ID embedding comes from a recognizer (InstantID: insightface's antelopev2 ArcFace; the
+  proxy: `instance_embed`). It is the raw, un-normalised output, as InstantID feeds
+  `face_info['embedding']` (not `normed_embedding`; infer.py, README). Several references are
+  averaged (raw mean): the harness's multi-reference rule; official InstantID takes one face.
+- Image adapter: InstantID's Resampler (`ip_adapter/resampler.py`) turns the embedding, a
+  one-token sequence, into 16 tokens for decoupled cross-attention on attn2.
 - IdentityNet: a ControlNet on the 5-keypoint image whose cross-attention context is the ID
-  tokens, not the text, so it carries identity and placement without the prompt.
+  tokens, not the text (pipeline: `encoder_hidden_states=prompt_image_emb`).
+
+InstantID's training code is not public: the drops (exclusive image/text/both at 0.05 each),
+the zero image embedding of a drop, the to_k_ip/to_v_ip initialisation and the training scales
+of 1.0 come from IP-Adapter's `tutorial_train.py`, which InstantID's adapter builds on.
 
 The identity metric scores with `id_evaluator`, another architecture and seed.
 """
@@ -15,21 +20,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from bench.methods.controlnet import make_controlnet
 from bench.methods.ip_adapter import IPAdapter
 from bench.registry import METHODS
 
+# pipeline_stable_diffusion_xl_instantid.py `set_image_proj_model`: Resampler(dim=1280, depth=4,
+# dim_head=64, heads=20, num_queries=16, embedding_dim=512, output_dim=cross_attention_dim, ff_mult=4).
+RESAMPLER_DEPTH = 4
+RESAMPLER_DIM_HEAD = 64
+RESAMPLER_FF_MULT = 4
+
+
+def resampler_width(unet_config) -> tuple[int, int]:
+    """(hidden dim, heads) of the Resampler. Official dim 1280 is SDXL's deepest UNet width
+    (`block_out_channels[-1]`), so it scales with the UNet: SDXL gives exactly (1280, 20); the
+    proxy (64) gets (64, 1), one 64-wide head. dim_head stays 64, which diffusers' converter
+    assumes (`heads = to_q.weight.shape[0] // 64`)."""
+    dim = unet_config.block_out_channels[-1]
+    return dim, max(1, dim // RESAMPLER_DIM_HEAD)
+
 
 @METHODS.register("instantid")
 class InstantID(IPAdapter):
-    version = "instantid-v1"
+    # v2: the official Resampler (16 tokens) instead of a 4-token ImageProjection; the raw (not
+    # unit) ID embedding; inference scales 0.8; IP-Adapter's exclusive drops; attn2 only.
+    version = "instantid-v2"
     conditions = ("keypoints",)
 
     @dataclass(frozen=True)
     class Recipe(IPAdapter.Recipe):
-        conditioning_scale: float = 1.0  # multiplies IdentityNet's residuals
+        num_tokens: int = 16  # pipeline `load_ip_adapter_instantid(num_tokens=16)`
+        inference_ip_scale: float = 0.8  # infer.py / README: ip_adapter_scale=0.8 (`pipe.set_ip_adapter_scale(0.8)`)
+        conditioning_scale: float = 1.0  # training: IdentityNet residuals unscaled (ControlNet training)
+        inference_conditioning_scale: float = 0.8  # infer.py / README: controlnet_conditioning_scale=0.8
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
@@ -41,11 +66,29 @@ class InstantID(IPAdapter):
 
         return INSTANCE_EMBED
 
+    def make_projection(self, embedding_dim: int, unet_config) -> nn.Module:
+        """InstantID's Resampler as diffusers' `IPAdapterPlusImageProjection` (the same blocks;
+        `_convert_ip_adapter_image_proj_to_diffusers` maps the released `image_proj` keys onto it)."""
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        dim, heads = resampler_width(unet_config)
+        return IPAdapterPlusImageProjection(embed_dims=embedding_dim, output_dims=unet_config.cross_attention_dim,
+                                            hidden_dims=dim, depth=RESAMPLER_DEPTH, dim_head=RESAMPLER_DIM_HEAD,
+                                            heads=heads, num_queries=self.recipe.num_tokens,
+                                            ffn_ratio=RESAMPLER_FF_MULT)
+
+    def project(self, emb: torch.Tensor) -> torch.Tensor:
+        # the pipeline reshapes the face embedding to [1, -1, 512]: a one-token sequence
+        return self.proj(emb[:, None])
+
     @torch.no_grad()
     def encode_references(self, refs: torch.Tensor) -> torch.Tensor:
-        """One averaged, unit ID embedding per sample: [B, 1, D]."""
-        emb = self.encoder.embed(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
-        return F.normalize(emb.mean(1, keepdim=True), dim=-1)
+        """One raw ID embedding per sample, the mean over its references: [B, 1, D]."""
+        emb = self.encoder(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
+        return emb.mean(1, keepdim=True)
+
+    def conditioning_scale(self) -> float:
+        return self.recipe.conditioning_scale if self.training else self.recipe.inference_conditioning_scale
 
     def prepare(self, batch, embeds, cfg):
         state = super().prepare(batch, embeds, cfg)
@@ -54,6 +97,6 @@ class InstantID(IPAdapter):
 
     def unet_kwargs(self, x, t, embeds, state):
         down, mid = self.identitynet(x, t, encoder_hidden_states=state.tokens, added_cond_kwargs=embeds.added,
-                                     controlnet_cond=state.control, conditioning_scale=self.recipe.conditioning_scale,
+                                     controlnet_cond=state.control, conditioning_scale=self.conditioning_scale(),
                                      return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

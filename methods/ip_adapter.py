@@ -1,8 +1,8 @@
 """IP-Adapter: decoupled cross-attention on image tokens (diffusers' IPAdapterAttnProcessor2_0).
 
 A frozen image encoder embeds each reference; `ImageProjection` turns the embedding into N
-tokens; every cross-attention layer gets new `to_k_ip`/`to_v_ip` that attend to those tokens,
-and the result is added to the text attention. The UNet stays frozen. Several references
+tokens; every attn2 (cross-attention) layer gets new `to_k_ip`/`to_v_ip` that attend to those
+tokens, and the result is added to the text attention. The UNet stays frozen. Several references
 contribute their tokens side by side, as diffusers does for a list of images.
 
 The encoder is the proxy's generic image encoder (`image_encoder`, the stand-in for CLIP's
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bench.errors import ConfigError
-from bench.method import Method
+from bench.method import Drops, Method
 from bench.registry import METHODS
 from bench.types import Batch, PromptEmbeds
 
@@ -49,21 +49,42 @@ def feature_dim(encoder: nn.Module) -> int:
     return encode_each(encoder, torch.zeros(1, 1, 3, 32, 32, device=next(encoder.parameters()).device)).shape[-1]
 
 
-class DecoupledCrossAttention(nn.Module):
-    """IP-Adapter processors for every cross-attention layer of a UNet, installed only for the
-    duration of one call, so the shared base UNet is never left modified."""
+class TextOnlyAttnProcessor:
+    """attn1 of a UNet built with `only_cross_attention` (the proxy's down/up blocks) reads the
+    context too. Official IP-Adapter gives every attn1 a plain processor, so it sees the text
+    only: this one takes the text part of diffusers' (text, [image tokens]) tuple."""
 
-    def __init__(self, unet, num_tokens: int, scale: float):
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states = encoder_hidden_states[0]
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def ip_layer_names(unet) -> list[str]:
+    """The processors that get image K/V: every one but attn1, as official IP-Adapter
+    (tutorial_train.py and ip_adapter.py `set_ip_adapter`: `cross_attention_dim = None if
+    name.endswith("attn1.processor")`) and diffusers' `_convert_ip_adapter_attn_to_diffusers`."""
+    return [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+
+
+class DecoupledCrossAttention(nn.Module):
+    """IP-Adapter processors for the UNet's attn2 layers, installed only for the duration of one
+    call, so the shared base UNet is never left modified."""
+
+    def __init__(self, unet, num_tokens: int):
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
         super().__init__()
         procs = {}
-        for name in unet.attn_processors:
+        for name in ip_layer_names(unet):
             attn = unet.get_submodule(name.removesuffix(".processor"))
-            if not attn.is_cross_attention:  # self-attention (attn1, unless only_cross_attention)
-                continue
-            proc = IPAdapterAttnProcessor2_0(attn.to_k.out_features, attn.to_k.in_features, (num_tokens,), scale)
-            with torch.no_grad():  # IP-Adapter initialises the image K/V from the text K/V
+            proc = IPAdapterAttnProcessor2_0(attn.to_k.out_features, attn.to_k.in_features, (num_tokens,), 1.0)
+            with torch.no_grad():  # tutorial_train.py initialises to_k_ip/to_v_ip from the text to_k/to_v
                 proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
                 proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
             procs[name.replace(".", "/")] = proc  # ModuleDict keys cannot hold dots
@@ -71,11 +92,25 @@ class DecoupledCrossAttention(nn.Module):
             raise ConfigError("the base UNet has no cross-attention layers for image tokens")
         self.procs = nn.ModuleDict(procs)
 
+    def processors(self, unet, scale: float) -> dict:
+        """Every processor of `unet` for one IP call: ours on attn2 (at `scale`), a text-only one on
+        an attn1 that reads the context, the UNet's own elsewhere."""
+        out = {}
+        for name, original in unet.attn_processors.items():
+            key = name.replace(".", "/")
+            if key in self.procs:
+                self.procs[key].scale = [scale]
+                out[name] = self.procs[key]
+            elif unet.get_submodule(name.removesuffix(".processor")).is_cross_attention:
+                out[name] = TextOnlyAttnProcessor()
+            else:
+                out[name] = original
+        return out
+
     @contextmanager
-    def installed(self, unet):
+    def installed(self, unet, scale: float):
         original = unet.attn_processors
-        unet.set_attn_processor({n: self.procs[n.replace(".", "/")] if n.replace(".", "/") in self.procs else p
-                                 for n, p in original.items()})
+        unet.set_attn_processor(self.processors(unet, scale))
         try:
             yield
         finally:
@@ -90,23 +125,55 @@ class ImagePromptState:
 
 @METHODS.register("ip_adapter")
 class IPAdapter(Method):
-    version = "ip_adapter-v1"
+    # v2: image K/V on attn2 only (v1 also patched the proxy's cross-attending attn1), and
+    # tutorial_train.py's mutually exclusive image/text/both drops instead of independent ones.
+    version = "ip_adapter-v2"
     sample_dataset = "identity"
 
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
-        num_tokens: int = 4  # image tokens per reference (IP-Adapter: 4)
-        ip_scale: float = 1.0  # weight of the image attention added to the text attention
-        image_drop_prob: float = 0.05  # reference dropout while training: the unconditional image input of CFG
+        # Unused: IP-Adapter's drops are the three exclusive probabilities below (one uniform draw
+        # per sample), so the base's independent prompt dropout must stay 0.
+        empty_prompt_prob: float = 0.0
+        # tutorial_train.py MyDataset(t_drop_rate=0.05, i_drop_rate=0.05, ti_drop_rate=0.05) and
+        # __getitem__: `rand_num < i_drop_rate` -> image; `< i + t` -> text; `< i + t + ti` -> both.
+        image_drop_prob: float = 0.05
+        text_drop_prob: float = 0.05
+        both_drop_prob: float = 0.05
+        num_tokens: int = 4  # tutorial_train.py ImageProjModel(clip_extra_context_tokens=4)
+        ip_scale: float = 1.0  # training: IPAttnProcessor(scale=1.0), ip_adapter/attention_processor.py
+        inference_ip_scale: float = 1.0  # ip_adapter.py IPAdapter.generate(scale=1.0)
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.empty_prompt_prob != 0.0:
+                raise ConfigError("empty_prompt_prob is unused by IP-Adapter's recipe; set text_drop_prob, "
+                                  "image_drop_prob and both_drop_prob (exclusive outcomes of one draw)")
+            probs = {"image_drop_prob": self.image_drop_prob, "text_drop_prob": self.text_drop_prob,
+                     "both_drop_prob": self.both_drop_prob}
+            for name, p in probs.items():
+                if not 0.0 <= p <= 1.0:
+                    raise ConfigError(f"{name} must be in [0, 1], got {p}")
+            if sum(probs.values()) > 1.0:
+                raise ConfigError(f"image_drop_prob + text_drop_prob + both_drop_prob must be <= 1 (they are "
+                                  f"exclusive outcomes of one draw), got {sum(probs.values()):g}")
 
     def __init__(self, base, condition, budget, hparams=None):
-        from diffusers.models.embeddings import ImageProjection
-
         super().__init__(base, condition, budget, hparams)
         self.encoder = frozen_encoder(self.load_encoder())
-        width = base.unet.config.cross_attention_dim
-        self.proj = ImageProjection(self.embedding_dim(), width, self.recipe.num_tokens)
-        self.ip_attn = DecoupledCrossAttention(base.unet, self.recipe.num_tokens, self.recipe.ip_scale)
+        self.proj = self.make_projection(self.embedding_dim(), base.unet.config)
+        self.ip_attn = DecoupledCrossAttention(base.unet, self.recipe.num_tokens)
+
+    def make_projection(self, embedding_dim: int, unet_config) -> nn.Module:
+        """The image projection: tutorial_train.py's ImageProjModel (linear to num_tokens tokens,
+        LayerNorm), which is diffusers' `ImageProjection`."""
+        from diffusers.models.embeddings import ImageProjection
+
+        return ImageProjection(embedding_dim, unet_config.cross_attention_dim, self.recipe.num_tokens)
+
+    def project(self, emb: torch.Tensor) -> torch.Tensor:
+        """[M, D] embeddings -> [M, T, C] tokens."""
+        return self.proj(emb)
 
     @staticmethod
     def encoder_spec():
@@ -136,19 +203,30 @@ class IPAdapter(Method):
         self.encoder.eval()  # frozen, like the base
         return self
 
-    def drop_references(self, emb: torch.Tensor) -> torch.Tensor:
-        """Zero a sample's image embedding with probability image_drop_prob while training: the
-        unconditional image input classifier-free guidance samples with."""
-        if not self.training or self.recipe.image_drop_prob <= 0:
+    def ip_scale(self) -> float:
+        return self.recipe.ip_scale if self.training else self.recipe.inference_ip_scale
+
+    def draw_drops(self, n: int) -> Drops:
+        """tutorial_train.py's drops: one uniform draw per sample picks image, text, both or none."""
+        r, u = self.recipe, torch.rand((n,))
+        image = u < r.image_drop_prob
+        text = (u >= r.image_drop_prob) & (u < r.image_drop_prob + r.text_drop_prob)
+        both = (u >= r.image_drop_prob + r.text_drop_prob) & (u < r.image_drop_prob + r.text_drop_prob + r.both_drop_prob)
+        return Drops(text=text | both, image=image | both)
+
+    def drop_references(self, emb: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """While training, the samples `draw_drops` chose get a zero image embedding, as
+        tutorial_train.py (`torch.zeros_like(image_embed)`): the unconditional image input of CFG."""
+        if not self.training:
             return emb
-        keep = torch.rand(emb.shape[0], device=emb.device) >= self.recipe.image_drop_prob
+        keep = ~batch.refs["drop_image"].to(emb.device)
         return emb * keep.reshape(-1, *[1] * (emb.ndim - 1)).to(emb.dtype)
 
     def image_tokens(self, batch: Batch, cfg: bool) -> torch.Tensor:
-        emb = self.drop_references(self.encode_references(reference_stack(batch)))  # [B, N, D]
+        emb = self.drop_references(self.encode_references(reference_stack(batch)), batch)  # [B, N, D]
         if cfg:
             emb = torch.cat([torch.zeros_like(emb), emb])
-        tokens = self.proj(emb.flatten(0, 1))  # [B*N, T, C]
+        tokens = self.project(emb.flatten(0, 1))  # [B*N, T, C]
         return tokens.unflatten(0, emb.shape[:2]).flatten(1, 2)  # the N references side by side
 
     def prepare(self, batch: Batch, embeds: PromptEmbeds, cfg: bool) -> Any:
@@ -157,5 +235,5 @@ class IPAdapter(Method):
     def denoise(self, x, t, embeds: PromptEmbeds, state: ImagePromptState) -> torch.Tensor:
         inputs = embeds.unet_inputs()
         inputs["encoder_hidden_states"] = (inputs["encoder_hidden_states"], [state.tokens])
-        with self.ip_attn.installed(self.base.unet):
+        with self.ip_attn.installed(self.base.unet, self.ip_scale()):
             return self.base.unet(x, t, **inputs, **self.unet_kwargs(x, t, embeds, state)).sample

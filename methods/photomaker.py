@@ -4,10 +4,14 @@ Each of the N references is embedded by the image encoder (PhotoMaker: CLIP's im
 proxy: the generic `image_encoder`) and projected to the text width. The class word (the
 sample's `class_word`: "man", or the instance's shape) is repeated N times in the prompt, the
 prompt is encoded, and each copy's token embedding is fused with one reference embedding by an
-MLP. There is no extra cross-attention: the UNet sees an ordinary prompt embedding. Prompts
-without the class word (the empty prompt of classifier-free guidance) are left unchanged.
+MLP (the official `FuseModule`). There is no extra cross-attention: the UNet sees an ordinary
+prompt embedding. Prompts without the class word (the empty prompt of classifier-free guidance)
+are left unchanged. Sampling uses the text-only prompt for the first steps (`start_merge_step`)
+and the ID-fused one after.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,18 +23,36 @@ from bench.registry import METHODS
 from bench.types import Batch, PromptEmbeds
 
 
-class FuseMLP(nn.Module):
-    """PhotoMaker's fuse module: MLP(concat(class token, ID embedding)), then a residual MLP and LayerNorm."""
+class MLP(nn.Module):
+    """photomaker/model.py `MLP`: LayerNorm -> fc1 -> GELU -> fc2, plus the input if use_residual."""
 
-    def __init__(self, width: int):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool = True):
         super().__init__()
-        self.mlp1 = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))
-        self.mlp2 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
-        self.norm = nn.LayerNorm(width)
+        if use_residual and in_dim != out_dim:
+            raise ValueError(f"a residual MLP needs in_dim == out_dim, got {in_dim} and {out_dim}")
+        self.layernorm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.use_residual = use_residual
+        self.act_fn = nn.GELU()
 
-    def forward(self, class_tokens: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
-        x = self.mlp1(torch.cat([class_tokens, id_embeds], -1))
-        return self.norm(x + self.mlp2(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(self.act_fn(self.fc1(self.layernorm(x))))
+        return out + x if self.use_residual else out
+
+
+class FuseModule(nn.Module):
+    """photomaker/model.py `FuseModule` (official attribute names, so the released weights map)."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.mlp1 = MLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
+        self.mlp2 = MLP(embed_dim, embed_dim, embed_dim, use_residual=True)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+
+    def fuse_fn(self, prompt_embeds: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
+        stacked = self.mlp1(torch.cat([prompt_embeds, id_embeds], dim=-1)) + prompt_embeds
+        return self.layer_norm(self.mlp2(stacked))
 
 
 def expand_class_word(prompt: str, word: str, copies: int) -> str | None:
@@ -43,21 +65,52 @@ def expand_class_word(prompt: str, word: str, copies: int) -> str | None:
     return None
 
 
+@dataclass
+class PhotoMakerState:
+    text_only: PromptEmbeds | None  # the sampler's embeddings before the merge step (None in training)
+
+
+def merge_step(ratio: float, num_steps: int) -> int:
+    """The last text-only step: `int(ratio * steps)`, as gradio_demo/app.py computes
+    `start_merge_step = int(float(style_strength_ratio) / 100 * num_steps)` (20% of 50 -> 10)."""
+    return int(ratio * num_steps)
+
+
 @METHODS.register("photomaker")
 class PhotoMaker(Method):
-    version = "photomaker-v1"
+    # v2: the official FuseModule/MLP and a bias-free visual projection; no empty-prompt training;
+    # text-only embeddings up to start_merge_step while sampling.
+    version = "photomaker-v2"
     sample_dataset = "identity"
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
     reward_model_ids = classmethod(IPAdapter.reward_model_ids.__func__)
 
+    @dataclass(frozen=True)
+    class Recipe(Method.Recipe):
+        # 0: every training caption holds the class word followed by the trigger word (paper §3.2,
+        # the ID-oriented data pipeline; training code unreleased), and pipeline.py
+        # `encode_prompt_with_trigger_word` refuses a prompt without exactly one trigger word.
+        empty_prompt_prob: float = 0.0
+        # pipeline.py __call__(num_inference_steps=50, start_merge_step=10) and README; the gradio
+        # demo's style_strength_ratio default 20 (%): text-only embeddings while `i <= start_merge_step`.
+        start_merge_ratio: float = 0.2
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not 0.0 <= self.start_merge_ratio <= 1.0:
+                raise ConfigError(f"start_merge_ratio must be in [0, 1], got {self.start_merge_ratio}")
+
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
         self.encoder = frozen_encoder(self.encoder_spec().load())
         width = base.unet.config.cross_attention_dim
-        dim = feature_dim(self.encoder)
-        self.id_proj = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width))
-        self.fuse = FuseMLP(width)
+        # model.py PhotoMakerIDEncoder: pooled CLIP features -> visual_projection (768, CLIP's own)
+        # and visual_projection_2 (1280, new), concatenated to SDXL's two text widths (2048). The
+        # proxy has one text encoder, so one bias-free projection to its width, trained: the proxy
+        # encoder has no pretrained text-aligned projection to reuse.
+        self.visual_projection = nn.Linear(feature_dim(self.encoder), width, bias=False)
+        self.fuse_module = FuseModule(width)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -92,9 +145,27 @@ class PhotoMaker(Method):
             return embeds
         prompts = [found[i][0] if found[i] else p for i, p in enumerate(batch.prompts)]
         expanded = self.base.encode_prompt(prompts, tuple(batch.image.shape[-2:]))
-        id_embeds = self.id_proj(encode_each(self.encoder, refs).to(expanded.hidden.dtype))  # [B, N, C]
+        id_embeds = self.visual_projection(encode_each(self.encoder, refs).to(expanded.hidden.dtype))  # [B, N, C]
         hidden = expanded.hidden.clone()
         for i in rows:
             pos = torch.tensor(found[i][1], device=hidden.device)
-            hidden[i, pos] = self.fuse(hidden[i, pos], id_embeds[i])
+            hidden[i, pos] = self.fuse_module.fuse_fn(hidden[i, pos], id_embeds[i])
         return expanded.with_hidden(hidden)
+
+    def prepare(self, batch: Batch, embeds: PromptEmbeds, cfg: bool) -> PhotoMakerState:
+        """The text-only embeddings of the first steps: the original prompt (class word once), as
+        pipeline.py encodes `prompt_text_only` (the trigger word removed); the CFG half is kept."""
+        if self.training:
+            return PhotoMakerState(None)
+        text = self.base.encode_prompt(batch.prompts, tuple(batch.image.shape[-2:]))
+        if cfg:
+            uncond = PromptEmbeds(embeds.hidden[:len(batch)],
+                                  None if embeds.added is None else {k: v[:len(batch)] for k, v in embeds.added.items()})
+            text = PromptEmbeds.cat([uncond, text])
+        return PhotoMakerState(text)
+
+    def step_embeds(self, embeds: PromptEmbeds, step: int, num_steps: int, state: PhotoMakerState) -> PromptEmbeds:
+        # pipeline.py: `if i <= start_merge_step:` text-only, else the ID-fused embeddings
+        if state.text_only is not None and step <= merge_step(self.recipe.start_merge_ratio, num_steps):
+            return state.text_only
+        return embeds

@@ -9,6 +9,7 @@ import bench.methods  # noqa: F401
 import bench.metrics  # noqa: F401  (methods no longer import metrics, so register them here)
 from bench.base_model import BaseModel
 from bench.registry import DATASETS, METHODS, METRICS
+from bench.sampler import generate
 from bench.types import collate
 
 IDENTITY_METHODS = ("ip_adapter", "instantid", "photomaker")
@@ -53,12 +54,12 @@ def test_scoring_with_a_methods_own_encoder_is_refused(monkeypatch):
 
 
 def test_ip_adapter_is_decoupled_attention_added_to_text_attention(base, smoke_budget):
-    """ip_scale 0 gives exactly the frozen UNet; a non-zero scale changes it; the base is restored."""
+    """inference_ip_scale 0 gives exactly the frozen UNet; a non-zero scale changes it; the base is restored."""
     batch = _batch()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
     embeds = base.encode_prompt(batch.prompts, (32, 32))
     plain = base.unet(x, t, **embeds.unet_inputs()).sample
-    off = METHODS.get("ip_adapter")(base, None, smoke_budget, {"ip_scale": 0.0}).eval()
+    off = METHODS.get("ip_adapter")(base, None, smoke_budget, {"inference_ip_scale": 0.0}).eval()
     assert torch.allclose(off.denoise(x, t, embeds, off.prepare(batch, embeds, cfg=False)), plain, atol=1e-6)
     on = METHODS.get("ip_adapter")(base, None, smoke_budget, {}).eval()
     state = on.prepare(batch, embeds, cfg=False)
@@ -100,13 +101,20 @@ def test_instantid_identitynet_reads_id_tokens_not_text(base, smoke_budget):
     assert (residuals(swapped, batch.prompts)[0] - ref[0]).abs().max() > 1e-4, "the ID embedding must matter"
 
 
-def test_instantid_averages_several_references_into_one_unit_embedding(base, smoke_budget):
+def test_instantid_embedding_is_the_raw_mean_of_the_recognizer(base, smoke_budget):
+    """InstantID feeds insightface's raw `embedding` (not `normed_embedding`); several references
+    are averaged (the harness's multi-reference rule)."""
+    from bench.proxy.recognizers import INSTANCE_EMBED
+
     method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {}).eval()
-    refs = torch.stack(_batch(2, "identity_multi").refs["reference_images"])
+    refs = torch.stack(_batch(2, "identity_multi").refs["reference_images"])  # [2, 4, 3, H, W]
+    recognizer = INSTANCE_EMBED.load().eval()
+    with torch.no_grad():
+        expected = torch.stack([sum(recognizer(refs[b, n:n + 1])[0] for n in range(4)) / 4 for b in range(2)])
     emb = method.encode_references(refs)
-    assert emb.shape[:2] == (2, 1) and torch.allclose(emb.norm(dim=-1), torch.ones(2, 1), atol=1e-5)
-    single = method.encode_references(refs[:, :1])
-    assert not torch.allclose(emb, single)
+    assert emb.shape == (2, 1, expected.shape[-1])
+    assert torch.allclose(emb[:, 0], expected, atol=1e-5)
+    assert not torch.allclose(emb.norm(dim=-1), torch.ones(2, 1), atol=1e-2), "the embedding must not be unit-normalised"
 
 
 def test_photomaker_replaces_exactly_the_class_word_copies(base, smoke_budget):
@@ -142,3 +150,226 @@ def test_identity_run_records_both_parts_with_their_directions(tmp_path):
     assert rec.metric_meta["id_sim_proxy_mean"]["higher_is_better"] is True
     assert rec.metric_meta["id_sim_proxy_no_face_rate"]["higher_is_better"] is False
     assert -1 <= rec.metrics["id_sim_proxy_mean"] <= 1
+
+
+# ---------------------------------------------------------------- official recipes (issue 14)
+def test_ip_adapter_processors_are_on_attn2_only(base, smoke_budget):
+    """Official IP-Adapter and diffusers skip names ending in attn1.processor; the proxy's attn1
+    in the down/up blocks is a cross-attention (only_cross_attention) and must not get image K/V."""
+    method = METHODS.get("ip_adapter")(base, None, smoke_budget, {})
+    names = {k.replace("/", ".") for k in method.ip_attn.procs}
+    attn2 = {n for n in base.unet.attn_processors if n.endswith("attn2.processor")}
+    assert names == attn2 and len(names) == len(attn2) == 4
+    assert any(base.unet.get_submodule(n.removesuffix(".processor")).is_cross_attention
+               for n in base.unet.attn_processors if n.endswith("attn1.processor")), "the proxy case this guards"
+
+
+def _outcomes(drops):
+    t, i = drops.text, drops.image
+    return {"image": (i & ~t).float().mean().item(), "text": (t & ~i).float().mean().item(),
+            "both": (t & i).float().mean().item(), "none": (~t & ~i).float().mean().item()}
+
+
+@pytest.mark.parametrize("probs", [{}, {"image_drop_prob": 0.2, "text_drop_prob": 0.3, "both_drop_prob": 0.1}])
+def test_ip_adapter_drops_are_mutually_exclusive(probs, base, smoke_budget):
+    """tutorial_train.py: one draw per sample; image with p_i, else text with p_t, else both with p_ti."""
+    method = METHODS.get("ip_adapter")(base, None, smoke_budget, probs)
+    r = method.recipe
+    expected = {"image": r.image_drop_prob, "text": r.text_drop_prob, "both": r.both_drop_prob}
+    expected["none"] = 1 - sum(expected.values())
+    n = 40_000
+    torch.manual_seed(0)
+    got = _outcomes(method.draw_drops(n))
+    for k, p in expected.items():
+        assert abs(got[k] - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, got[k], p)
+
+
+def test_ip_adapter_drop_recipe_is_checked():
+    from bench.errors import ConfigError
+
+    cls = METHODS.get("ip_adapter")
+    with pytest.raises(ConfigError, match="must be <= 1"):
+        cls.make_recipe({"image_drop_prob": 0.5, "text_drop_prob": 0.4, "both_drop_prob": 0.2})
+    with pytest.raises(ConfigError, match="empty_prompt_prob is unused"):
+        cls.make_recipe({"empty_prompt_prob": 0.1})
+    assert cls.make_recipe({"image_drop_prob": 0.5, "text_drop_prob": 0.5, "both_drop_prob": 0.0})
+
+
+@pytest.mark.parametrize("name", ["ip_adapter", "instantid"])
+def test_a_dropped_image_trains_on_the_zero_embedding_tokens(name, base, smoke_budget, monkeypatch):
+    """noised_prediction applies draw_drops' image mask once: the dropped sample gets the tokens of
+    a zero embedding (tutorial_train.py `torch.zeros_like(image_embed)`), its prompt stays."""
+    from bench.method import Drops
+
+    method = METHODS.get(name)(base, "keypoints", smoke_budget, {}).train()
+    monkeypatch.setattr(method, "draw_drops", lambda n: Drops(text=torch.tensor([False, True]),
+                                                              image=torch.tensor([True, False])))
+    seen = {}
+    prepare = method.prepare
+    monkeypatch.setattr(method, "prepare", lambda b, e, cfg: seen.setdefault("state", prepare(b, e, cfg)) and
+                        seen.setdefault("batch", b) and seen["state"])
+    batch = _batch()
+    method.noised_prediction(batch)
+    tokens, trained = seen["state"].tokens, seen["batch"]
+    with torch.no_grad():
+        dim = method.encode_references(reference_stack_of(batch)).shape[-1]
+        zero = method.project(torch.zeros(1, dim))[0]
+    assert trained.prompts == [batch.prompts[0], ""]
+    assert torch.allclose(tokens[0], zero, atol=1e-6)
+    assert (tokens[1] - zero).abs().max() > 1e-3
+
+
+def reference_stack_of(batch):
+    from bench.methods.ip_adapter import reference_stack
+
+    return reference_stack(batch)
+
+
+@pytest.mark.parametrize("dataset", ["identity", "identity_multi"])
+def test_instantid_resampler_gives_16_tokens_per_reference(dataset, base, smoke_budget):
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {}).eval()
+    assert isinstance(method.proj, IPAdapterPlusImageProjection) and len(method.proj.layers) == 4
+    batch = _batch(2, dataset)
+    tokens = method.prepare(batch, base.encode_prompt(batch.prompts, (32, 32)), cfg=False).tokens
+    # several references are averaged into one ID embedding first, so 16 tokens either way
+    assert tokens.shape == (2, 16, base.unet.config.cross_attention_dim)
+
+
+class OfficialResampler(torch.nn.Module):
+    """InstantID ip_adapter/resampler.py, transcribed (PerceiverAttention + bias-free FeedForward)."""
+
+    def __init__(self, dim, depth, dim_head, heads, num_queries, embedding_dim, output_dim, ff_mult):
+        from torch import nn
+
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim ** 0.5)
+        self.proj_in, self.proj_out, self.norm_out = nn.Linear(embedding_dim, dim), nn.Linear(dim, output_dim), \
+            nn.LayerNorm(output_dim)
+        inner = dim_head * heads
+        self.layers = nn.ModuleList(nn.ModuleList([
+            nn.ModuleDict(dict(norm1=nn.LayerNorm(dim), norm2=nn.LayerNorm(dim), to_q=nn.Linear(dim, inner, bias=False),
+                               to_kv=nn.Linear(dim, 2 * inner, bias=False), to_out=nn.Linear(inner, dim, bias=False))),
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
+                          nn.Linear(dim * ff_mult, dim, bias=False))]) for _ in range(depth))
+
+    def attend(self, a, x, latents):
+        x, latents = a["norm1"](x), a["norm2"](latents)
+        b, length, _ = latents.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q = split(a["to_q"](latents))
+        k, v = (split(t) for t in a["to_kv"](torch.cat((x, latents), dim=-2)).chunk(2, dim=-1))
+        scale = 1 / self.dim_head ** 0.25
+        w = torch.softmax((q * scale) @ (k * scale).transpose(-2, -1), dim=-1)
+        return a["to_out"]((w @ v).permute(0, 2, 1, 3).reshape(b, length, -1))
+
+    def forward(self, x):
+        latents = self.latents.repeat(x.size(0), 1, 1)
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = self.attend(attn, x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+def test_instantid_resampler_loads_official_weights_through_diffusers_converter(base, smoke_budget):
+    """The official Resampler's state dict (at the proxy's widths) converts with diffusers'
+    `_convert_ip_adapter_image_proj_to_diffusers` and gives the same tokens in our projection."""
+    from bench.methods.instantid import resampler_width
+
+    method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {}).eval()
+    dim, heads = resampler_width(base.unet.config)
+    emb_dim = method.proj.proj_in.in_features
+    torch.manual_seed(0)
+    official = OfficialResampler(dim=dim, depth=4, dim_head=64, heads=heads, num_queries=16, embedding_dim=emb_dim,
+                                 output_dim=base.unet.config.cross_attention_dim, ff_mult=4).eval()
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LayerNorms off their identity init too
+    converted = base.unet._convert_ip_adapter_image_proj_to_diffusers(official.state_dict(), low_cpu_mem_usage=False)
+    method.proj.load_state_dict(converted.state_dict(), strict=True)
+    x = torch.randn(3, 1, emb_dim)
+    with torch.no_grad():
+        assert torch.allclose(method.project(x[:, 0]), official(x), atol=1e-5)
+    assert resampler_width(type("SDXL", (), {"block_out_channels": (320, 640, 1280)})) == (1280, 20)  # official
+
+
+def test_instantid_scales_are_08_at_inference_and_1_in_training(base, smoke_budget):
+    method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {})
+    assert (method.train().ip_scale(), method.conditioning_scale()) == (1.0, 1.0)
+    assert (method.eval().ip_scale(), method.conditioning_scale()) == (0.8, 0.8)
+    batch = _batch()
+    embeds = base.encode_prompt(batch.prompts, (32, 32))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([300, 300])
+    method.denoise(x, t, embeds, method.prepare(batch, embeds, cfg=False))
+    assert all(p.scale == [0.8] for p in method.ip_attn.procs.values())
+
+
+def test_photomaker_fuse_module_is_the_official_formula(base, smoke_budget):
+    import torch.nn.functional as F
+
+    fuse = METHODS.get("photomaker")(base, None, smoke_budget, {}).fuse_module
+    d = base.unet.config.cross_attention_dim
+    assert set(fuse.state_dict()) == {f"{m}.{layer}.{w}" for m in ("mlp1", "mlp2") for layer in ("layernorm", "fc1", "fc2")
+                                      for w in ("weight", "bias")} | {"layer_norm.weight", "layer_norm.bias"}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in fuse.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    w = {k: v.detach() for k, v in fuse.state_dict().items()}
+
+    def mlp(prefix, x, residual):
+        h = F.layer_norm(x, x.shape[-1:], w[f"{prefix}.layernorm.weight"], w[f"{prefix}.layernorm.bias"])
+        h = F.linear(F.gelu(F.linear(h, w[f"{prefix}.fc1.weight"], w[f"{prefix}.fc1.bias"])),
+                     w[f"{prefix}.fc2.weight"], w[f"{prefix}.fc2.bias"])
+        return h + x if residual else h
+
+    prompt, ident = torch.randn(5, d), torch.randn(5, d)
+    stacked = mlp("mlp1", torch.cat([prompt, ident], -1), False) + prompt
+    expected = F.layer_norm(mlp("mlp2", stacked, True), (d,), w["layer_norm.weight"], w["layer_norm.bias"])
+    with torch.no_grad():
+        assert torch.allclose(fuse.fuse_fn(prompt, ident), expected, atol=1e-5)
+
+
+def test_photomaker_never_trains_on_a_prompt_without_its_class_word(base, smoke_budget, monkeypatch):
+    from bench.methods.photomaker import expand_class_word
+
+    method = METHODS.get("photomaker")(base, None, smoke_budget, {}).train()
+    torch.manual_seed(0)
+    assert not method.draw_drops(10_000).text.any()
+    seen = []
+    prompt_embeds = method.prompt_embeds
+    monkeypatch.setattr(method, "prompt_embeds", lambda e, b: seen.append((b.prompts, b.refs["class_word"]))
+                        or prompt_embeds(e, b))
+    batch = _batch(4, "identity_multi")
+    with torch.no_grad():
+        for _ in range(30):
+            method.noised_prediction(batch)
+    assert len(seen) == 30
+    assert all(expand_class_word(p, w, 1) is not None for prompts, words in seen for p, w in zip(prompts, words))
+
+
+@pytest.mark.parametrize("steps,last_text_only", [(50, 10), (10, 2)])
+def test_photomaker_merges_the_id_after_start_merge_step(steps, last_text_only, base, smoke_budget, monkeypatch):
+    """pipeline.py: `if i <= start_merge_step` text-only, else ID-fused; 10 of 50 steps by default."""
+    from bench.methods.photomaker import merge_step
+    from bench.types import PromptEmbeds
+
+    assert merge_step(0.2, steps) == last_text_only
+    method = METHODS.get("photomaker")(base, None, smoke_budget, {}).eval()
+    batch = _batch(2, "identity_multi")
+    with torch.no_grad():
+        uncond = base.encode_prompt(["", ""], (32, 32))
+        text_only = PromptEmbeds.cat([uncond, base.encode_prompt(batch.prompts, (32, 32))]).hidden
+        fused = PromptEmbeds.cat([uncond, method.prompt_embeds(base.encode_prompt(batch.prompts, (32, 32)), batch)]).hidden
+    used = []
+    step_embeds = method.step_embeds
+    monkeypatch.setattr(method, "step_embeds", lambda e, i, n, s: used.append((i, n, step_embeds(e, i, n, s).hidden))
+                        or step_embeds(e, i, n, s))
+    generate(base, method, batch, sampler="ddim", steps=steps, guidance_scale=2.0, seed=0)
+    assert [(i, n) for i, n, _ in used] == [(i, steps) for i in range(steps)]
+    assert not torch.allclose(text_only, fused)
+    for i, _, hidden in used:
+        assert torch.equal(hidden, text_only if i <= last_text_only else fused), i
