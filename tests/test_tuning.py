@@ -33,7 +33,9 @@ PROMPT_DROPOUT = ("empty_prompt_prob", "text_drop_prob")  # the recipe field tha
 EXPECTED_SHAPE = (("dropout", "uniform", 0.0, 0.5), ("scale", "uniform", 0.5, 1.5))
 FIXED = {"methods", "dataset", "condition", "budget", "base_model", "seeds", "metrics", "out_dir"}
 SHARED = ("budget", "base_model", "seeds", "out_dir")  # equal in every tune sweep
-OWN_METRIC = {"canny": "canny_f1", "seg": "seg_miou", "layout": "layout_map", "keypoints": "id_sim_proxy"}
+# condition -> (the metric to run, the key its score is recorded and mirrored to W&B under)
+OWN_METRIC = {"canny": ("canny_f1", "canny_f1"), "seg": ("seg_miou", "seg_miou"),
+              "layout": ("layout_map", "layout_map"), "keypoints": ("id_sim_proxy", "id_sim_proxy_mean")}
 
 
 def trainable_methods() -> list[str]:
@@ -95,12 +97,17 @@ def sweep_problems(method: str, raw: dict[str, Any]) -> list[str]:
         except ConfigError as e:
             problems.append(f"{end} of the search space: {e}")
     condition = params.get("condition", {}).get("value")
-    want = OWN_METRIC.get(condition)
+    want, key = OWN_METRIC.get(condition, (None, None))
     metric = raw.get("metric", {})
-    if metric.get("name") != f"metrics/{want}" or want not in params.get("metrics", {}).get("value", []):
-        problems.append(f"metric {metric.get('name')!r}: the {condition} tune sweeps optimise metrics/{want}")
-    elif metric.get("goal") != ("maximize" if METRICS.get(want).higher_is_better else "minimize"):
-        problems.append(f"goal {metric.get('goal')!r} contradicts {want}'s higher_is_better")
+    if metric.get("name") != f"metrics/{key}" or want not in params.get("metrics", {}).get("value", []):
+        problems.append(f"metric {metric.get('name')!r}: the {condition} tune sweeps run {want} and "
+                        f"optimise metrics/{key}")
+    else:
+        m = METRICS.get(want)
+        part = key.removeprefix(want).lstrip("_")
+        higher = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
+        if metric.get("goal") != ("maximize" if higher else "minimize"):
+            problems.append(f"goal {metric.get('goal')!r} contradicts {key}'s higher_is_better")
     return problems
 
 
@@ -159,6 +166,11 @@ def test_checks_catch_an_unknown_field_a_budget_field_and_another_metric(sweeps)
     assert "unknown hparam 'no_such_field'" in found
     assert "tunes ['budget.lr']" in found
     assert "optimise metrics/canny_f1" in found
+    ident = copy.deepcopy(sweeps["ip_adapter"])
+    ident["metric"]["name"] = "metrics/id_sim_proxy"  # not a recorded key: the part is id_sim_proxy_mean
+    assert any("optimise metrics/id_sim_proxy_mean" in p for p in sweep_problems("ip_adapter", ident))
+    ident["metric"] = {"name": "metrics/id_sim_proxy_mean", "goal": "minimize"}
+    assert any("contradicts" in p for p in sweep_problems("ip_adapter", ident))
 
 
 def test_checks_catch_unequal_trials_and_shapes(sweeps) -> None:
