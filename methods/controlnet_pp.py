@@ -12,6 +12,9 @@ controlnet, the first part identical to it.
 
 The reward model must not be a metric's evaluator; the harness refuses such a run
 (`Method.reward_model_ids`).
+
+Official source: liming-ai/ControlNet_Plus_Plus @ 9ffe264 (train/reward_control.py and the
+train/reward_*.sh launch scripts); the reward losses live in bench/proxy/rewards.py.
 """
 from __future__ import annotations
 
@@ -20,9 +23,23 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError
-from bench.method import predict_x0
+from bench.method import Drops, predict_x0
 from bench.methods.controlnet import ControlNet
 from bench.registry import METHODS
+
+
+# The reward loss's weight (`--grad_scale`, loss = pretrain_loss + reward_loss * grad_scale,
+# reward_control.py main()) per condition, as each official launch script sets it.
+OFFICIAL_REWARD_WEIGHT = {
+    "canny": 1.0,  # train/reward_canny.sh --grad_scale=1.0
+    "depth": 1.0,  # train/reward_depth.sh --grad_scale=1.0
+    "hed": 1.0,  # train/reward_hed.sh --grad_scale=1
+    "lineart": 0.5,  # train/reward_linedrawing.sh --grad_scale=0.5
+    # train/reward_cocostuff.sh --grad_scale=0.2 (train/reward_ade20k.sh: 0.5). The proxy's seg is
+    # COCO-Stuff-like: a separate label map (--label_column) labels every pixel, background
+    # included and scored by seg_miou, whereas ADE20K's recipe drops its background class.
+    "seg": 0.2,
+}
 
 
 def _reward_name(condition: str | None, name: str) -> str:
@@ -38,20 +55,34 @@ def _reward_name(condition: str | None, name: str) -> str:
 
 @METHODS.register("controlnet_pp")
 class ControlNetPP(ControlNet):
-    version = "controlnet_pp-v1"
+    # v2: the official reward losses (canny magnitude MSE, seg CE with ignore, max-normalised depth
+    # MSE), per-condition weights and no prompt dropout in the reward phase
+    version = "controlnet_pp-v2"
     conditions = ("canny", "seg", "depth")  # those with a differentiable reward model (bench/proxy/rewards.py)
 
     @dataclass(frozen=True)
     class Recipe(ControlNet.Recipe):
         reward_model: str = "auto"  # a bench.proxy.rewards model; "auto": the condition's default
-        reward_weight: float = 0.5  # the reward loss's weight beside the diffusion loss
-        reward_t_max: int = 200  # single-step reward only for timesteps <= this
+        # None: the condition's official weight (OFFICIAL_REWARD_WEIGHT)
+        reward_weight: float | None = None
+        # reward only for timesteps <= this: reward_*.sh --max_timestep_rewarding=200
+        # (--min_timestep_rewarding=0), of t ~ U{0..999} (--timestep_sampling_start/end 0, 1000)
+        reward_t_max: int = 200
         reward_steps: int = 1  # 1: one-step x0 (the paper); K > 1: backpropagate through K sampling steps
         reward_start: float = 0.5  # fraction of the budget's steps after which the reward switches on
+        # prompt dropout in the reward phase: reward_control.py --text_condition_dropout, default 0,
+        # and no reward_*.sh sets it (before reward_start: empty_prompt_prob, ControlNet's 0.5)
+        reward_empty_prompt_prob: float = 0.0
 
         def __post_init__(self):
+            super().__post_init__()
             if self.reward_steps < 1:
                 raise ConfigError(f"hparams.controlnet_pp.reward_steps must be >= 1, got {self.reward_steps}")
+            if self.reward_weight is not None and self.reward_weight < 0:
+                raise ConfigError(f"hparams.controlnet_pp.reward_weight must be >= 0, got {self.reward_weight}")
+            if not 0.0 <= self.reward_empty_prompt_prob <= 1.0:
+                raise ConfigError("hparams.controlnet_pp.reward_empty_prompt_prob must be in [0, 1], "
+                                  f"got {self.reward_empty_prompt_prob}")
 
     def __init__(self, base, condition, budget, hparams=None):
         from bench.proxy.rewards import reward_for
@@ -84,6 +115,16 @@ class ControlNetPP(ControlNet):
     def reward_on(self) -> bool:
         return self.global_step >= int(self.recipe.reward_start * self.budget.train_steps)
 
+    @property
+    def reward_weight(self) -> float:
+        weight = self.recipe.reward_weight
+        return OFFICIAL_REWARD_WEIGHT[self.condition] if weight is None else weight
+
+    def draw_drops(self, n: int) -> Drops:
+        """ControlNet's prompt dropout until reward_start, the reward recipe's after it."""
+        p = self.recipe.reward_empty_prompt_prob if self.reward_on else self.recipe.empty_prompt_prob
+        return Drops(text=torch.rand((n,)) < p, image=torch.zeros(n, dtype=torch.bool))
+
     def sample_with_grad(self, n) -> torch.Tensor:
         """K DDIM steps from pure noise, keeping the graph through every UNet call."""
         from bench.sampler import make_scheduler
@@ -110,5 +151,5 @@ class ControlNetPP(ControlNet):
         n = self.noised_prediction(batch)
         loss = self.diffusion_loss(n)
         if self.reward_on:
-            loss = loss + self.recipe.reward_weight * self.reward_loss(n, batch)
+            loss = loss + self.reward_weight * self.reward_loss(n, batch)
         return loss

@@ -14,7 +14,7 @@ from bench.datasets.shapes import ShapeObject, ShapesWorld, render
 from bench.metrics.consistency import DepthRMSE, SegMIoU
 from bench.proxy.analyzers import (DEPTHNET, REWARD_DEPTHNET, REWARD_SEGNET, SEGNET, analyzer_metadata,
                                    render_split)
-from bench.proxy.rewards import DEFAULT_REWARD, REWARDS, SoftEdges, reward_for
+from bench.proxy.rewards import DEFAULT_REWARD, REWARDS, canny_magnitude, reward_for
 from bench.registry import CONDITIONS, METRICS, UnknownNameError
 from bench.types import Batch, collate
 
@@ -87,7 +87,8 @@ def reward_batch(scenes: Batch) -> Batch:
 def test_reward_is_differentiable_and_prefers_the_true_image(name: str, reward_batch: Batch) -> None:
     reward = reward_for(name)
     assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
-    images = reward_batch.image.clone().requires_grad_(True)
+    # away from the true image: at it, a reward that compares against its own extraction (canny) is 0 with 0 gradient
+    images = reward_batch.image.roll(1, 0).clone().requires_grad_(True)
     loss = reward.loss(images, reward_batch)
     assert loss.shape == (len(reward_batch),)
     loss.sum().backward()
@@ -100,10 +101,10 @@ def test_reward_is_differentiable_and_prefers_the_true_image(name: str, reward_b
     assert (true < shuffled).float().mean() > 0.9
 
 
-def test_soft_edges_agree_with_cv2_canny(scenes: Batch) -> None:
-    pred = SoftEdges().edge_log_prob(scenes.image).exp() > 0.5
+def test_canny_magnitude_ridges_agree_with_cv2_canny(scenes: Batch) -> None:
+    pred = canny_magnitude(scenes.image)[:, 0] > 0.1  # the official's low threshold
     target = scenes.conditions["canny"][:, 0] > 0.5
-    assert 2 * (pred & target).sum() / (pred.sum() + target.sum()) > 0.9  # measured 0.97
+    assert 2 * (pred & target).sum() / (pred.sum() + target.sum()) > 0.85  # measured 0.91
 
 
 def test_reward_ids_never_equal_evaluator_ids_except_eval_wrappers() -> None:
