@@ -2,6 +2,8 @@
 and the downstream-detector utility protocol."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
 import bench.metrics  # noqa: F401
 from bench.base_model import BaseModel
+from bench.errors import ConfigError
 from bench.datasets.conditions import SEG_PALETTE
 from bench.datasets.layouts import BoxStatistics, layout_objects
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, Scene, ShapesWorld, parse_prompt, render
@@ -62,35 +65,107 @@ def test_layout_condition_pixels():
 def odgen(proxy_arch_dir, smoke_budget):
     torch.manual_seed(0)
     base = BaseModel.load(str(proxy_arch_dir))
-    return METHODS.get("odgen")(base, "layout", smoke_budget, {"sprite_prob": 0.0})
+    return METHODS.get("odgen")(base, "layout", smoke_budget)
 
 
 def test_encoders_follow_box_positions(odgen):
     k = 3
     batch = _layout_batch([[[4, 5, 14, 13], [9, 16, 20, 27]], []], [[0, 2], []])
     moved = _layout_batch([[[4 + k, 5, 14 + k, 13], [9 + k, 16, 20 + k, 27]], []], [[0, 2], []])
-    odgen.eval()  # generation: sprites
+    for mode in (odgen.eval, odgen.train):
+        mode()
+        with torch.no_grad():
+            for encode in (odgen.text_canvas, odgen.image_canvas):
+                a, b = encode(batch), encode(moved)
+                assert a[0].abs().sum() > 0 and a[1].abs().sum() == 0, "boxes paint; an empty layout stays blank"
+                assert torch.equal(b, a.roll(k, -1))
+            # the conv net is translation-equivariant away from its zero-padded border (2 px for two 3x3 convs)
+            fa, fb = odgen.layout_features(batch), odgen.layout_features(moved)
+            assert torch.allclose(fb[..., 2 + k:-2], fa[..., 2:-2 - k], atol=1e-5)
+
+
+def _scrambled_targets(batch: Batch) -> Batch:
+    """The same layouts with every target pixel (and the masks) replaced inside the boxes."""
+    image, semantic = batch.image.clone(), batch.refs["semantic"].clone()
+    gen = torch.Generator().manual_seed(1)
+    for i, boxes in enumerate(batch.refs["boxes"]):
+        for x0, y0, x1, y1 in boxes.long().tolist():
+            image[i, :, y0:y1, x0:x1] = torch.rand(3, y1 - y0, x1 - x0, generator=gen)
+            semantic[i, y0:y1, x0:x1] = 1 + torch.randint(len(SHAPES), (y1 - y0, x1 - x0), generator=gen)
+    return Batch(ids=batch.ids, image=image, prompts=batch.prompts, conditions=batch.conditions,
+                 refs={**batch.refs, "semantic": semantic})
+
+
+def test_condition_never_contains_target_pixels(odgen):
+    real = _world_batch("train", 4)
+    scrambled = _scrambled_targets(real)
+    assert not torch.equal(real.image, scrambled.image)
     with torch.no_grad():
-        for encode in (odgen.text_canvas, odgen.image_canvas):
-            a, b = encode(batch), encode(moved)
-            assert a[0].abs().sum() > 0 and a[1].abs().sum() == 0, "boxes paint; an empty layout stays blank"
-            assert torch.equal(b, a.roll(k, -1))
-        # the conv net is translation-equivariant away from its zero-padded border (2 px for two 3x3 convs)
-        fa, fb = odgen.layout_features(batch), odgen.layout_features(moved)
-        assert torch.allclose(fb[..., 2 + k:-2], fa[..., 2:-2 - k], atol=1e-5)
-    # training with sprite_prob 0 pastes the object's own pixels: shift image, masks and boxes together
-    real = _world_batch("train", 2)
-    if max(float(b[:, 2].max()) for b in real.refs["boxes"]) + k > 32:
-        pytest.skip("an object would leave the image")
-    shifted = Batch(ids=real.ids, image=real.image.roll(k, -1), prompts=real.prompts,
-                    refs={"semantic": real.refs["semantic"].roll(k, -1),
-                          "boxes": [b + torch.tensor([k, 0, k, 0]) for b in real.refs["boxes"]],
-                          "labels": real.refs["labels"]})
-    odgen.train()
-    a, b = odgen.image_canvas(real), odgen.image_canvas(shifted)
-    assert torch.equal(b, a.roll(k, -1))
-    own = a.reshape(2, len(SHAPES), 3, 32, 32).amax(1)  # pasted pixels are the image's own
-    assert torch.equal(own[own > 0], real.image[own > 0])
+        for mode in (odgen.train, odgen.eval):
+            mode()
+            for cfg in (False, True):
+                a = odgen.prepare(real, None, cfg)
+                assert torch.equal(a, odgen.prepare(scrambled, None, cfg)), f"training={odgen.training} cfg={cfg}"
+    # nor does any pasted pixel equal the target's at its place (v1 pasted the object's own pixels)
+    canvas = odgen.image_canvas(real).reshape(4, len(SHAPES), 3, 32, 32)
+    pasted = canvas.abs().sum(2) > 0
+    same = (canvas == real.image[:, None]).all(2) & pasted
+    assert pasted.any() and same.float().sum() < 0.05 * pasted.float().sum()
+
+
+def test_training_and_generation_build_the_same_image_list(odgen):
+    batch = _world_batch("eval", 4)
+    with torch.no_grad():
+        odgen.train()
+        trained = odgen.image_canvas(batch)
+        odgen.eval()
+        generated = odgen.image_canvas(batch)
+    assert trained.abs().sum() > 0 and torch.equal(trained, generated)
+    # entries are fixed per (sample, box), not per class: other ids draw other entries of the same bank
+    other = odgen.image_canvas(Batch(ids=[f"other{i}" for i in range(4)], image=batch.image, prompts=batch.prompts,
+                                     refs=batch.refs))
+    assert not torch.equal(other, trained)
+
+
+def test_bank_is_deterministic_leaves_base_and_rng_alone(proxy_arch_dir, smoke_budget):
+    base = BaseModel.load(str(proxy_arch_dir))
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    budget = replace(smoke_budget, sampler="euler")  # a sampler whose step may draw noise
+    a, b = (METHODS.get("odgen")(base, "layout", budget) for _ in range(2))
+    torch.manual_seed(123)
+    bank_a = a.object_bank()
+    after_bank = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after_bank), "building the bank consumed the global RNG stream"
+    torch.manual_seed(7)  # another global state: the bank must not depend on it
+    bank_b = b.object_bank()
+    assert [len(c) for c in bank_a] == [len(COLORS)] * len(SHAPES)
+    for ca, cb in zip(bank_a, bank_b):
+        for (pa, ma), (pb, mb) in zip(ca, cb):
+            assert torch.equal(pa, pb) and torch.equal(ma, mb)
+            assert pa.shape[1:] == ma.shape and ma.sum() > 0
+    assert a.object_bank() is bank_a, "built once"
+    assert not base.unet.training and not any(p.requires_grad for p in base.unet.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())
+
+
+def test_bank_from_the_trained_proxy_holds_objects_of_the_prompted_colour(smoke_budget):
+    base = BaseModel.load("proxy")
+    bank = METHODS.get("odgen")(base, "layout", smoke_budget).object_bank()
+    palette = torch.tensor(list(COLORS.values())).float() / 255
+    for per_class in bank:
+        for want, (pixels, mask) in enumerate(per_class):
+            assert 12 <= mask.sum() and mask.shape[0] < 32 and mask.shape[1] < 32, "a cropped object, not the frame"
+            colour = pixels[:, mask > 0].median(1).values
+            assert int((palette - colour).abs().sum(1).argmin()) == want
+
+
+def test_sprite_prob_is_gone():
+    cls = METHODS.get("odgen")
+    assert cls.version == "odgen-v2"
+    with pytest.raises(ConfigError, match="unknown hparam 'sprite_prob'"):
+        cls.check_hparams({"sprite_prob": 0.5})
+    cls.check_hparams({"conditioning_scale": 0.5})
 
 
 def test_gradient_reaches_controlnet_and_text_net_not_base(odgen):
