@@ -51,9 +51,12 @@ class InstantID(IPAdapter):
 
     @dataclass(frozen=True)
     class Recipe(IPAdapter.Recipe):
+        # Drops and ip_scale are inherited from IP-Adapter's tutorial_train.py (InstantID's own
+        # training code is not public).
         num_tokens: int = 16  # pipeline `load_ip_adapter_instantid(num_tokens=16)`
         inference_ip_scale: float = 0.8  # infer.py / README: ip_adapter_scale=0.8 (`pipe.set_ip_adapter_scale(0.8)`)
-        conditioning_scale: float = 1.0  # training: IdentityNet residuals unscaled (ControlNet training)
+        # training: no public code; ControlNet training (diffusers train_controlnet.py) adds the residuals unscaled
+        conditioning_scale: float = 1.0
         inference_conditioning_scale: float = 0.8  # infer.py / README: controlnet_conditioning_scale=0.8
 
     def __init__(self, base, condition, budget, hparams=None):

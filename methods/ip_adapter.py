@@ -209,9 +209,9 @@ class IPAdapter(Method):
     def draw_drops(self, n: int) -> Drops:
         """tutorial_train.py's drops: one uniform draw per sample picks image, text, both or none."""
         r, u = self.recipe, torch.rand((n,))
-        image = u < r.image_drop_prob
-        text = (u >= r.image_drop_prob) & (u < r.image_drop_prob + r.text_drop_prob)
-        both = (u >= r.image_drop_prob + r.text_drop_prob) & (u < r.image_drop_prob + r.text_drop_prob + r.both_drop_prob)
+        i_end = r.image_drop_prob
+        t_end = i_end + r.text_drop_prob
+        image, text, both = u < i_end, (u >= i_end) & (u < t_end), (u >= t_end) & (u < t_end + r.both_drop_prob)
         return Drops(text=text | both, image=image | both)
 
     def drop_references(self, emb: torch.Tensor, batch: Batch) -> torch.Tensor:

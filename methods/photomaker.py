@@ -159,8 +159,9 @@ class PhotoMaker(Method):
             return PhotoMakerState(None)
         text = self.base.encode_prompt(batch.prompts, tuple(batch.image.shape[-2:]))
         if cfg:
-            uncond = PromptEmbeds(embeds.hidden[:len(batch)],
-                                  None if embeds.added is None else {k: v[:len(batch)] for k, v in embeds.added.items()})
+            n = len(batch)
+            added = None if embeds.added is None else {k: v[:n] for k, v in embeds.added.items()}
+            uncond = PromptEmbeds(embeds.hidden[:n], added)
             text = PromptEmbeds.cat([uncond, text])
         return PhotoMakerState(text)
 
