@@ -13,7 +13,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -268,6 +268,18 @@ def recipe_items(r: Row) -> list[tuple[str, str, bool]] | None:
 RECIPE_LEGEND = "Recipes: each row's resolved recipe; fields set in hparams are marked"
 NO_RECIPE = "recipe not recorded"
 
+
+def recipe_text(r: Row, escape: Callable[[str], str], user_set: Callable[[str], str],
+                italic: Callable[[str], str]) -> str:
+    """One row's recipe line in a markup: `escape` text, `user_set` marks an overridden field."""
+    items = recipe_items(r)
+    if items is None:
+        text = italic(escape(NO_RECIPE))
+    else:
+        text = ", ".join(user_set(f"{escape(k)} {escape(v)}") if user else f"{escape(k)} {escape(v)}"
+                         for k, v, user in items) or italic("no fields")
+    return text + (f" {italic('(' + escape(r.recipe_note) + ')')}" if r.recipe_note else "")
+
 TUNING_HEADERS = ("method", "metric", "trials", "best trial's hparams", "best", "min", "median", "max")
 TUNING_INTRO = ("Methods with several hparam settings in one table (tuning trials; the recipe default "
                 "counts as one if it ran). A trial's score is its mean over seeds. The best trial is "
@@ -345,14 +357,8 @@ def _md_text(value: object) -> str:
 def _markdown_recipes(rows: Sequence[Row]) -> list[str]:
     out = [f"{RECIPE_LEGEND} **bold**:", ""]
     for r in rows:
-        items = recipe_items(r)
-        if items is None:
-            text = f"_{NO_RECIPE}_"
-        else:
-            text = ", ".join(f"**{_md_text(k)} {_md_text(v)}**" if user else f"{_md_text(k)} {_md_text(v)}"
-                             for k, v, user in items) or "_no fields_"
-        note = f" _({_md_text(r.recipe_note)})_" if r.recipe_note else ""
-        out.append(f"- {_md_text(r.method)}: {text}{note}")
+        text = recipe_text(r, _md_text, lambda s: f"**{s}**", lambda s: f"_{s}_")
+        out.append(f"- {_md_text(r.method)}: {text}")
     return out + [""]
 
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from bench.claims import ClaimResult
 from bench.plots import Figure, SampleGrid
-from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, NO_RECIPE, RECIPE_LEGEND, TUNING_HEADERS,
-                          TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_items, row_cells,
+from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, RECIPE_LEGEND, TUNING_HEADERS,
+                          TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_text, row_cells,
                           tuning_cells)
 from bench.store import RunRecord
 
@@ -125,14 +125,8 @@ def _leaderboard(t: Table) -> str:
 def _recipes(rows: Sequence[Row]) -> str:
     lines = []
     for r in rows:
-        items = recipe_items(r)
-        if items is None:
-            text = f"<i>{_e(NO_RECIPE)}</i>"
-        else:
-            text = ", ".join(f'<b class="user-set">{_e(k)} {_e(v)}</b>' if user else f"{_e(k)} {_e(v)}"
-                             for k, v, user in items) or "<i>no fields</i>"
-        note = f" <i>({_e(r.recipe_note)})</i>" if r.recipe_note else ""
-        lines.append(f'<li data-recipe="{_e(r.method)}"><code>{_e(r.method)}</code>: {text}{note}</li>')
+        text = recipe_text(r, _e, lambda s: f'<b class="user-set">{s}</b>', lambda s: f"<i>{s}</i>")
+        lines.append(f'<li data-recipe="{_e(r.method)}"><code>{_e(r.method)}</code>: {text}</li>')
     return f'<p class="recipes">{_e(RECIPE_LEGEND)} <b>bold</b>:</p><ul class="recipes">{"".join(lines)}</ul>'
 
 

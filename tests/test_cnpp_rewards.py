@@ -15,14 +15,12 @@ from bench.methods.controlnet_pp import OFFICIAL_REWARD_WEIGHT
 from bench.proxy.rewards import (DEFAULT_REWARD, CannyMagnitude, canny_magnitude, depth_reward_loss, reward_for,
                                  seg_reward_loss)
 from bench.registry import METHODS
-from bench.types import Batch, collate
+from bench.types import Batch
+from conftest import shapes_batch
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:
-    from bench.datasets.shapes import ShapesWorld
-
-    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
-    return collate([world[i] for i in range(n)])
+    return shapes_batch(n, conditions)
 
 
 @pytest.fixture(scope="module")

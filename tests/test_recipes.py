@@ -14,14 +14,11 @@ from bench.errors import ConfigError
 from bench.method import cubic_timesteps
 from bench.methods.controlnext import cross_normalize
 from bench.registry import METHODS
-from bench.types import collate
+from conftest import shapes_batch
 
 
 def _batch(n: int, conditions=("canny",)):
-    from bench.datasets.shapes import ShapesWorld
-
-    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
-    return collate([world[i] for i in range(n)])
+    return shapes_batch(n, conditions)
 
 
 @pytest.fixture(scope="module")

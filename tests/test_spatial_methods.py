@@ -11,14 +11,12 @@ from bench.method import predict_x0
 from bench.methods.controlnext import cross_normalize
 from bench.registry import METHODS
 from bench.spec import resolve
-from bench.types import Batch, collate
+from bench.types import Batch
+from conftest import shapes_batch
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:
-    from bench.datasets.shapes import ShapesWorld
-
-    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
-    return collate([world[i] for i in range(n)])
+    return shapes_batch(n, conditions)
 
 
 @pytest.fixture(scope="module")
