@@ -12,15 +12,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def shapes_batch(n: int, conditions=("canny",)):
-    """The first n scenes of the shapes world's train split, collated (test modules import this)."""
-    from bench.datasets.shapes import ShapesWorld
-    from bench.types import collate
-
-    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
-    return collate([world[i] for i in range(n)])
-
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

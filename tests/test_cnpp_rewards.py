@@ -14,13 +14,14 @@ from bench.errors import ConfigError
 from bench.methods.controlnet_pp import OFFICIAL_REWARD_WEIGHT
 from bench.proxy.rewards import (DEFAULT_REWARD, CannyMagnitude, canny_magnitude, depth_reward_loss, reward_for,
                                  seg_reward_loss)
+from bench.datasets.shapes import ShapesWorld
 from bench.registry import METHODS
-from bench.types import Batch
-from conftest import shapes_batch
+from bench.types import Batch, collate
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:
-    return shapes_batch(n, conditions)
+    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
+    return collate([world[i] for i in range(n)])
 
 
 @pytest.fixture(scope="module")

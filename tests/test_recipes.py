@@ -13,12 +13,14 @@ from bench.base_model import BaseModel
 from bench.errors import ConfigError
 from bench.method import cubic_timesteps
 from bench.methods.controlnext import cross_normalize
+from bench.datasets.shapes import ShapesWorld
 from bench.registry import METHODS
-from conftest import shapes_batch
+from bench.types import collate
 
 
 def _batch(n: int, conditions=("canny",)):
-    return shapes_batch(n, conditions)
+    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
+    return collate([world[i] for i in range(n)])
 
 
 @pytest.fixture(scope="module")

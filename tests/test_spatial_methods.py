@@ -9,14 +9,15 @@ from bench.base_model import BaseModel
 from bench.errors import ConfigError
 from bench.method import predict_x0
 from bench.methods.controlnext import cross_normalize
+from bench.datasets.shapes import ShapesWorld
 from bench.registry import METHODS
 from bench.spec import resolve
-from bench.types import Batch
-from conftest import shapes_batch
+from bench.types import Batch, collate
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:
-    return shapes_batch(n, conditions)
+    world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
+    return collate([world[i] for i in range(n)])
 
 
 @pytest.fixture(scope="module")
