@@ -80,6 +80,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny_sdxl"), xl=True)
 
 
+@pytest.fixture(scope="module")
+def proxy(proxy_arch_dir):
+    """The proxy architecture with random weights, loaded through the real loader."""
+    from bench.base_model import BaseModel
+
+    return BaseModel.load(str(proxy_arch_dir))
+
+
 @pytest.fixture(scope="session")
 def smoke_budget():
     from bench.budget import load_budgets

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bench.methods  # noqa: F401  (registers the methods)
-from bench.base_model import BaseModel
 from bench.errors import ConfigError
 from bench.methods.controlnet_pp import OFFICIAL_REWARD_WEIGHT
 from bench.proxy.rewards import (DEFAULT_REWARD, CannyMagnitude, canny_magnitude, depth_reward_loss, reward_for,
@@ -22,11 +21,6 @@ from bench.types import Batch, collate
 def _batch(n: int, conditions=("canny",)) -> Batch:
     world = ShapesWorld("train", n, 32, seed=0, conditions=conditions)
     return collate([world[i] for i in range(n)])
-
-
-@pytest.fixture(scope="module")
-def proxy(proxy_arch_dir):
-    return BaseModel.load(str(proxy_arch_dir))
 
 
 # ------------------------------------------------------------------------------------ canny

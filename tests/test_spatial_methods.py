@@ -21,11 +21,6 @@ def _batch(n: int, conditions=("canny",)) -> Batch:
 
 
 @pytest.fixture(scope="module")
-def proxy(proxy_arch_dir):
-    return BaseModel.load(str(proxy_arch_dir))
-
-
-@pytest.fixture(scope="module")
 def tiny_sd(tiny_sd_dir):
     return BaseModel.load(str(tiny_sd_dir))
 
