@@ -120,10 +120,16 @@ class Recipe:
     # Training timesteps: "uniform" t ~ U{0..T-1} (DDPM, every method's default), or "cubic"
     # t = (1 - u^3) T, biased towards large t (T2I-Adapter paper §3.4).
     timesteps: str = "uniform"
+    # EMA decay of the trained weights, evaluated in their place; 0: none. No EMA in the official
+    # training of ControlNet (diffusers train_controlnet.py; the original's LitEma covers only the
+    # frozen UNet), T2I-Adapter (train_sketch.py), ControlNeXt or IP-Adapter (tutorial_train.py).
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
             raise ConfigError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ConfigError(f"timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {self.timesteps!r}")
 
@@ -258,6 +264,10 @@ class Method(L.LightningModule):
     def draw_drops(self, n: int) -> Drops:
         """This step's training drops: the empty prompt with probability `empty_prompt_prob`."""
         return Drops(text=torch.rand((n,)) < self.recipe.empty_prompt_prob, image=torch.zeros(n, dtype=torch.bool))
+
+    def ema_start_step(self) -> int:
+        """The training step from which `ema_decay` averages the weights."""
+        return 0
 
     def sample_timesteps(self, n: int, device=None) -> torch.Tensor:
         total = self.base.scheduler.config.num_train_timesteps

@@ -236,7 +236,7 @@ def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
     import lightning as L
     import torch
 
-    from bench.callbacks import ConsistencyCurve, StepTimer
+    from bench.callbacks import ConsistencyCurve, EMAWeights, StepTimer
     from bench.types import collate
 
     spec, budget, method = setup.spec, setup.spec.budget, setup.method
@@ -264,11 +264,14 @@ def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
                                              collate_fn=collate, drop_last=True,
                                              generator=torch.Generator().manual_seed(spec.seed))
         opts = dict(spec.trainer)
+        callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
+        if method.recipe.ema_decay > 0:
+            callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
         trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
                             devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=[timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else []))
+                            callbacks=callbacks)
         trainer.fit(method, loader)
         if trainer.global_rank != 0:
             return None

@@ -73,6 +73,9 @@ class ControlNetPP(ControlNet):
         # prompt dropout in the reward phase: reward_control.py --text_condition_dropout, default 0,
         # and no reward_*.sh sets it (before reward_start: empty_prompt_prob, ControlNet's 0.5)
         reward_empty_prompt_prob: float = 0.0
+        # every reward_*.sh passes --use_ema: reward_control.py keeps diffusers' EMAModel of the ControlNet
+        # (default decay 0.9999, warm-up (1+s)/(10+s)) from the start of reward fine-tuning; evaluated here
+        ema_decay: float = 0.9999
 
         def __post_init__(self):
             super().__post_init__()
@@ -113,7 +116,11 @@ class ControlNetPP(ControlNet):
 
     @property
     def reward_on(self) -> bool:
-        return self.global_step >= int(self.recipe.reward_start * self.budget.train_steps)
+        return self.global_step >= self.ema_start_step()
+
+    def ema_start_step(self) -> int:
+        """The reward phase's first step: the official EMA starts with reward fine-tuning."""
+        return int(self.recipe.reward_start * self.budget.train_steps)
 
     @property
     def reward_weight(self) -> float:

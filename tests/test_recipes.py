@@ -180,3 +180,42 @@ def test_the_sampler_asks_for_each_steps_prompt_embedding(proxy, smoke_budget):
     plain = generate(proxy, baseline, batch, **kw)
     assert torch.equal(never, plain)
     assert not torch.allclose(switched, plain)
+
+
+def test_ema_averages_from_its_start_step_and_replaces_the_weights():
+    """EMAWeights against a hand-run EMA with diffusers' warm-up decay min(decay, (1+s)/(10+s))."""
+    import lightning as L
+
+    from bench.callbacks import EMAWeights
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def trainable_parameters(self):
+            return [self.w]
+
+    module, trajectory = Tiny(), [torch.full((3,), float(k)) for k in range(1, 9)]
+    callback = EMAWeights(decay=0.5, start_step=3)
+    trainer = type("T", (), {})()
+    for step, value in enumerate(trajectory, start=1):  # global_step after each optimizer step
+        module.w.data.copy_(value)
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, None, step - 1)
+    callback.on_train_end(trainer, module)
+    expected = None
+    for s, value in enumerate(trajectory[3:]):  # steps 4..8; the EMA's own step count s = 0, 1, ...
+        decay = 0.0 if s == 0 else min(0.5, (1 + s) / (10 + s))
+        expected = value.clone() if expected is None else decay * expected + (1 - decay) * value
+    assert torch.allclose(module.w.data, expected)
+    assert not torch.allclose(module.w.data, trajectory[-1])
+
+
+def test_only_controlnet_pp_averages_its_weights(proxy, smoke_budget):
+    pp = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {})
+    assert pp.recipe.ema_decay == 0.9999 and pp.ema_start_step() == int(0.5 * smoke_budget.train_steps)
+    for name in ("controlnet", "t2i_adapter", "controlnext"):
+        assert METHODS.get(name).make_recipe({}).ema_decay == 0.0
+    with pytest.raises(ConfigError, match="ema_decay"):
+        METHODS.get("controlnet").check_hparams({"ema_decay": 1.0})
