@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,12 +171,14 @@ class Trained:
 @dataclass(frozen=True)
 class Evaluation:
     """Step 3's output: metric values (a dict result becomes name_part) with their meta,
-    per-sample sampling latencies, and the artifact paths for RunRecord.artifacts."""
+    per-sample sampling latencies, the artifact paths for RunRecord.artifacts, and the per-sample
+    scores {metric key: {sample id: value}} of the metrics that have them (BenchMetric.sample_scores)."""
 
     metrics: dict[str, float]
     metric_meta: dict[str, dict]
     latencies: list[float]
     artifacts: dict[str, str]
+    sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
@@ -312,8 +314,11 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
     for metric in metrics.values():
         if metric.synthesizes:  # e.g. detector_map: generates its own pseudo-layouts and trains on them
             metric.synthesize(setup.generate, data.train_set, spec.seed)
-    values, meta = {}, {}
+    values, meta, per_sample = {}, {}, {}
     for name, m in metrics.items():
+        # keyed like the record's values (name, or name_part); pooled metrics (FID, mIoU) have none
+        per_sample.update({(name + key[len(m.name):]) if key.startswith(m.name) else key: scores
+                           for key, scores in m.all_sample_scores().items() if scores})
         result = m.compute()  # a tensor, or a dict of named parts recorded as name_part
         parts = result.items() if isinstance(result, dict) else [(None, result)]
         for part, value in parts:
@@ -321,7 +326,8 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
             values[key] = float(value)
             hib = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
             meta[key] = {"version": m.version, "higher_is_better": bool(hib)}
-    return Evaluation(values, meta, latencies, {k: str(p) for k, p in paths.items()})
+    per_sample = {k: v for k, v in per_sample.items() if k in values}  # only values the record holds
+    return Evaluation(values, meta, latencies, {k: str(p) for k, p in paths.items()}, per_sample)
 
 
 def _picture(t: Any) -> Tensor | None:
@@ -378,7 +384,8 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
         compute["peak_mem_delta_mb"] = peak_rss_mb() - trained.rss_loaded_mb
     return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
                      metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
-                     artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions())
+                     artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
+                     sample_scores=evaluation.sample_scores)
 
 
 

@@ -23,7 +23,9 @@ from bench.budget import Budget
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # 2: seeds left the budget; schema-1 records are upgraded when a store is opened for writing
 # (rows rewritten under their new run ids) and on every read (so read-only stores work too).
-SCHEMA_VERSION = 2
+# 3: per-sample scores in their own table (run_id, metric, sample_id, value); a schema-2 store
+# opens as is (read-only too) and simply has no per-sample rows.
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0
 # A claim from another host cannot be probed for liveness; after this long it is presumed dead.
 CLAIM_LEASE_S = 12 * 3600.0
@@ -36,6 +38,17 @@ CREATE TABLE IF NOT EXISTS runs (
     budget_key TEXT,
     record     TEXT NOT NULL,
     updated_at REAL
+)
+"""
+# Per-sample scores of a run's metrics (BenchMetric.sample_scores), written in the record's
+# transaction; value NULL = no value for that sample (e.g. no face found).
+_SAMPLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sample_scores (
+    run_id    TEXT NOT NULL,
+    metric    TEXT NOT NULL,
+    sample_id TEXT NOT NULL,
+    value     REAL,
+    PRIMARY KEY (run_id, metric, sample_id)
 )
 """
 # Who is running which run_id right now: lets several sweep processes share one store.
@@ -162,6 +175,10 @@ class RunRecord:
     infinity anywhere is written as ``null``, and reading maps ``null`` back to NaN in the
     numeric fields (``metrics``, ``compute`` and the curve's ``value``), so a non-finite
     number reads back as NaN. Text with bare ``NaN`` (older stores) still reads.
+
+    ``sample_scores`` ({metric: {sample id: value}}, the metrics with a per-sample value) travels
+    with the record (result files, W&B), but the store keeps it in its own table, not in the
+    record's text; `Store.records()` attaches it again.
     """
 
     run_id: str
@@ -176,6 +193,7 @@ class RunRecord:
     git_sha: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -214,6 +232,13 @@ class RunRecord:
         # sort_keys makes the stored text canonical, so identical records compare equal as text.
         return json.dumps(_finite(self.to_dict()), sort_keys=True, allow_nan=False)
 
+    def stored_json(self) -> str:
+        """The store's text of the record: ``to_json`` without ``sample_scores``, which the store
+        keeps in its own table (so a schema-2 record's text is unchanged)."""
+        data = self.to_dict()
+        data.pop("sample_scores")
+        return json.dumps(_finite(data), sort_keys=True, allow_nan=False)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         known = {f.name for f in fields(cls)}
@@ -229,6 +254,9 @@ class RunRecord:
             for key in ("metrics", "compute"):
                 if isinstance(data.get(key), dict):
                     data[key] = {k: math.nan if v is None else v for k, v in data[key].items()}
+            if isinstance(data.get("sample_scores"), dict):
+                data["sample_scores"] = {m: {i: math.nan if v is None else v for i, v in per.items()}
+                                         for m, per in data["sample_scores"].items() if isinstance(per, dict)}
             if isinstance(data.get("curve"), list):
                 data["curve"] = [{**p, "value": math.nan} if isinstance(p, dict) and "value" in p and p["value"] is None
                                  else p for p in data["curve"]]
@@ -328,6 +356,7 @@ class Store:
         with self._transaction():
             conn.execute(_SCHEMA)
             conn.execute(_CLAIMS_SCHEMA)
+            conn.execute(_SAMPLES_SCHEMA)
             if version < 2 and "runs" in tables:
                 self._upgrade_rows(conn)
             if version != SCHEMA_VERSION:
@@ -337,7 +366,7 @@ class Store:
         """Rewrite schema-1 records in today's form, inside the caller's transaction."""
         for run_id, text in conn.execute("SELECT run_id, record FROM runs").fetchall():
             record = self._decode(run_id, text)
-            if record.run_id != run_id or record.to_json() != text:
+            if record.run_id != run_id or record.stored_json() != text:
                 conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
                 self._upsert(conn, record, merge=True)
 
@@ -389,13 +418,14 @@ class Store:
             return self._upsert(conn, record, merge)
 
     def _upsert(self, conn: sqlite3.Connection, record: RunRecord, merge: bool) -> bool:
-        text = record.to_json()
+        text = record.stored_json()
         row = conn.execute("SELECT status, record FROM runs WHERE run_id = ?", (record.run_id,)).fetchone()
         write = True
         if row is not None:
             old_status, old_text = row
             if old_text == text:
-                write = False
+                write = bool(record.sample_scores) and not conn.execute(
+                    "SELECT 1 FROM sample_scores WHERE run_id = ? LIMIT 1", (record.run_id,)).fetchone()
             elif old_status == "FINISHED" and not record.finished:
                 write = False  # a finished result is never lost to a later failure
             elif merge and (old_status == "FINISHED") == record.finished:
@@ -407,6 +437,12 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (record.run_id, record.status, record.method, record.budget_key, text, time.time()),
             )
+            # the per-sample rows belong to the record: replaced with it, in the same transaction
+            conn.execute("DELETE FROM sample_scores WHERE run_id = ?", (record.run_id,))
+            conn.executemany(
+                "INSERT INTO sample_scores (run_id, metric, sample_id, value) VALUES (?, ?, ?, ?)",
+                [(record.run_id, str(m), str(i), _finite(float(v))) for m, per in record.sample_scores.items()
+                 for i, v in per.items()])
         return write
 
     def put(self, record: RunRecord) -> bool:
@@ -415,9 +451,37 @@ class Store:
         return self._write(record, merge=False)
 
     @_sqlite_errors
-    def get(self, run_id: str) -> RunRecord | None:
+    def get(self, run_id: str, *, with_scores: bool = False) -> RunRecord | None:
         row = self._db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else self._decode(run_id, row[0])
+        if row is None:
+            return None
+        record = self._decode(run_id, row[0])
+        return self._with_scores([record], [run_id])[0] if with_scores else record
+
+    def _has_samples_table(self) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='sample_scores'").fetchone() is not None
+
+    @_sqlite_errors
+    def sample_scores(self, run_id: str | None = None) -> list[tuple[str, str, str, float]]:
+        """Per-sample rows (run_id, sample_id, metric, value), NaN for a stored NULL; all runs'
+        or one run's. A store from before schema 3 has none."""
+        if not self._has_samples_table():
+            return []
+        sql = "SELECT run_id, sample_id, metric, value FROM sample_scores"
+        rows = (self._db.execute(sql + " WHERE run_id = ? ORDER BY metric, sample_id", (run_id,)) if run_id
+                else self._db.execute(sql + " ORDER BY run_id, metric, sample_id"))
+        return [(r, i, m, math.nan if v is None else float(v)) for r, i, m, v in rows.fetchall()]
+
+    def _with_scores(self, records: list[RunRecord], stored_ids: list[str]) -> list[RunRecord]:
+        """Attach each record's per-sample rows (looked up under the id it is stored as)."""
+        if not records or not self._has_samples_table():
+            return records
+        per_run: dict[str, dict[str, dict[str, float]]] = {}
+        for run_id, sample_id, metric, value in self.sample_scores():
+            per_run.setdefault(run_id, {}).setdefault(metric, {})[sample_id] = value
+        return [replace(rec, sample_scores=per_run[sid]) if sid in per_run else rec
+                for rec, sid in zip(records, stored_ids)]
 
     @_sqlite_errors
     def is_finished(self, run_id: str) -> bool:
@@ -425,8 +489,9 @@ class Store:
         return row is not None and row[0] == "FINISHED"
 
     @_sqlite_errors
-    def records(self, status: str | None = None) -> list[RunRecord]:
-        """All records (optionally of one status), oldest first."""
+    def records(self, status: str | None = None, *, with_scores: bool = True) -> list[RunRecord]:
+        """All records (optionally of one status), oldest first, with their per-sample scores
+        (``with_scores=False`` skips reading them)."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         if status is None:
@@ -436,6 +501,8 @@ class Store:
                 "SELECT run_id, record FROM runs WHERE status = ?", (status,)
             ).fetchall()
         recs = [self._decode(rid, text) for rid, text in rows]
+        if with_scores:
+            recs = self._with_scores(recs, [rid for rid, _ in rows])
         return sorted(recs, key=lambda r: (r.created_at, r.run_id))
 
     @_sqlite_errors

@@ -15,7 +15,7 @@ from bench.cli import main
 from bench.compare import group_runs
 from bench.report import leaderboard, render_markdown
 from bench.spec import apply_overrides, load_config, resolve
-from bench.store import RunRecord, Store, spec_hash
+from bench.store import SCHEMA_VERSION, RunRecord, Store, spec_hash
 
 F1 = {"version": "1", "higher_is_better": True}
 
@@ -83,7 +83,7 @@ def test_schema1_store_upgrades_to_todays_run_ids(tmp_path):
         got = store.get(spec.run_id)
         assert got.metrics == {"canny_f1": 0.2} and got.budget_key == spec.budget.key()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp_path, monkeypatch):

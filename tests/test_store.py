@@ -54,7 +54,7 @@ def test_store_round_trip_and_wal(tmp_path: Path) -> None:
         assert store.is_finished("r1") and not store.is_finished("missing")
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert conn.execute("SELECT method, budget_key FROM runs").fetchall() == [("controlnet", "bk1")]
     conn.close()
     with Store(path) as store:  # reopen
@@ -205,3 +205,65 @@ def test_a_claim_whose_run_process_outlived_its_claimant_is_not_taken_over(tmp_p
     finally:
         orphan.kill()
         orphan.wait()
+
+
+# ---- per-sample scores (schema 3) --------------------------------------------------------------
+
+def test_per_sample_scores_round_trip_in_their_own_table(tmp_path: Path) -> None:
+    scores = {"canny_f1": {"s0": 0.25, "s1": 0.75, "s2": math.nan}, "id_sim_mean": {"s0": 0.5}}
+    rec = make_record("r1", sample_scores=scores)
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.put(rec)
+        assert not store.put(rec)  # identical: nothing written
+        text = store._db.execute("SELECT record FROM runs").fetchone()[0]
+        assert "sample_scores" not in text  # kept out of the record's text
+        rows = store.sample_scores("r1")
+        assert [(r[1], r[2]) for r in rows] == [("s0", "canny_f1"), ("s1", "canny_f1"), ("s2", "canny_f1"),
+                                                ("s0", "id_sim_mean")]
+        got = store.records()[0]
+        assert got.sample_scores["canny_f1"]["s1"] == 0.75 and math.isnan(got.sample_scores["canny_f1"]["s2"])
+        assert store.get("r1", with_scores=True).sample_scores["id_sim_mean"] == {"s0": 0.5}
+        assert store.get("r1").sample_scores == {} and store.records(with_scores=False)[0].sample_scores == {}
+        # a newer record of the run replaces its per-sample rows in the same transaction
+        store.put(make_record("r1", created_at=2.0, metrics={"canny_f1": 0.6}, sample_scores={"canny_f1": {"s9": 1.0}}))
+        assert store.records()[0].sample_scores == {"canny_f1": {"s9": 1.0}}
+    # the result file form (to_json) carries them, NaN as null
+    back = RunRecord.from_json(rec.to_json())
+    assert back.sample_scores["canny_f1"]["s0"] == 0.25 and math.isnan(back.sample_scores["canny_f1"]["s2"])
+
+
+def test_merge_copies_per_sample_scores(tmp_path: Path) -> None:
+    with Store(tmp_path / "a.sqlite") as a:
+        a.put(make_record("r1", sample_scores={"canny_f1": {"s0": 0.1}}))
+    with Store(tmp_path / "out.sqlite") as out:
+        assert out.merge_from(tmp_path / "a.sqlite") == 1
+        assert out.sample_scores() == [("r1", "s0", "canny_f1", 0.1)]
+
+
+def _schema2_store(path: Path, records: list[RunRecord]) -> None:
+    """A store as schema-2 controlbench wrote it: no sample_scores table, user_version 2."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, status TEXT, method TEXT, budget_key TEXT, "
+                   "record TEXT NOT NULL, updated_at REAL)")
+        db.execute("CREATE TABLE claims (run_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, "
+                   "claimed_at REAL NOT NULL)")
+        for r in records:
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                       (r.run_id, r.status, r.method, r.budget_key, r.stored_json(), 1.0))
+        db.execute("PRAGMA user_version=2")
+
+
+def test_schema2_store_still_opens_read_only_and_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _schema2_store(path, [make_record("r1"), make_record("r2", spec={"seed": 1})])
+    with Store(path, read_only=True) as store:  # read-only: nothing written, no per-sample rows
+        assert [r.run_id for r in store.records()] == ["r1", "r2"]
+        assert store.sample_scores() == [] and store.records()[0].sample_scores == {}
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    with Store(path) as store:  # for writing: upgraded in place, old rows untouched
+        assert len(store) == 2 and store.sample_scores() == []
+        store.put(make_record("r3", sample_scores={"canny_f1": {"a": 1.0}}))
+        assert store.sample_scores("r3") == [("r3", "a", "canny_f1", 1.0)]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
