@@ -4,3 +4,4 @@ from bench.metrics import clip_score, fid  # noqa: F401
 from bench.metrics import pose, softedge  # noqa: F401
 from bench.metrics import face  # noqa: F401
 from bench.metrics import protocol  # noqa: F401
+from bench.metrics import fid_clean  # noqa: F401

@@ -289,3 +289,82 @@ def test_kid_loads_inception_only_from_the_local_weight(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="missing weight 'inception-fid'"):
         KID()
     assert KID.weights == ("inception-fid",) and WEIGHTS.get("inception-fid")
+
+
+# ------------------------------------------------------------------------------------ clean-fid
+class _StandInLayers(nn.Module):
+    """A tiny stand-in for the torchscript Inception's `layers`: [B,3,299,299] -> [B,2048] with 8
+    informative dims (so 2048-d covariances of a few images stay well defined)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.tanh(self.conv(x)).mean((2, 3))
+        return torch.cat([f, torch.zeros(f.shape[0], 2040, dtype=f.dtype)], 1)
+
+
+class _StandInInception(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _StandInLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _save_png_folder(images: torch.Tensor, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im.mul(255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+
+
+def test_fid_clean_matches_clean_fid_compute_fid_on_the_same_folders(tmp_path, monkeypatch):
+    from cleanfid import fid as cleanfid
+    from bench.metrics.fid_clean import FIDClean
+
+    root = tmp_path / "weights"
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
+    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="missing weight 'inception-cleanfid'"):
+        FIDClean()
+    path = root / WEIGHTS.get("inception-cleanfid").relpath
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.script(_StandInInception()).save(str(path))
+
+    metric = FIDClean()  # through clean-fid's own InceptionV3W(download=False)
+    assert path.name in metric.version and metric.version.startswith("fid_clean-v1/clean-fid")
+    g = torch.Generator().manual_seed(7)
+    real = torch.rand(12, 3, 40, 40, generator=g)
+    fake = (torch.rand(12, 3, 40, 40, generator=g) * 0.7 + 0.2).clamp(0, 1)
+    for i in (0, 8):
+        ids = [f"e{j}" for j in range(i, min(i + 8, 12))]
+        metric.update(fake[i:i + 8], Batch(ids=ids, image=real[i:i + 8], prompts=[""] * len(ids)))
+    ours = metric.compute().item()
+
+    _save_png_folder(real, tmp_path / "real")
+    _save_png_folder(fake, tmp_path / "fake")
+    from cleanfid.inception_torchscript import InceptionV3W
+    model = InceptionV3W(str(path.parent), download=False).eval()
+    ref_feats = cleanfid.get_folder_features(str(tmp_path / "fake"), model, num_workers=0, batch_size=8,
+                                             device=torch.device("cpu"), mode="clean", verbose=False)
+    assert np.allclose(torch.cat(metric.fake_features).numpy(), ref_feats, atol=1e-5)
+    ref = cleanfid.compute_fid(str(tmp_path / "real"), str(tmp_path / "fake"), mode="clean", num_workers=0,
+                               batch_size=8, device=torch.device("cpu"), custom_feat_extractor=model,
+                               verbose=False, use_dataparallel=False)
+    assert ours == pytest.approx(float(ref), rel=1e-4, abs=1e-6)
+    assert ours > 0 and metric.sample_scores() is None
+
+
+def test_fid_clean_refuses_a_file_that_is_not_torchscript(tmp_path, monkeypatch):
+    from bench.metrics.fid_clean import FIDClean
+
+    root = tmp_path / "weights"
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
+    path = root / WEIGHTS.get("inception-cleanfid").relpath
+    path.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ConfigError, match="not clean-fid's torchscript Inception"):
+        FIDClean()
