@@ -195,21 +195,24 @@ class SegMIoUIgnore0(SegMIoU):
     nanmean over classes (a class absent from both prediction and label has no IoU).
 
     Both options are constructor arguments and are written into the instance's `version`.
-    With `reduce_zero_label`, a segmenter that returns logits [B,C,H,W] over the full label space
+    The default evaluator is the shipped segnet, read through its logits. With
+    `reduce_zero_label`, a segmenter that returns logits [B,C,H,W] over the full label space
     is read as a model trained on the reduced classes (argmax over channels 1..C-1: such a model
     has no output for label 0); a segmenter that returns labels has them shifted like the target
     (a predicted 0 then counts in no class, as mmseg's histogram drops it). Pooled: records no
     per-sample values."""
 
-    version = f"seg_miou_ignore0-v1/mmseg-iou/rzl1-ign255/{SEGNET_VERSION}-{config_hash()}"
+    version = f"seg_miou_ignore0-v1/mmseg-iou/rzl1-ign255/{SEGNET_VERSION}-{config_hash()}-logits"
 
     def __init__(self, segmenter: Callable[[Tensor], Tensor] | None = None, num_classes: int = NUM_CLASSES,
                  reduce_zero_label: bool = True, ignore_index: int = 255, **kwargs) -> None:
         super().__init__(segmenter=segmenter, num_classes=num_classes, **kwargs)
+        if segmenter is None:
+            self.segmenter = self.segnet  # its logits [B,C,H,W]: with reduce_zero_label, channel 0 is dropped
         self.reduce_zero_label, self.ignore_index = bool(reduce_zero_label), int(ignore_index)
         self.eval_classes = num_classes - 1 if self.reduce_zero_label else num_classes
         self.version = (f"seg_miou_ignore0-v1/mmseg-iou/rzl{int(self.reduce_zero_label)}-ign{self.ignore_index}"
-                        f"/{SEGNET_VERSION}-{config_hash()}")
+                        f"/{SEGNET_VERSION}-{config_hash()}" + ("-logits" if segmenter is None else "-custom"))
         for state in ("area_intersect", "area_pred", "area_label"):
             self.add_state(state, default=torch.zeros(self.eval_classes, dtype=torch.long), dist_reduce_fx="sum")
 

@@ -368,3 +368,39 @@ def test_fid_clean_refuses_a_file_that_is_not_torchscript(tmp_path, monkeypatch)
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(ConfigError, match="not clean-fid's torchscript Inception"):
         FIDClean()
+
+
+# ------------------------------------------------------------------------------------ shipped evaluators
+@pytest.fixture(scope="module")
+def eval_scenes() -> Batch:
+    from bench.datasets.shapes import ShapesWorld
+    from bench.types import collate
+
+    world = ShapesWorld("eval", 32, conditions=("canny", "depth"))
+    return collate([world[i] for i in range(len(world))])
+
+
+def test_protocol_metrics_with_shipped_evaluators_on_real_images(eval_scenes: Batch) -> None:
+    real, blank = eval_scenes.image, torch.ones_like(eval_scenes.image)
+    canny_m = CannyF1CNPP()
+    canny_m.update(real, eval_scenes)
+    assert canny_m.compute().item() == pytest.approx(1.0)  # every eval scene has edges
+    drawn = canny_m.reextract(real, eval_scenes)
+    assert drawn.shape == real.shape and set(drawn.unique().tolist()) <= {0.0, 1.0}
+
+    seg = SegMIoUIgnore0()
+    assert seg.version == SegMIoUIgnore0.version
+    seg.update(real, eval_scenes)
+    good = seg.compute().item()
+    seg.reset()
+    seg.update(blank, eval_scenes)
+    assert good > 0.85 and seg.compute().item() < good - 0.3  # background no longer scores
+
+    depth = DepthRMSEPerImage()
+    depth.update(real, eval_scenes)
+    pooled = METRICS.get("depth_rmse")()
+    pooled.update(real, eval_scenes)
+    per_image = depth.sample_scores()
+    assert len(per_image) == len(eval_scenes) and np.mean(list(per_image.values())) == pytest.approx(
+        depth.compute().item(), rel=1e-5)
+    assert depth.compute().item() <= pooled.compute().item() + 1e-4  # mean of roots <= root of mean (Jensen)
