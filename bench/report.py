@@ -64,6 +64,7 @@ class Row:
     recipe: tuple[tuple[str, Any], ...] | None = None
     overridden: frozenset[str] = frozenset()  # fields the user set (spec["hparams"])
     recipe_note: str = ""  # e.g. the seeds' records disagree on the recipe
+    interval_methods: dict[str, str] = field(default_factory=dict)  # metric -> bench.stats method
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,41 @@ def _recipe(members: list[RunRecord]) -> tuple[tuple[tuple[str, Any], ...] | Non
     return recipe, overridden, note
 
 
+def metric_interval(members: Sequence[RunRecord], metric: str) -> tuple[float, float, str]:
+    """(mean over seeds, 95% half-width, interval method): the hierarchical bootstrap over seeds
+    and eval samples when every seed's run has per-sample scores of ``metric``, else the Student t
+    over seeds (bench.stats)."""
+    from bench import stats as bstats
+
+    have = [r for r in members if metric in r.metrics]
+    mean, half = ci95([r.metrics[metric] for r in have])
+    if len(have) > 0 and all(r.sample_scores.get(metric) for r in have):
+        iv = bstats.bootstrap_interval([bstats.score_matrix({r.seed: r.sample_scores[metric] for r in have})])
+        return mean, iv.half, bstats.BOOTSTRAP
+    return mean, half, (bstats.SEED_T if len(have) > 1 else bstats.SINGLE)
+
+
+def interval_note(t: Table) -> str:
+    """The one line under a table that says how its intervals were made."""
+    from bench import stats as bstats
+
+    by: dict[str, set[str]] = {}
+    for r in t.rows:
+        for m, how in r.interval_methods.items():
+            by.setdefault(how, set()).add(m)
+    if not by:
+        return ""
+    if len(by) == 1:
+        (how,) = by
+        return f"Intervals: {bstats.METHOD_NOTES[how]}."
+    return "Intervals: " + "; ".join(f"{', '.join(sorted(ms))}: {bstats.METHOD_NOTES[how]}"
+                                      for how, ms in sorted(by.items())) + "."
+
+
 def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
     members = list(seeds.values())
-    metrics = {m: ci95([r.metrics[m] for r in members if m in r.metrics]) for m in columns}
+    intervals = {m: metric_interval(members, m) for m in columns}
+    metrics = {m: (mean, half) for m, (mean, half, _) in intervals.items()}
     compute = {}
     for key, _, _ in COMPUTE_COLUMNS:
         vals = [float(r.compute[key]) for r in members if key in r.compute]
@@ -123,7 +156,8 @@ def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
             compute[key] = float(np.mean(vals))
     recipe, overridden, note = _recipe(members)
     return Row(label, len(members), metrics, compute, tuple(r.run_id for r in members),
-               tuple(sorted(seeds, key=str)), recipe, overridden, note)
+               tuple(sorted(seeds, key=str)), recipe, overridden, note,
+               {m: how for m, (_, _, how) in intervals.items()})
 
 
 def _trial_score(seeds: dict[Any, RunRecord], metric: str) -> float:
@@ -298,11 +332,39 @@ CLAIM_HEADERS = ("claim", "source", "statement", "definition", "expected", "meas
 
 
 def claim_cells(result: ClaimResult) -> list[str]:
-    """Unescaped cells in CLAIM_HEADERS order."""
+    """Unescaped cells in CLAIM_HEADERS order; measured with its 95% interval."""
     c = result.claim
-    measured = "–" if result.measured is None else _fmt(result.measured)
-    return [c.id, c.source, c.statement, c.definition, c.target, measured, result.verdict,
-            result.detail, c.caveats]
+    return [c.id, c.source, c.statement, c.definition, c.target, claim_measured(result), result.verdict,
+            result.detail + (f"; {result.decide}" if result.decide else ""), c.caveats]
+
+
+def claim_measured(result: ClaimResult) -> str:
+    """The measured value with its 95% interval, or what stands in for one."""
+    iv = result.interval
+    if result.measured is None:
+        return "–"
+    if iv is None or iv.degenerate or not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return f"{_fmt(result.measured)} ({iv.note if iv is not None and iv.note else 'single measurement'})"
+    return f"{_fmt(result.measured)} [{_fmt(iv.lo)}, {_fmt(iv.hi)}]"
+
+
+CLAIMS_INTRO = ("Verdicts are computed from the runs above. Each measured value carries its 95% interval "
+                "(bench/stats.py): **reproduced** when the whole interval meets the expectation, "
+                "**not reproduced** when the whole interval misses it, **inconclusive** otherwise.")
+
+
+def claim_sections(claims: Sequence[ClaimResult]) -> tuple[list[ClaimResult], list[str]]:
+    """The measured claims (table rows), and one unescaped line per missing method for the rest."""
+    from bench.claims import missing_methods
+
+    measured = [r for r in claims if r.verdict != "not measured"]
+    lines = []
+    for what, ids in missing_methods(list(claims)).items():
+        if " " in what:  # a reason, not a method name
+            lines.append(f"not measured ({what}): {', '.join(ids)}")
+        else:
+            lines.append(f"not measured, no FINISHED run of `{what}`: {', '.join(ids)}")
+    return measured, lines
 
 
 def _markdown_extras(claims: Sequence[ClaimResult] | None, figures: Sequence[Figure],
@@ -310,12 +372,19 @@ def _markdown_extras(claims: Sequence[ClaimResult] | None, figures: Sequence[Fig
     """Claims, plots and sample grids; image paths are relative to the report's directory."""
     out: list[str] = []
     if claims is not None:
-        out += ["## Claims", "", "Verdicts are computed from the runs above; a claim whose runs "
-                "are missing is _not measured_.", ""]
-        out.append("| " + " | ".join(CLAIM_HEADERS) + " |")
-        out.append("|" + "|".join("---" for _ in CLAIM_HEADERS) + "|")
-        out += ["| " + " | ".join(_esc(x) for x in claim_cells(r)) + " |" for r in claims]
+        measured, missing = claim_sections(claims)
+        out += ["## Claims", "", CLAIMS_INTRO, ""]
+        if measured:
+            out.append("| " + " | ".join(CLAIM_HEADERS) + " |")
+            out.append("|" + "|".join("---" for _ in CLAIM_HEADERS) + "|")
+            out += ["| " + " | ".join(_esc(x) for x in claim_cells(r)) + " |" for r in measured]
+        else:
+            out.append("_No claim could be measured from these runs._")
         out.append("")
+        if missing:
+            out += ["Not measured (the runs they need are missing):", ""]
+            out += [f"- {_esc(line)}" for line in missing]
+            out.append("")
 
     def img(path: Path | None, alt: str) -> str:
         if path is None:
@@ -388,7 +457,8 @@ def render_markdown(
     out = ["# controlbench leaderboard", ""]
     for k, v in meta.items():
         out.append(f"- **{_esc(k)}**: {_esc(v)}")
-    out += ["", "Values are mean ± 95% CI half-width (Student t over seeds); ↑ higher is better, "
+    out += ["", "Values are mean ± 95% interval half-width (the line under each table says how the "
+                "interval was made); ↑ higher is better, "
                 "↓ lower is better. Runs from different budgets or metric versions are never "
                 "merged.", ""]
     if not tables:
@@ -414,6 +484,9 @@ def render_markdown(
         out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
         for r in t.rows:
             out.append("| " + " | ".join([_esc(r.method)] + row_cells(t, r)) + " |")
+        note = interval_note(t)
+        if note:
+            out += ["", _esc(note)]
         out += [""] + _markdown_recipes(t.rows)
     out += _markdown_tuning(tables)
     out += ["## Excluded runs", ""]

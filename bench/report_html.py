@@ -18,6 +18,7 @@ from bench.claims import ClaimResult
 from bench.plots import Figure, SampleGrid
 from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, RECIPE_LEGEND, TUNING_HEADERS,
                           TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_text, row_cells,
+                          CLAIMS_INTRO, claim_sections, interval_note,
                           tuning_cells)
 from bench.store import RunRecord
 
@@ -118,8 +119,10 @@ def _leaderboard(t: Table) -> str:
         values += [r.compute.get(k, math.nan) / div for k, _, div in COMPUTE_COLUMNS]
         rows.append([f'<td data-method="{_e(r.method)}">{_e(r.method)}</td>']
                     + [_num_td(c, v) for c, v in zip(cells, values)])
+    note = interval_note(t)
     return (f"<h2>{_e(t.title)}</h2><ul>{items}</ul>"
-            + _table(headers, rows, "leaderboard") + _recipes(t.rows))
+            + _table(headers, rows, "leaderboard")
+            + (f'<p class="interval-note">{_e(note)}</p>' if note else "") + _recipes(t.rows))
 
 
 def _recipes(rows: Sequence[Row]) -> str:
@@ -159,16 +162,19 @@ def _excluded(excluded: list[tuple[RunRecord, str]]) -> str:
 
 
 def _claims(claims: Sequence[ClaimResult]) -> str:
+    measured, missing = claim_sections(claims)
     rows = []
-    for r in claims:
+    for r in measured:
         cells = claim_cells(r)
         tds = [f"<td>{_e(c)}</td>" for c in cells]
         tds[CLAIM_HEADERS.index("measured")] = _num_td(cells[CLAIM_HEADERS.index("measured")], r.measured)
         tds[CLAIM_HEADERS.index("verdict")] = (
             f'<td class="{_e(r.verdict.replace(" ", "-"))}"><b>{_e(r.verdict)}</b></td>')
         rows.append(tds)
-    return ("<h2>Claims</h2><p>Verdicts are computed from the stored runs; a claim whose runs "
-            "are missing is <i>not measured</i>.</p>" + _table(CLAIM_HEADERS, rows, "claims"))
+    table = _table(CLAIM_HEADERS, rows, "claims") if rows else "<p><i>No claim could be measured from these runs.</i></p>"
+    folded = ("<p>Not measured (the runs they need are missing):</p><ul class=\"not-measured\">"
+              + "".join(f"<li>{_e(line)}</li>" for line in missing) + "</ul>") if missing else ""
+    return f"<h2>Claims</h2><p>{_e(CLAIMS_INTRO).replace('**', '')}</p>" + table + folded
 
 
 def _figures(figures: Sequence[Figure]) -> str:
@@ -203,7 +209,8 @@ def render_html(tables: list[Table], excluded: list[tuple[RunRecord, str]], meta
     """The whole report as one HTML document (deterministic for the same inputs)."""
     info = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in meta.items())
     body = [f"<h1>controlbench leaderboard</h1><ul>{info}</ul>",
-            "<p>Values are mean ± 95% CI half-width (Student t over seeds); ↑ higher is better, "
+            "<p>Values are mean ± 95% interval half-width (the line under each table says how the "
+            "interval was made); ↑ higher is better, "
             "↓ lower is better. Runs from different budgets or metric versions are never merged. "
             "Click a column header to sort.</p>"]
     body += [_leaderboard(t) for t in tables] or ["<p><i>No finished runs to compare.</i></p>"]

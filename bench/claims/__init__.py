@@ -3,6 +3,29 @@
 A claim names two sides (or one) by spec fields, a key (a compute figure or a metric), how to
 turn the sides into one number, and what that number must be. Verdicts are never typed: a
 claim whose runs are not in the store is "not measured", with the reason.
+
+Every measured claim carries an interval (bench.stats), and its verdict follows the whole
+interval, never the point alone:
+
+- **reproduced** when the whole interval meets the expectation (within its tolerance),
+- **not reproduced** when the whole interval misses it,
+- **inconclusive** otherwise, with an estimate of how many seeds would decide it.
+
+The interval, by what the store holds:
+
+- per-sample scores on both sides (consistency metrics): the hierarchical bootstrap of the
+  claim's number (ratio, gain, ...) computed from both sides' means with the *same* seed and
+  sample draws, over the (seed, sample) pairs both sides have (paired);
+- otherwise seeds: the claim's number per shared seed (or, when one side is one measurement,
+  e.g. a `bench profile` reference, against that fixed value), and a Student-t interval over
+  seeds; compute figures (memory, time, parameters) are per-run numbers and take this path;
+- one value per side, or values equal over seeds (parameter counts): a single measurement,
+  whose interval is the point.
+
+How many seeds would decide an inconclusive claim: the half-width h shrinks like 1/sqrt(seeds)
+(at the same samples per seed), so with margin = distance from the estimate to the nearest edge
+of the expected region, seeds_needed ≈ n * (h / |margin|)^2 = n * (z * se / |margin|)^2
+(bench.stats.seeds_needed). It is an estimate from the observed variance, not a promise.
 """
 from __future__ import annotations
 
@@ -13,12 +36,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bench import stats
 from bench.compare import Group, GroupKey, group_runs
+from bench.stats import Interval
 from bench.store import RunRecord
 from bench.yamlio import safe_load
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
-VERDICTS = ("reproduced", "not reproduced", "not measured")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
 TRANSFORMS = ("value", "ratio", "increase", "reduction", "gain")
 OPS = ("approx", "at_least", "at_most")
 
@@ -66,10 +91,25 @@ class Claim:
 
 @dataclass(frozen=True)
 class ClaimResult:
+    """``measured`` is the interval's estimate; ``interval`` None when not measured;
+    ``decide`` says, for an inconclusive claim, how many seeds would decide it."""
+
     claim: Claim
     measured: float | None
     verdict: str
     detail: str
+    interval: Interval | None = None
+    decide: str = ""
+
+    @property
+    def measured_text(self) -> str:
+        """The measured value with its interval, e.g. ``0.038 [-0.012, 0.089]``."""
+        if self.measured is None or self.interval is None:
+            return "-"
+        iv = self.interval
+        if iv.degenerate or not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+            return f"{self.measured:.3g} ({iv.note or stats.SINGLE})"
+        return f"{self.measured:.3g} [{iv.lo:.3g}, {iv.hi:.3g}]"
 
 
 def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
@@ -109,17 +149,28 @@ def _key_for(rec: RunRecord, key: str) -> str:
 
 def _values(recs: list[RunRecord], key: str) -> tuple[list[float], str | None]:
     """Finite values of ``key`` and the metric version they share (None for compute)."""
-    vals, versions = [], set()
+    per_seed, _, version = _side_values(recs, key)
+    return list(per_seed.values()), version
+
+
+def _side_values(recs: list[RunRecord], key: str
+                 ) -> tuple[dict[Any, float], dict[Any, dict[str, float]] | None, str | None]:
+    """{seed: finite value of ``key``}, {seed: {sample id: value}} when every one of those runs
+    has per-sample scores of it (else None), and the metric version they share (None for compute)."""
+    vals, samples, versions = {}, {}, set()
     for rec in recs:
         k = _key_for(rec, key)
         raw = rec.compute.get(k, rec.metrics.get(k))
         if raw is not None and math.isfinite(float(raw)):
-            vals.append(float(raw))
+            vals[rec.seed] = float(raw)
             if k in rec.metrics:
                 versions.add(str(rec.metric_meta.get(k, {}).get("version", "?")))
+                if rec.sample_scores.get(k):
+                    samples[rec.seed] = rec.sample_scores[k]
     if len(versions) > 1:
-        return [], None  # different metric versions are not comparable
-    return vals, next(iter(versions), None)
+        return {}, None, None  # different metric versions are not comparable
+    complete = bool(vals) and set(samples) == set(vals)
+    return vals, (samples if complete else None), next(iter(versions), None)
 
 
 def _higher_is_better(recs: list[RunRecord], key: str) -> bool:
@@ -127,21 +178,95 @@ def _higher_is_better(recs: list[RunRecord], key: str) -> bool:
     return bool(recs[0].metric_meta.get(k, {}).get("higher_is_better", True))
 
 
-def _combine(transform: str, a: float, b: float, higher: bool) -> float:
+def _combine(transform: str, a: Any, b: Any, higher: bool) -> Any:
+    """The claim's number from the two sides' means; works on floats and numpy arrays alike."""
     if transform == "value":
         return a
-    if b == 0:
-        return math.nan
-    ratio = a / b
-    return {"ratio": ratio, "increase": ratio - 1.0, "reduction": 1.0 - ratio,
-            "gain": (ratio - 1.0) if higher else (1.0 - ratio)}[transform]
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(b == 0, np.nan, a / np.where(b == 0, 1.0, b))
+    out = {"ratio": ratio, "increase": ratio - 1.0, "reduction": 1.0 - ratio,
+           "gain": (ratio - 1.0) if higher else (1.0 - ratio)}[transform]
+    return float(out) if out.ndim == 0 else out
 
 
-def _judge(claim: Claim, measured: float) -> str:
+def _region(claim: Claim) -> tuple[float, float]:
+    """The values that meet the expectation, tolerance included."""
     value, tol, op = float(claim.expect["value"]), float(claim.tolerance), claim.expect["op"]
-    ok = {"approx": abs(measured - value) <= tol, "at_least": measured >= value - tol,
-          "at_most": measured <= value + tol}[op]
-    return "reproduced" if ok else "not reproduced"
+    return {"approx": (value - tol, value + tol), "at_least": (value - tol, math.inf),
+            "at_most": (-math.inf, value + tol)}[op]
+
+
+def _judge(claim: Claim, measured: float, lo: float | None = None, hi: float | None = None) -> str:
+    """reproduced when all of [lo, hi] lies in the expected region, not reproduced when none of
+    it does, inconclusive otherwise (a point when lo/hi are not given)."""
+    lo = measured if lo is None else lo
+    hi = measured if hi is None else hi
+    a, b = _region(claim)
+    if a <= lo and hi <= b:
+        return "reproduced"
+    if hi < a or lo > b:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _decide(claim: Claim, iv: Interval) -> str:
+    """For an inconclusive claim: how many seeds would decide it (bench.stats.seeds_needed)."""
+    a, b = _region(claim)
+    x = iv.estimate
+    if claim.expect["op"] == "approx" and iv.half > (b - a) / 2:
+        wide = f"the interval (±{iv.half:.3g}) is wider than the tolerance band (±{(b - a) / 2:.3g}); "
+    else:
+        wide = ""
+    margin = min(abs(x - e) for e in (a, b) if math.isfinite(e))
+    n = stats.seeds_needed(iv, margin)
+    if n is None:
+        return wide + "the estimate sits on the boundary: no number of seeds is sure to decide it"
+    per = f" at {iv.n_samples} samples each" if iv.n_samples else ""
+    return wide + f"about {n} seeds in all ({n - iv.n_seeds} more){per} would decide it, from the observed variance"
+
+
+def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord], higher: bool
+              ) -> tuple[Interval, str | None] | None:
+    """The claim's number with its interval (see the module docstring), or None when a side has
+    no finite value or the sides' metric versions differ."""
+    m = claim.measure
+    transform, scale = m["transform"], float(m.get("scale", 1.0))
+    a_seed, a_samp, va = _side_values(subj, m["key"])
+    if transform == "value":
+        if not a_seed:
+            return None
+        iv = (stats.bootstrap_interval([stats.score_matrix(a_samp)]) if a_samp
+              else stats.seed_t_interval(list(a_seed.values())))
+        return Interval(iv.estimate / scale, iv.lo / scale, iv.hi / scale, iv.method, iv.n_seeds, iv.n_samples,
+                        iv.note), va
+    b_seed, b_samp, vb = _side_values(ref, m["key"])
+    if not a_seed or not b_seed or va != vb:
+        return None
+    if a_samp and b_samp:
+        ma, mb, how = stats.paired_matrices(a_samp, b_samp)
+        if ma.size:
+            iv = stats.bootstrap_interval([ma, mb], lambda mean: _combine(transform, mean[..., 0], mean[..., 1],
+                                                                           higher))
+            return Interval(iv.estimate, iv.lo, iv.hi, iv.method, iv.n_seeds, iv.n_samples,
+                            "; ".join(x for x in (how, iv.note) if x)), va
+    common = sorted(set(a_seed) & set(b_seed), key=str)
+    if len(common) >= 2:
+        per = [_combine(transform, a_seed[s], b_seed[s], higher) for s in common]
+        note = "paired by seed"
+    elif len(b_seed) == 1 and len(a_seed) >= 2:
+        (b0,) = b_seed.values()
+        per, note = [_combine(transform, x, b0, higher) for x in a_seed.values()], "reference: one measurement"
+    elif len(a_seed) == 1 and len(b_seed) >= 2:
+        (a0,) = a_seed.values()
+        per, note = [_combine(transform, a0, x, higher) for x in b_seed.values()], "subject: one measurement"
+    else:
+        per = [_combine(transform, float(np.mean(list(a_seed.values()))), float(np.mean(list(b_seed.values()))),
+                        higher)]
+        note = "seed sets differ" if len(a_seed) > 1 and len(b_seed) > 1 else ""
+    iv = stats.seed_t_interval(per)
+    return Interval(iv.estimate, iv.lo, iv.hi, iv.method, iv.n_seeds, iv.n_samples,
+                    "; ".join(x for x in (iv.note, note) if x)), va
 
 
 def _side(group: Group, selector: Mapping[str, Any]) -> list[RunRecord] | str:
@@ -161,7 +286,6 @@ def _group_label(key: GroupKey) -> str:
 def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
     """Measure the claim in each comparable group; report the group with the most runs."""
     m = claim.measure
-    scale = float(m.get("scale", 1.0))
     candidates, reasons = [], []
     groups, _ = group_runs([r for r in records if r.finished and _matches(r, claim.where)])
     for group in groups:
@@ -170,23 +294,20 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
         if isinstance(subj, str) or isinstance(ref, str):
             reasons.append(subj if isinstance(subj, str) else ref)
             continue
-        a, va = _values(subj, m["key"])
-        b, vb = _values(ref, m["key"]) if m["transform"] != "value" else ([1.0], va)
-        if not a or not b or va != vb:
-            continue
-        measured = _combine(m["transform"], float(np.mean(a)), float(np.mean(b)),
-                            _higher_is_better(subj, m["key"]))
-        if m["transform"] == "value":
-            measured /= scale
-        if math.isfinite(measured):
-            candidates.append((len(a) + len(b), group.key, measured))
+        got = _interval(claim, subj, ref, _higher_is_better(subj, m["key"]))
+        if got is not None and math.isfinite(got[0].estimate):
+            n = len(subj) + (len(ref) if m["transform"] != "value" else 0)
+            candidates.append((n, group.key, got[0]))
     if not candidates:
         ambiguous = [r for r in reasons if "settings match" in r]
         return ClaimResult(claim, None, "not measured", ambiguous[0] if ambiguous else _missing(claim, records))
-    n, key, measured = max(candidates, key=lambda c: c[0])
+    n, key, iv = max(candidates, key=lambda c: c[0])
     others = f"; {len(candidates) - 1} other comparable group(s)" if len(candidates) > 1 else ""
-    return ClaimResult(claim, measured, _judge(claim, measured),
-                       f"{n} run(s) in group {_group_label(key)}{others}")
+    lo, hi = (iv.lo, iv.hi) if math.isfinite(iv.lo) and math.isfinite(iv.hi) else (iv.estimate, iv.estimate)
+    verdict = _judge(claim, iv.estimate, lo, hi)
+    return ClaimResult(claim, iv.estimate, verdict,
+                       f"{n} run(s) in group {_group_label(key)}{others}; interval: {iv.describe()}",
+                       iv, _decide(claim, iv) if verdict == "inconclusive" else "")
 
 
 def _missing(claim: Claim, records: list[RunRecord]) -> str:
@@ -204,3 +325,24 @@ def _missing(claim: Claim, records: list[RunRecord]) -> str:
 
 def evaluate_all(records: list[RunRecord], claims: list[Claim] | None = None) -> list[ClaimResult]:
     return [evaluate(c, records) for c in (load_claims() if claims is None else claims)]
+
+
+def missing_methods(results: list[ClaimResult]) -> dict[str, list[str]]:
+    """The "not measured" claims folded by the method whose runs are missing:
+    {method (or the reason, when it names none): [claim ids]}, for one line per missing method."""
+    out: dict[str, list[str]] = {}
+    for r in results:
+        if r.verdict != "not measured":
+            continue
+        detail = r.detail
+        method = detail.split("method=", 1)[1].split(",")[0].split("]")[0].strip() if "method=" in detail else detail
+        if detail.startswith("no FINISHED run"):
+            out.setdefault(method, []).append(r.claim.id)
+        else:
+            out.setdefault(detail, []).append(r.claim.id)
+    return out
+
+
+def ordered(results: list[ClaimResult]) -> list[ClaimResult]:
+    """Measured claims first (in file order), then the not-measured ones."""
+    return [r for r in results if r.verdict != "not measured"] + [r for r in results if r.verdict == "not measured"]
