@@ -5,8 +5,13 @@ Runs are grouped by bench.compare, the rule the report and claims use: one entry
 and metric versions equal, and the arm is a method at one version with one set of hparams. So
 two settings of a tuning sweep are two entries, never one average.
 
-An entry fails when it is worse than the baseline by more than max(abs_tol, k * stderr),
-stderr combining baseline and current seed spread. An arm with no baseline entry fails
+When both the baseline and the current runs have per-sample scores of a metric (store schema 3;
+baseline format 3 keeps them), the entry is judged on the **paired** per-(seed, sample) deltas,
+current minus baseline over the pairs both have (bench.stats.paired_difference, a hierarchical
+bootstrap): it fails only when the whole 95% interval of the worsening lies beyond ``abs_tol``,
+so seed noise alone never fails a check, and a real drop larger than the tolerance does.
+Otherwise (pooled metrics, older baselines) an entry fails when it is worse than the baseline by
+more than max(abs_tol, k * stderr), stderr combining baseline and current seed spread. An arm with no baseline entry fails
 unless it beats `baseline` (the uncontrolled base model) on its consistency metric: a control
 method that does not beat no control does not work.
 """
@@ -20,9 +25,11 @@ from pathlib import Path
 from bench.compare import Arm, GroupKey, arm, group_key, group_runs
 from bench.errors import ConfigError
 from bench.files import atomic_write
+from bench.stats import Interval, paired_difference
 from bench.store import RunRecord
 
-FORMAT = "controlbench-baseline/2"
+FORMAT = "controlbench-baseline/3"  # 3: entries may carry per-sample scores ("samples")
+READABLE_FORMATS = ("controlbench-baseline/2", FORMAT)
 DEFAULT_TOLERANCE = {"abs_tol": 0.02, "k": 3.0}
 
 
@@ -40,6 +47,7 @@ class Stat:
     n: int
     higher_is_better: bool
     version: str
+    samples: dict[str, dict[str, float]] | None = None  # {seed: {sample id: value}} when every run has them
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,11 @@ def summarize(records: list[RunRecord]) -> dict[Entry, Stat]:
                 sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
                 version = next(str(r.metric_meta.get(metric, {}).get("version", "")) for r in members
                                if metric in r.metrics)
-                out[Entry(g.key, a, metric)] = Stat(mean, sd / math.sqrt(n), n, g.higher_is_better[metric], version)
+                have = [r for r in members if metric in r.metrics]
+                samples = ({str(r.seed): dict(r.sample_scores[metric]) for r in have}
+                           if all(r.sample_scores.get(metric) for r in have) else None)
+                out[Entry(g.key, a, metric)] = Stat(mean, sd / math.sqrt(n), n, g.higher_is_better[metric], version,
+                                                    samples)
     return out
 
 
@@ -82,6 +94,11 @@ def _entry_to_json(e: Entry, s: Stat) -> dict:
     group = asdict(e.group)
     group["metric_versions"] = dict(e.group.metric_versions)
     stat = {f: (None if isinstance(v, float) and math.isnan(v) else v) for f, v in asdict(s).items()}
+    if s.samples is None:
+        stat.pop("samples")
+    else:
+        stat["samples"] = {seed: {i: (None if v is None or math.isnan(v) else v) for i, v in per.items()}
+                           for seed, per in s.samples.items()}
     return {"group": group, "arm": {**asdict(e.arm), "hparams": e.arm.hparams_dict}, "metric": e.metric, **stat}
 
 
@@ -92,13 +109,17 @@ def _entry_from_json(d: dict) -> tuple[Entry, Stat]:
     entry = Entry(GroupKey(**g), Arm(a["method"], a["method_version"], json.dumps(a["hparams"], sort_keys=True,
                                                                                    default=str)), d["metric"])
     stderr = d["stderr"] if d["stderr"] is not None else math.nan
-    return entry, Stat(d["mean"], stderr, d["n"], d["higher_is_better"], d["version"])
+    samples = d.get("samples")
+    if samples is not None:
+        samples = {str(seed): {str(i): (math.nan if v is None else float(v)) for i, v in per.items()}
+                   for seed, per in samples.items()}
+    return entry, Stat(d["mean"], stderr, d["n"], d["higher_is_better"], d["version"], samples)
 
 
 def load_baseline(path: Path) -> tuple[dict[Entry, Stat], dict[str, dict[str, float]]]:
     try:
         raw = json.loads(Path(path).read_text())
-        if raw.get("format") != FORMAT:
+        if raw.get("format") not in READABLE_FORMATS:
             raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
         entries = dict(_entry_from_json(e) for e in raw["entries"])
     except OSError as e:
@@ -136,14 +157,32 @@ def _regressions(base: dict[Entry, Stat], cur: dict[Entry, Stat], tolerances: di
         tol = {**DEFAULT_TOLERANCE, **tolerances.get("default", {}), **tolerances.get(e.metric, {})}
         allowed = max(tol["abs_tol"], tol["k"] * math.hypot(_nan0(b.stderr), _nan0(c.stderr)))
         worse = (b.mean - c.mean) if b.higher_is_better else (c.mean - b.mean)
+        paired = paired_worsening(b, c) if c.version == b.version else None
         if c.version != b.version:
             failures.append(Failure.of(e.group, e.arm, e.metric, b.mean, c.mean, allowed,
                                        f"metric version {b.version} -> {c.version}; re-baseline with --update-baseline"))
+        elif paired is not None and math.isfinite(paired.lo):
+            if paired.lo > tol["abs_tol"]:  # the whole interval of the worsening is beyond the tolerance
+                failures.append(Failure.of(e.group, e.arm, e.metric, b.mean, c.mean, tol["abs_tol"],
+                                           f"regressed: paired worsening {paired.estimate:.4g} "
+                                           f"[{paired.lo:.4g}, {paired.hi:.4g}] ({paired.describe()})"))
+            else:
+                passed += 1
         elif not worse <= allowed:  # `not <=` also catches nan
             failures.append(Failure.of(e.group, e.arm, e.metric, b.mean, c.mean, allowed, "regressed"))
         else:
             passed += 1
     return failures, passed
+
+
+def paired_worsening(base: Stat, cur: Stat) -> Interval | None:
+    """Interval of how much worse ``cur`` is than ``base`` (positive = worse), paired over the
+    (seed, sample) pairs both have; None when either lacks per-sample scores."""
+    if not base.samples or not cur.samples:
+        return None
+    a, b = (base.samples, cur.samples) if base.higher_is_better else (cur.samples, base.samples)
+    iv = paired_difference(a, b)  # mean(a) - mean(b): baseline - current when higher is better
+    return iv if math.isfinite(iv.estimate) else None
 
 
 def _consistency_metric(condition: str, measured: set[str]) -> str | None:

@@ -117,3 +117,55 @@ def test_checked_in_baseline_covers_the_regression_sweep():
     assert {e.arm.method for e in entries} == {"baseline", "controlnet", "t2i_adapter"}
     assert {e.metric for e in entries} == {"canny_f1", "prompt_fidelity"} and "default" in tolerances
     assert all(s.n == 2 for s in entries.values()), "the regression sweep runs two seeds per method"
+
+
+# ---- paired per-sample deltas (issue 16) -----------------------------------------------------------
+
+def _per_sample_runs(method: str, scale: float, noise_seed: int, seeds=(0, 1, 2), n: int = 100) -> list[RunRecord]:
+    """canny_f1 per sample: the samples' difficulty and the per-(seed, sample) noise are the same
+    for every run of a seed (the shared sampler's noise), times ``scale``, plus residual noise drawn
+    from ``noise_seed`` (a rerun)."""
+    import dataclasses
+
+    import numpy as np
+
+    world = np.random.default_rng(5)
+    difficulty, shared = world.uniform(0.4, 0.8, n), world.normal(0, 0.1, (len(seeds), n))
+    rerun = np.random.default_rng(noise_seed)
+    out = []
+    for k, s in enumerate(seeds):
+        x = (difficulty + shared[k]) * scale + rerun.normal(0, 0.02, n)
+        rec = _record(method, s, float(x.mean()))
+        out.append(dataclasses.replace(rec, sample_scores={"canny_f1": {f"s{i}": float(v) for i, v in enumerate(x)}}))
+    return out
+
+
+@pytest.fixture
+def per_sample_baseline(tmp_path) -> Path:
+    store = _store(tmp_path / "base.sqlite", _per_sample_runs("baseline", 0.4, 1) + _per_sample_runs("controlnet", 1.0, 2))
+    path = tmp_path / "ci" / "baseline.json"
+    assert main(["check", "--baseline", str(path), "--store", str(store), "--update-baseline"]) == 0
+    entries, _ = load_baseline(path)
+    assert all(s.samples and len(s.samples) == 3 for e, s in entries.items() if e.metric == "canny_f1")
+    return path
+
+
+def test_paired_check_catches_a_planted_5pct_drop(tmp_path, per_sample_baseline, capsys):
+    runs = _per_sample_runs("baseline", 0.4, 11) + _per_sample_runs("controlnet", 0.95, 12)
+    code, out = _check(tmp_path, per_sample_baseline, runs, capsys)
+    assert code == 1 and "controlnet" in out and "canny_f1" in out and "paired worsening" in out
+    assert "hierarchical bootstrap" in out
+
+
+def test_paired_check_is_quiet_on_a_reseeded_identical_method(tmp_path, per_sample_baseline, capsys):
+    runs = _per_sample_runs("baseline", 0.4, 21) + _per_sample_runs("controlnet", 1.0, 22)
+    code, out = _check(tmp_path, per_sample_baseline, runs, capsys)
+    assert code == 0, out
+
+
+def test_a_format_2_baseline_still_reads(tmp_path, baseline_file):
+    raw = json.loads(baseline_file.read_text())
+    raw["format"] = "controlbench-baseline/2"
+    baseline_file.write_text(json.dumps(raw))
+    entries, _ = load_baseline(baseline_file)
+    assert entries and all(s.samples is None for s in entries.values())
