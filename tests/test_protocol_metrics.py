@@ -283,12 +283,32 @@ def test_kid_matches_torchmetrics_with_the_same_feature_module(tmp_path, monkeyp
 
 
 def test_kid_loads_inception_only_from_the_local_weight(tmp_path, monkeypatch):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     root = tmp_path / "weights"
     root.mkdir()
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
+    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match="missing weight 'inception-fid'"):
         KID()
     assert KID.weights == ("inception-fid",) and WEIGHTS.get("inception-fid")
+
+    class Unloaded(FeatureExtractorInceptionV3):  # random init instead of loading the (empty) file
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    state = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
+    path = root / WEIGHTS.get("inception-fid").relpath
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    metric = KID()  # torch-fidelity's Inception from the local file, as `fid` loads it
+    assert metric.inception.features_list == ["2048"] and not metric.inception.use_antialias
+    assert path.name in metric.version and metric.version.startswith(KID.version)
+    metric.update(_images(2, 5, shift=0.2), Batch(ids=["a", "b"], image=_images(2, 6), prompts=[""] * 2))
+    assert metric.fake_features[0].shape == (2, 2048) and metric.real_features[0].isfinite().all()
 
 
 # ------------------------------------------------------------------------------------ clean-fid
