@@ -92,6 +92,11 @@ def _report(args) -> int:
             records = store.records()
     path = write_report(records, Path(args.out), {"git_sha": git_sha()}, plots=True, html=args.html)
     print(f"leaderboard: {path}" + (f"\nhtml:        {path.with_suffix('.html')}" if args.html else ""))
+    if args.scores_csv:
+        from bench.report import write_scores_csv
+
+        n = write_scores_csv(records, Path(args.scores_csv))
+        print(f"per-sample scores: {args.scores_csv} ({n} rows)")
     return 0
 
 
@@ -286,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "mirrored by controlbench instead of a store (needs W&B access)")
     rep.add_argument("--out", required=True, help="directory for leaderboard.md")
     rep.add_argument("--html", action="store_true", help="also write a self-contained leaderboard.html")
+    rep.add_argument("--scores-csv", metavar="PATH", help="also export the per-sample scores as CSV "
+                     "(run_id, method, seed, sample_id, metric, value)")
     rep.set_defaults(func=_report)
     ls = sub.add_parser("list", help="print registered methods, metrics, datasets, conditions and budgets")
     ls.set_defaults(func=_list)

@@ -500,6 +500,30 @@ def render_markdown(
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+SCORES_CSV_HEADER = ("run_id", "method", "seed", "sample_id", "metric", "value")
+
+
+def write_scores_csv(records: Sequence[RunRecord], path: Path) -> int:
+    """Every record's per-sample scores as CSV rows in SCORES_CSV_HEADER order (an empty value
+    for a sample without one); written atomically. Returns the number of rows."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SCORES_CSV_HEADER)
+    n = 0
+    for rec in sorted(records, key=lambda r: r.run_id):
+        for metric in sorted(rec.sample_scores):
+            for sid, value in sorted(rec.sample_scores[metric].items()):
+                writer.writerow((rec.run_id, rec.method, "" if rec.seed is None else rec.seed, sid, metric,
+                                 "" if value is None or not math.isfinite(value) else repr(float(value))))
+                n += 1
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), buf.getvalue())
+    return n
+
+
 FIGURES_DIR = "figures"
 
 

@@ -41,6 +41,17 @@ def wandb_summary(record: RunRecord) -> dict[str, Any]:
     return out
 
 
+SCORES_TABLE = "sample_scores"
+SCORES_COLUMNS = ["sample_id", "metric", "value"]
+
+
+def scores_rows(record: RunRecord) -> list[list[Any]]:
+    """The record's per-sample scores as [sample_id, metric, value] rows (value None for NaN),
+    the columns of the run's ``sample_scores`` wandb.Table."""
+    return [[sid, metric, v if isinstance(v, (int, float)) and math.isfinite(v) else None]
+            for metric in sorted(record.sample_scores) for sid, v in sorted(record.sample_scores[metric].items())]
+
+
 def _scrub(text: str) -> str:
     key = os.environ.get("WANDB_API_KEY")
     return text.replace(key, "***") if key else text
@@ -61,6 +72,9 @@ def _log(record: RunRecord, out_dir: Path, mode: str) -> str:
         for p in sorted(record.curve, key=lambda p: p["step"]):  # W&B charts: consistency vs train step
             run.log({f"curve/{p['metric']}": p["value"], "train_step": p["step"]})
         run.summary.update(wandb_summary(record))
+        rows = scores_rows(record)
+        if rows:  # per-sample scores: one row per (sample, metric), for paired analyses in W&B
+            run.log({SCORES_TABLE: wandb.Table(columns=SCORES_COLUMNS, data=rows)})
     finally:
         run.finish(exit_code=0 if record.finished else 1)
     return str(Path(run.dir).parent)

@@ -236,3 +236,82 @@ def test_tuning_never_spans_budgets() -> None:
                rec("b", hparams={"conditioning_scale": 1.5}, budget_key="bk2")]
     tables, _ = leaderboard(records)
     assert len(tables) == 2 and all(t.tuning == [] for t in tables)
+
+
+# ---- per-sample scores: intervals, CSV export, W&B table (issue 16) --------------------------------
+
+def _with_scores(r: RunRecord, n: int = 30) -> RunRecord:
+    import dataclasses
+
+    import numpy as np
+
+    x = np.random.default_rng(sum(map(ord, r.run_id))).normal(r.metrics["canny_f1"], 0.1, n)
+    return dataclasses.replace(r, sample_scores={"canny_f1": {f"s{i:02d}": float(v) for i, v in enumerate(x)}})
+
+
+def test_each_table_states_its_interval_method() -> None:
+    runs = [_with_scores(rec(f"a{s}", seed=s, f1=0.5)) for s in (0, 1)] + [rec("b0", "t2i_adapter", seed=0),
+                                                                           rec("b1", "t2i_adapter", seed=1)]
+    md = render_markdown(*leaderboard(runs), META)
+    line = next(ln for ln in md.splitlines() if ln.startswith("Intervals:"))
+    assert "canny_f1" in line and "hierarchical bootstrap" in line  # controlnet has per-sample scores
+    assert "Student t over seed means" in line  # fd_proxy and t2i_adapter do not
+    only_seeds = render_markdown(*leaderboard([rec("c0", seed=0), rec("c1", seed=1)]), META)
+    assert "Intervals: 95% interval: Student t over seed means (no per-sample scores)." in only_seeds
+
+
+def test_bootstrap_half_width_replaces_the_seed_t_for_per_sample_rows() -> None:
+    tables, _ = leaderboard([_with_scores(rec(f"a{s}", seed=s, f1=0.5 + s / 10)) for s in (0, 1)])
+    row = tables[0].rows[0]
+    mean, half = row.metrics["canny_f1"]
+    assert row.interval_methods["canny_f1"] == "hierarchical bootstrap"
+    assert mean == pytest.approx(0.55) and 0 < half < ci95([0.5, 0.6])[1]
+
+
+def test_report_exports_per_sample_scores_as_csv(tmp_path: Path, capsys) -> None:
+    import csv
+
+    from bench.cli import main
+    from bench.store import Store
+
+    with Store(tmp_path / "s.sqlite") as store:
+        store.put(_with_scores(rec("a0", seed=0), n=3))
+        store.put(rec("b0", "t2i_adapter"))  # no per-sample scores: no rows
+    out = tmp_path / "scores.csv"
+    assert main(["report", "--store", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "rep"),
+                 "--scores-csv", str(out)]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["run_id", "method", "seed", "sample_id", "metric", "value"]
+    assert [r[:5] for r in rows[1:]] == [["a0", "controlnet", "0", f"s0{i}", "canny_f1"] for i in range(3)]
+    assert "3 rows" in capsys.readouterr().out
+
+
+def test_wandb_mirror_logs_per_sample_scores_as_a_table(tmp_path: Path, monkeypatch) -> None:
+    import sys
+    import types
+
+    from bench import wandb_mirror
+
+    logged: list[dict] = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class Run:
+        dir = str(tmp_path / "run" / "files")
+        summary: dict = {}
+
+        def log(self, d):
+            logged.append(d)
+
+        def finish(self, exit_code=0):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Table=Table, Settings=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    record = _with_scores(rec("a0"), n=2)
+    wandb_mirror._log(record, tmp_path, "offline")
+    tables = [d[wandb_mirror.SCORES_TABLE] for d in logged if wandb_mirror.SCORES_TABLE in d]
+    assert len(tables) == 1 and tables[0].columns == ["sample_id", "metric", "value"]
+    assert [row[:2] for row in tables[0].data] == [["s00", "canny_f1"], ["s01", "canny_f1"]]
