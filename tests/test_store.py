@@ -267,3 +267,35 @@ def test_schema2_store_still_opens_read_only_and_for_writing(tmp_path: Path) -> 
         assert store.sample_scores("r3") == [("r3", "a", "canny_f1", 1.0)]
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_runner_records_metric_sample_scores_into_the_store(proxy_arch_dir, tmp_path, monkeypatch) -> None:
+    """build -> load_data -> train -> evaluate -> record: a metric's per-sample scores
+    (BenchMetric.record_samples) reach the record and the store's table."""
+    import torch
+
+    from bench.builtins import load_builtins
+    from bench.registry import METRICS
+    from bench.runner import execute
+    from bench.spec import apply_overrides, load_config, resolve
+
+    load_builtins()
+    cls = METRICS.get("canny_f1")
+    original = cls.update
+
+    def update(self, images, batch):  # a per-image value; the flow is what is under test here
+        original(self, images, batch)
+        self.record_samples(batch.ids, images.mean(dim=(1, 2, 3)))
+
+    monkeypatch.setattr(cls, "update", update)
+    (spec,), out = resolve(apply_overrides(load_config(None), [
+        ("budget", "smoke"), ("base_model", str(proxy_arch_dir)), ("out_dir", str(tmp_path / "out")),
+        ("seeds", [0]), ("methods", ["baseline"]), ("metrics", ["canny_f1", "fd_segnet"])]))
+    record = execute(spec, out, progress=False)
+    scores = record.sample_scores
+    assert set(scores) == {"canny_f1"}  # fd_segnet is pooled: no per-sample values
+    assert len(scores["canny_f1"]) == spec.budget.eval_samples and all(0 <= v <= 1 for v in scores["canny_f1"].values())
+    with Store(tmp_path / "s.sqlite") as store:
+        store.put(record)
+        assert store.records()[0].sample_scores == scores
+    assert torch.isfinite(torch.tensor(list(scores["canny_f1"].values()))).all()
