@@ -94,6 +94,7 @@ class Table:
     higher_is_better: dict[str, bool]
     tuning: list[TuningResult] = field(default_factory=list)
     tuning_note: str = ""  # e.g. methods were tuned with different trial counts
+    paired: str = ""  # each method vs `baseline`, paired over (seed, sample) (see paired_line)
 
 
 def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, str]:
@@ -143,6 +144,40 @@ def interval_note(t: Table) -> str:
         return f"Intervals: {bstats.METHOD_NOTES[how]}."
     return "Intervals: " + "; ".join(f"{', '.join(sorted(ms))}: {bstats.METHOD_NOTES[how]}"
                                       for how, ms in sorted(by.items())) + "."
+
+
+def paired_line(group: Group, columns: list[str], labels: Mapping[Arm, str]) -> str:
+    """Each arm minus the `baseline` arm on the first metric with per-sample scores, paired over
+    the (seed, sample) pairs both have (bench.stats.paired_difference); "" when the table has no
+    single `baseline` arm or no per-sample scores."""
+    from bench import stats as bstats
+
+    base = [a for a in group.arms if a.method == "baseline"]
+    if len(base) != 1:
+        return ""
+
+    def per_seed(arm_: Arm, metric: str) -> dict[Any, dict[str, float]] | None:
+        recs = list(group.arms[arm_].values())
+        return ({r.seed: r.sample_scores[metric] for r in recs}
+                if recs and all(r.sample_scores.get(metric) for r in recs) else None)
+
+    for metric in columns:
+        ref = per_seed(base[0], metric)
+        if ref is None:
+            continue
+        parts = []
+        for a in sorted(group.arms, key=lambda a: labels[a]):
+            mine = per_seed(a, metric) if a != base[0] else None
+            if mine is None:
+                continue
+            iv = bstats.paired_difference(mine, ref)
+            if math.isfinite(iv.estimate):
+                parts.append(f"{labels[a]} {iv.estimate:+.{_decimals(iv.estimate)}f} "
+                             f"[{_fmt(iv.lo)}, {_fmt(iv.hi)}]")
+        if parts:
+            return (f"Paired vs baseline ({metric}, difference over the same seed × sample pairs, 95% "
+                    f"hierarchical bootstrap): " + "; ".join(parts) + ".")
+    return ""
 
 
 def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
@@ -230,7 +265,7 @@ def _table(group: Group) -> Table:
     title = f"{ds} · {info['condition']} · budget {info['budget'] or '?'} ({key.budget_key[:12]})"
     tuned, tuning_note = tuning(group, columns)
     return Table(title, info, columns, rows, {m: group.higher_is_better.get(m, True) for m in columns},
-                 tuned, tuning_note)
+                 tuned, tuning_note, paired_line(group, columns, labels))
 
 
 def leaderboard(
@@ -487,6 +522,8 @@ def render_markdown(
         note = interval_note(t)
         if note:
             out += ["", _esc(note)]
+        if t.paired:
+            out += ["", _esc(t.paired)]
         out += [""] + _markdown_recipes(t.rows)
     out += _markdown_tuning(tables)
     out += ["## Excluded runs", ""]

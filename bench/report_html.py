@@ -122,7 +122,8 @@ def _leaderboard(t: Table) -> str:
     note = interval_note(t)
     return (f"<h2>{_e(t.title)}</h2><ul>{items}</ul>"
             + _table(headers, rows, "leaderboard")
-            + (f'<p class="interval-note">{_e(note)}</p>' if note else "") + _recipes(t.rows))
+            + (f'<p class="interval-note">{_e(note)}</p>' if note else "")
+            + (f'<p class="paired">{_e(t.paired)}</p>' if t.paired else "") + _recipes(t.rows))
 
 
 def _recipes(rows: Sequence[Row]) -> str:

@@ -315,3 +315,12 @@ def test_wandb_mirror_logs_per_sample_scores_as_a_table(tmp_path: Path, monkeypa
     tables = [d[wandb_mirror.SCORES_TABLE] for d in logged if wandb_mirror.SCORES_TABLE in d]
     assert len(tables) == 1 and tables[0].columns == ["sample_id", "metric", "value"]
     assert [row[:2] for row in tables[0].data] == [["s00", "canny_f1"], ["s01", "canny_f1"]]
+
+
+def test_each_method_is_compared_with_baseline_on_paired_samples() -> None:
+    runs = [_with_scores(rec(f"c{s}", seed=s, f1=0.6)) for s in (0, 1)]
+    runs += [_with_scores(rec(f"b{s}", "baseline", seed=s, f1=0.2)) for s in (0, 1)]
+    md = render_markdown(*leaderboard(runs), META)
+    line = next(ln for ln in md.splitlines() if ln.startswith("Paired vs baseline"))
+    assert "canny_f1" in line and "controlnet +0.4" in line
+    assert "Paired vs baseline" not in render_markdown(*leaderboard([rec("x0"), rec("x1", seed=1)]), META)
