@@ -16,9 +16,9 @@ The interval, by what the store holds:
 - per-sample scores on both sides (consistency metrics): the hierarchical bootstrap of the
   claim's number (ratio, gain, ...) computed from both sides' means with the *same* seed and
   sample draws, over the (seed, sample) pairs both sides have (paired);
-- otherwise seeds: the claim's number per shared seed (or, when one side is one measurement,
-  e.g. a `bench profile` reference, against that fixed value), and a Student-t interval over
-  seeds; compute figures (memory, time, parameters) are per-run numbers and take this path;
+- otherwise seeds: the claim's number (always from the sides' means) with the half-width of a
+  Student-t interval over the per-seed numbers of the shared seeds (or, when one side is one
+  measurement, e.g. a `bench profile` reference, against that fixed value); compute figures (memory, time, parameters) are per-run numbers and take this path;
 - one value per side, or values equal over seeds (parameter counts): a single measurement,
   whose interval is the point.
 
@@ -265,7 +265,11 @@ def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord], higher:
                         higher)]
         note = "seed sets differ" if len(a_seed) > 1 and len(b_seed) > 1 else ""
     iv = stats.seed_t_interval(per)
-    return Interval(iv.estimate, iv.lo, iv.hi, iv.method, iv.n_seeds, iv.n_samples,
+    # the claim's number is defined on the means (ratio of means, not mean of ratios); the
+    # per-seed values give its spread, so the interval is centred on it
+    point = _combine(transform, float(np.mean(list(a_seed.values()))), float(np.mean(list(b_seed.values()))), higher)
+    lo, hi = (point - iv.half, point + iv.half) if math.isfinite(iv.half) else (point, point)
+    return Interval(point, lo, hi, iv.method, iv.n_seeds, iv.n_samples,
                     "; ".join(x for x in (iv.note, note) if x)), va
 
 
