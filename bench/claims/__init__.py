@@ -147,12 +147,6 @@ def _key_for(rec: RunRecord, key: str) -> str:
     return next((m for m in sorted(rec.metrics) if m.startswith(f"{rec.condition}_")), key)
 
 
-def _values(recs: list[RunRecord], key: str) -> tuple[list[float], str | None]:
-    """Finite values of ``key`` and the metric version they share (None for compute)."""
-    per_seed, _, version = _side_values(recs, key)
-    return list(per_seed.values()), version
-
-
 def _side_values(recs: list[RunRecord], key: str
                  ) -> tuple[dict[Any, float], dict[Any, dict[str, float]] | None, str | None]:
     """{seed: finite value of ``key``}, {seed: {sample id: value}} when every one of those runs
@@ -346,7 +340,3 @@ def missing_methods(results: list[ClaimResult]) -> dict[str, list[str]]:
             out.setdefault(detail, []).append(r.claim.id)
     return out
 
-
-def ordered(results: list[ClaimResult]) -> list[ClaimResult]:
-    """Measured claims first (in file order), then the not-measured ones."""
-    return [r for r in results if r.verdict != "not measured"] + [r for r in results if r.verdict == "not measured"]
