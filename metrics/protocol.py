@@ -27,6 +27,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from bench.errors import ConfigError
 from bench.metrics.base import BenchMetric
 from bench.metrics.consistency import DepthRMSE, SegMIoU
+from bench.metrics.softedge import SoftEdgeSSIM
 from bench.metrics.fid import FID, INCEPTION, RESIZE, _plain_state_dict, as_uint8, fingerprint
 from bench.proxy.analyzers import NUM_CLASSES, SEGNET_VERSION, config_hash
 from bench.registry import CONDITIONS, METRICS
@@ -252,7 +253,7 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_MIN_SIZE = MS_SSIM_KERNEL * (len(MS_SSIM_BETAS) - 1) ** 2  # 176
 
 
-class SoftEdgeMSSSIM(BenchMetric):
+class SoftEdgeMSSSIM(SoftEdgeSSIM):
     """MS-SSIM (torchmetrics, data_range 1, gaussian 11x11 sigma 1.5, 5 scales, relu-normalised)
     between the input soft-edge map and the map the same extractor re-extracts from the generated
     image, per image, mean over images: what ControlNet++ reports as "SSIM" (eval/eval_edge.py
@@ -262,39 +263,17 @@ class SoftEdgeMSSSIM(BenchMetric):
     as 8-bit grayscale by `to_pil_image` (truncation) before scoring (eval.py L193-200, L239-246;
     eval_edge.py L52-62). Refuses images under MS_SSIM_MIN_SIZE px on a side."""
 
-    condition = "hed"
-    higher_is_better = True
-
-    def __init__(self, extractor: Callable[[Tensor], Tensor] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        # The SAME extractor that built the input; `extractor` is for tests or other evaluators.
-        self.extractor = CONDITIONS.get(self.condition) if extractor is None else extractor
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, images: Tensor, batch: Batch) -> None:
-        self._check(images, batch)
+    def maps(self, images: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         if min(images.shape[-2:]) < MS_SSIM_MIN_SIZE:
             raise ConfigError(f"{self.name}: MS-SSIM needs images of at least {MS_SSIM_MIN_SIZE}x{MS_SSIM_MIN_SIZE} px "
                               f"(5 scales, 11x11 window), got {images.shape[-2]}x{images.shape[-1]}; use the SSIM metric")
-        if self.condition not in batch.conditions:
-            raise KeyError(f"{self.name} needs batch.conditions[{self.condition!r}]; the batch has "
-                           f"{sorted(batch.conditions)}")
         with torch.no_grad():
             pred = to_pil_truncate(self.extractor(pil_roundtrip(images))[:, :1].float())
-        target = to_pil_truncate(batch.conditions[self.condition][:, :1].float().to(pred.device))
-        per_image = ms_ssim(pred, target, data_range=1.0, kernel_size=MS_SSIM_KERNEL, sigma=1.5,
-                            betas=MS_SSIM_BETAS, normalize="relu", reduction="none")
-        self.record_samples(batch.ids, per_image)
-        self.total += per_image.double().sum().to(self.total.device)
-        self.count += per_image.numel()
+        return pred, to_pil_truncate(batch.conditions[self.condition][:, :1].float().to(pred.device))
 
-    def reextract(self, images: Tensor, batch: Batch) -> Tensor:
-        with torch.no_grad():
-            return self.extractor(images)
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+    def score(self, pred: Tensor, target: Tensor) -> Tensor:
+        return ms_ssim(pred, target, data_range=1.0, kernel_size=MS_SSIM_KERNEL, sigma=1.5,
+                       betas=MS_SSIM_BETAS, normalize="relu", reduction="none")
 
 
 def _register_ms_ssim(name: str, condition: str) -> None:

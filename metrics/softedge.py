@@ -8,6 +8,8 @@ ControlNet++ soft-edge task), `pidinet_ssim` and `lineart_ssim` the other two.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
@@ -21,21 +23,30 @@ class SoftEdgeSSIM(BenchMetric):
     condition = "hed"
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, extractor: Callable[[Tensor], Tensor] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.extractor = CONDITIONS.get(self.condition)  # the SAME extractor that built the input
+        # The SAME extractor that built the input; `extractor` is for tests or other evaluators.
+        self.extractor = CONDITIONS.get(self.condition) if extractor is None else extractor
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def maps(self, images: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(re-extracted map, input map), first channel, float in [0, 1]."""
+        with torch.no_grad():
+            pred = self.extractor(images)[:, :1]
+        return pred.float(), batch.conditions[self.condition][:, :1].float().to(pred.device)
+
+    def score(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Per-image similarity [B]."""
+        return ssim(pred, target, data_range=1.0, reduction="none")
 
     def update(self, images: Tensor, batch: Batch) -> None:
         self._check(images, batch)
         if self.condition not in batch.conditions:
             raise KeyError(f"{self.name} needs batch.conditions[{self.condition!r}]; the batch has "
                            f"{sorted(batch.conditions)}")
-        with torch.no_grad():
-            pred = self.extractor(images)[:, :1]
-        target = batch.conditions[self.condition][:, :1].to(pred.device)
-        per_image = ssim(pred.float(), target.float(), data_range=1.0, reduction="none")
+        per_image = self.score(*self.maps(images, batch))
+        self.record_samples(batch.ids, per_image)
         self.total += per_image.double().sum().to(self.total.device)
         self.count += per_image.numel()
 

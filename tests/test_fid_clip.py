@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 from torch import nn
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from bench.cli import main
 from bench.errors import ConfigError
 from bench.metrics.clip_score import ClipScore
 from bench.metrics.fd import _stats, frechet_distance
 from bench.metrics.fid import FID
+from bench.metrics.protocol import KID
 from bench.types import Batch
 from bench.weights import WEIGHTS
 
@@ -225,3 +229,55 @@ def test_doctor_lists_needed_weights_and_exits_1_until_present(tmp_path, monkeyp
     assert {"inception-fid", "clip-score"} <= {ln.split()[0] for ln in capsys.readouterr().out.splitlines()}
     assert main(["doctor", "metrics=fid_typo"]) == 2  # other config errors still surface
     assert "unknown metric" in capsys.readouterr().err
+
+
+# ---- KID (torchmetrics KernelInceptionDistance on the fid metric's local Inception)
+def test_kid_matches_torchmetrics_with_the_same_feature_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
+    real, fake = _images(40, 1), _images(40, 2, shift=0.15)
+    ours = KID(feature=TinyFeatures(), subsets=20)
+    ref = KernelInceptionDistance(feature=TinyFeatures(), subsets=20, subset_size=40)
+    for i in range(0, 40, 16):
+        ids = [f"e{j}" for j in range(i, min(i + 16, 40))]
+        ours.update(fake[i:i + 16], Batch(ids=ids, image=real[i:i + 16], prompts=[""] * len(ids)))
+    u8 = lambda x: x.mul(255).round().byte()  # noqa: E731
+    ref.update(u8(real), real=True)
+    ref.update(u8(fake), real=False)
+    torch.manual_seed(KID.SEED)
+    expected = ref.compute()[0].item()
+    value = ours.compute().item()
+    assert value == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert value > 0 and ours.compute().item() == value  # seeded: the same number every time
+    assert ours.sample_scores() is None
+    small = KID(feature=TinyFeatures(), subsets=5, subset_size=1000)  # subset_size clamps to n
+    small.update(fake[:3], Batch(ids=["a", "b", "c"], image=real[:3], prompts=[""] * 3))
+    assert math.isfinite(small.compute().item())
+
+
+def test_kid_loads_inception_only_from_the_local_weight(tmp_path, monkeypatch):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    root = tmp_path / "weights"
+    root.mkdir()
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
+    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="missing weight 'inception-fid'"):
+        KID()
+    assert KID.weights == ("inception-fid",) and WEIGHTS.get("inception-fid")
+
+    class Unloaded(FeatureExtractorInceptionV3):  # random init instead of loading the (empty) file
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    state = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
+    path = root / WEIGHTS.get("inception-fid").relpath
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    metric = KID()  # torch-fidelity's Inception from the local file, as `fid` loads it
+    assert metric.inception.features_list == ["2048"] and not metric.inception.use_antialias
+    assert path.name in metric.version and metric.version.startswith(KID.version)
+    metric.update(_images(2, 5, shift=0.2), Batch(ids=["a", "b"], image=_images(2, 6), prompts=[""] * 2))
+    assert metric.fake_features[0].shape == (2, 2048) and metric.real_features[0].isfinite().all()

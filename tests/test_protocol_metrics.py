@@ -14,13 +14,12 @@ from PIL import Image
 from torch import nn
 from torchmetrics.classification import BinaryF1Score
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
-from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms import functional as TF
 
 import bench.datasets  # noqa: F401  (registers the conditions)
 import bench.metrics  # noqa: F401  (registers the metrics)
 from bench.errors import ConfigError
-from bench.metrics.protocol import (KID, MS_SSIM_MIN_SIZE, CannyF1CNPP, DepthRMSEPerImage, SegMIoUIgnore0,
+from bench.metrics.protocol import (MS_SSIM_MIN_SIZE, CannyF1CNPP, DepthRMSEPerImage, SegMIoUIgnore0,
                                     binary_f1_per_image, mmseg_intersect_and_union)
 from bench.registry import METRICS
 from bench.types import Batch
@@ -240,75 +239,6 @@ def test_ms_ssim_refuses_below_its_minimum_size():
     with pytest.raises(ConfigError, match="at least 176x176") as e:
         m.update(img, _batch(img, lineart=img))
     assert "\n" not in str(e.value)
-
-
-# ------------------------------------------------------------------------------------ KID
-class TinyFeatures(nn.Module):
-    num_features = 8
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 5, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(4 * self.conv(x.float() / 255 - 0.5)).mean((2, 3))
-
-
-def _images(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, 16, 16, generator=g) * 0.8 + shift).clamp(0, 1)
-
-
-def test_kid_matches_torchmetrics_with_the_same_feature_module(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
-    real, fake = _images(40, 1), _images(40, 2, shift=0.15)
-    ours = KID(feature=TinyFeatures(), subsets=20)
-    ref = KernelInceptionDistance(feature=TinyFeatures(), subsets=20, subset_size=40)
-    for i in range(0, 40, 16):
-        ids = [f"e{j}" for j in range(i, min(i + 16, 40))]
-        ours.update(fake[i:i + 16], Batch(ids=ids, image=real[i:i + 16], prompts=[""] * len(ids)))
-    u8 = lambda x: x.mul(255).round().byte()  # noqa: E731
-    ref.update(u8(real), real=True)
-    ref.update(u8(fake), real=False)
-    torch.manual_seed(KID.SEED)
-    expected = ref.compute()[0].item()
-    value = ours.compute().item()
-    assert value == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert value > 0 and ours.compute().item() == value  # seeded: the same number every time
-    assert ours.sample_scores() is None
-    small = KID(feature=TinyFeatures(), subsets=5, subset_size=1000)  # subset_size clamps to n
-    small.update(fake[:3], Batch(ids=["a", "b", "c"], image=real[:3], prompts=[""] * 3))
-    assert math.isfinite(small.compute().item())
-
-
-def test_kid_loads_inception_only_from_the_local_weight(tmp_path, monkeypatch):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    root = tmp_path / "weights"
-    root.mkdir()
-    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
-    monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ConfigError, match="missing weight 'inception-fid'"):
-        KID()
-    assert KID.weights == ("inception-fid",) and WEIGHTS.get("inception-fid")
-
-    class Unloaded(FeatureExtractorInceptionV3):  # random init instead of loading the (empty) file
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = tmp_path / "empty.pth"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    state = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
-    path = root / WEIGHTS.get("inception-fid").relpath
-    path.parent.mkdir(parents=True)
-    torch.save(state, path)
-    metric = KID()  # torch-fidelity's Inception from the local file, as `fid` loads it
-    assert metric.inception.features_list == ["2048"] and not metric.inception.use_antialias
-    assert path.name in metric.version and metric.version.startswith(KID.version)
-    metric.update(_images(2, 5, shift=0.2), Batch(ids=["a", "b"], image=_images(2, 6), prompts=[""] * 2))
-    assert metric.fake_features[0].shape == (2, 2048) and metric.real_features[0].isfinite().all()
 
 
 # ------------------------------------------------------------------------------------ clean-fid
