@@ -269,17 +269,23 @@ class IdSim(BenchMetric):
         self._check(images, batch)
         refs = batch.refs.get("reference_images")
         refs = [batch.image[i:i + 1] for i in range(len(batch))] if refs is None else refs
+        per_sample, no_face = [], []
         for image, ref in zip(to_uint8(images), refs):
             self.seen += 1
             emb = self.backend.embedding(image)
+            no_face.append(float(emb is None))
+            per_sample.append(float("nan"))  # no face, or no reference embedding: no value
             if emb is None:
                 self.no_face += 1
                 continue
             ref = ref if ref.ndim == 4 else ref[None]
             sims = [float(emb @ r) for r in map(self.backend.embedding, to_uint8(ref)) if r is not None]
             if sims:
-                self.sim_sum += float(np.mean(sims))
+                per_sample[-1] = float(np.mean(sims))
+                self.sim_sum += per_sample[-1]
                 self.scored += 1
+        self.record_samples(batch.ids, per_sample, part="mean")
+        self.record_samples(batch.ids, no_face, part="no_face_rate")
 
     def compute(self) -> dict[str, Tensor]:
         mean = self.sim_sum / self.scored if self.scored else torch.tensor(float("nan"), dtype=torch.float64)
