@@ -61,3 +61,34 @@ def test_metrics_without_a_condition_reextract_nothing() -> None:
 
     batch = collate([ShapesWorld("eval", 2, 32)[i] for i in range(2)])
     assert METRICS.get("prompt_fidelity")().reextract(batch.image, batch) is None
+
+
+@pytest.mark.parametrize("name, dataset, condition", [
+    ("canny_f1_cnpp", "shapes", None),
+    ("depth_rmse_per_image", "shapes", "depth"),
+    ("id_sim_proxy", "identity", None),
+])
+def test_per_sample_scores_average_to_the_metric(name: str, dataset: str, condition: str | None) -> None:
+    """The per-sample contract: over two updates, the mean of each recorded table's finite values
+    is the value (or part) the metric computes, and every sample id has one value."""
+    import math
+
+    from bench.registry import DATASETS
+    from bench.types import collate
+
+    world = DATASETS.get(dataset)("eval", 6, 32, (condition,) if condition else (), seed=0)
+    batch = collate([world[i] for i in range(6)])
+    generated = (batch.image.flip(0) * 0.7 + 0.15 * torch.rand_like(batch.image)).clamp(0, 1)  # imperfect images
+    metric = METRICS.get(name)()
+    metric.update(generated[:3], batch.subset(slice(0, 3)))
+    metric.update(generated[3:], batch.subset(slice(3, 6)))
+    value = metric.compute()
+    values = value if isinstance(value, dict) else {None: value}
+    tables = metric.all_sample_scores()
+    assert tables, f"{name} records no per-sample scores"
+    for part, v in values.items():
+        key = name if part is None else f"{name}_{part}"
+        scores = tables[key]
+        assert sorted(scores) == sorted(batch.ids)
+        finite = [s for s in scores.values() if math.isfinite(s)]
+        assert sum(finite) / len(finite) == pytest.approx(float(v), rel=1e-5, abs=1e-6)
