@@ -115,8 +115,10 @@ def test_bad_baseline_file_exits_2_with_one_line(tmp_path, capsys):
 def test_checked_in_baseline_covers_the_regression_sweep():
     entries, tolerances = load_baseline(REPO / "sweeps" / "regression" / "baseline.json")
     assert {e.arm.method for e in entries} == {"baseline", "controlnet", "t2i_adapter"}
-    assert {e.metric for e in entries} == {"canny_f1", "prompt_fidelity"} and "default" in tolerances
+    assert {e.metric for e in entries} == {"canny_f1", "canny_f1_cnpp", "prompt_fidelity"} and "default" in tolerances
     assert all(s.n == 2 for s in entries.values()), "the regression sweep runs two seeds per method"
+    paired = {e.arm.method for e, s in entries.items() if e.metric == "canny_f1_cnpp" and s.samples}
+    assert paired == {"baseline", "controlnet", "t2i_adapter"}, "the per-image metric gates on paired deltas"
 
 
 # ---- paired per-sample deltas (issue 16) -----------------------------------------------------------
