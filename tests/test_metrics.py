@@ -37,9 +37,10 @@ def test_registered_names_and_directions() -> None:
         cls = METRICS.get(name)
         assert cls.name == name and cls.higher_is_better is higher and cls.version
     # A proxy Fréchet distance must never pass for FID.
-    # The only "fid" is the real one, and it needs the Inception weights.
-    assert [n for n in METRICS.names() if n.startswith("fid")] == ["fid"]
+    # Every "fid*" is a real FID on Inception features: torch-fidelity's legacy protocol or clean-fid's.
+    assert sorted(n for n in METRICS.names() if n.startswith("fid")) == ["fid", "fid_clean"]
     assert METRICS.get("fid").weights == ("inception-fid",)
+    assert METRICS.get("fid_clean").weights == ("inception-cleanfid",)
     assert "fid" not in (FDSegnet.name + FDSegnet.version).lower()
     assert Canny().version in CannyF1.version
 
