@@ -44,3 +44,20 @@ def remove_stale_temps(directory: str | Path) -> None:
     """Delete temp files a killed writer left in ``directory``."""
     for stale in Path(directory).glob(".*.tmp*"):
         stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(directory: str | Path) -> Iterator[None]:
+    """Hold an advisory lock (flock on the directory itself, so no lock file is left behind) for
+    the block: concurrent writers of one output directory (two `bench run`s sharing an out dir,
+    both writing its report) take turns."""
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import stats
 
 from bench.compare import Arm, Group, arm_labels, group_runs
-from bench.files import atomic_write
+from bench.files import atomic_write, exclusive
 from bench.store import RunRecord
 
 if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
@@ -576,17 +576,18 @@ def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any
     tables, excluded = leaderboard(records)
     claims = evaluate_all(records)
     figures, grids = [], []
-    if plots or html:
-        from bench.plots import write_plots, write_sample_grids
+    with exclusive(out_dir):  # two runs sharing an out dir must not clear each other's figures
+        if plots or html:
+            from bench.plots import write_plots, write_sample_grids
 
-        fig_dir = out_dir / FIGURES_DIR
-        shutil.rmtree(fig_dir, ignore_errors=True)  # stale figures would describe other runs
-        figures = write_plots(tables, records, fig_dir)
-        grids = write_sample_grids(tables, records, fig_dir / "samples")
-    text = render_markdown(tables, excluded, meta, claims, figures, grids, out_dir)
-    if html:
-        from bench.report_html import render_html
+            fig_dir = out_dir / FIGURES_DIR
+            shutil.rmtree(fig_dir, ignore_errors=True)  # stale figures would describe other runs
+            figures = write_plots(tables, records, fig_dir)
+            grids = write_sample_grids(tables, records, fig_dir / "samples")
+        text = render_markdown(tables, excluded, meta, claims, figures, grids, out_dir)
+        if html:
+            from bench.report_html import render_html
 
-        atomic_write(out_dir / "leaderboard.html",
-                     render_html(tables, excluded, meta, claims, figures, grids))
-    return atomic_write(out_dir / "leaderboard.md", text)
+            atomic_write(out_dir / "leaderboard.html",
+                         render_html(tables, excluded, meta, claims, figures, grids))
+        return atomic_write(out_dir / "leaderboard.md", text)
