@@ -394,11 +394,15 @@ def claim_sections(claims: Sequence[ClaimResult]) -> tuple[list[ClaimResult], li
 
     measured = [r for r in claims if r.verdict != "not measured"]
     lines = []
-    for what, ids in missing_methods(list(claims)).items():
-        if " " in what:  # a reason, not a method name
-            lines.append(f"not measured ({what}): {', '.join(ids)}")
-        else:
-            lines.append(f"not measured, no FINISHED run of `{what}`: {', '.join(ids)}")
+    for miss in missing_methods(list(claims)):
+        ids = ", ".join(miss.claim_ids)
+        if miss.method is None:
+            lines.append(f"not measured ({miss.reason}): {ids}")
+            continue
+        scope = f" with {miss.scope}" if miss.scope else ""
+        if "base_model=" in miss.scope:
+            scope += " (a full-scale claim: proxy runs do not count)"
+        lines.append(f"not measured, no FINISHED run of `{miss.method}`{scope}: {ids}")
     return measured, lines
 
 

@@ -2,8 +2,9 @@
 map the same extractor re-extracts from the generated image.
 
 Plain single-scale SSIM (torchmetrics structural_similarity_index_measure, gaussian 11x11,
-sigma 1.5, data_range 1), mean over images, on the first channel; not MS-SSIM: MS-SSIM's five downsamplings need
-images of 161+ px. One metric per soft-edge condition: `softedge_ssim` scores `hed` (the
+sigma 1.5, data_range 1), mean over images, on the first channel; not MS-SSIM: torchmetrics'
+MS-SSIM needs images of 176+ px (`MS_SSIM_MIN_SIZE`); `softedge_ms_ssim` in metrics/protocol.py is
+the ControlNet++ protocol where it is defined. One metric per soft-edge condition: `softedge_ssim` scores `hed` (the
 ControlNet++ soft-edge task), `pidinet_ssim` and `lineart_ssim` the other two.
 """
 from __future__ import annotations

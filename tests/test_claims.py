@@ -178,3 +178,44 @@ def test_report_lists_measured_claims_first_and_folds_missing_methods() -> None:
     folded = [line for line in claims_part.splitlines() if line.startswith("- not measured")]
     assert any("`finetune`" in line and "controlnet-memory-vs-finetune" in line for line in folded)
     assert sum("`finetune`" in line for line in folded) == 1  # one line per missing method
+
+
+def test_difference_claim_stays_defined_when_the_reference_mean_is_near_zero() -> None:
+    """instantid-over-photomaker is a difference: a relative gain over a mean near 0 is ill-posed."""
+    import numpy as np
+
+    claim = by_id("instantid-over-photomaker")
+    assert claim.measure["transform"] == "difference"
+    meta = {"id_sim_proxy_mean": {"version": "1", "higher_is_better": True}}
+    rng = np.random.default_rng(0)
+    runs = []
+    for method, shift in (("photomaker", 0.0), ("instantid", 0.2)):
+        for s in (0, 1, 2):
+            x = rng.normal(0.0, 0.05, 40) + shift  # photomaker's mean straddles 0
+            r = rec(f"{method}{s}", method, seed=s, dataset="identity", condition="keypoints")
+            runs.append(dataclasses.replace(r, metrics={"id_sim_proxy_mean": float(x.mean())}, metric_meta=meta,
+                                            sample_scores={"id_sim_proxy_mean": {f"s{i}": float(v)
+                                                                                 for i, v in enumerate(x)}}))
+    r = evaluate(claim, runs)
+    assert r.verdict == "reproduced" and r.interval.lo > 0.1 and r.measured == pytest.approx(0.2, abs=0.05), r
+
+
+def test_consistency_prefers_the_metric_with_per_sample_scores() -> None:
+    """With canny_f1 (pooled) and canny_f1_cnpp (per image) on every run, the claim reads the
+    per-image one and gets a paired interval."""
+    claim = by_id("controlnet-pp-consistency")
+    runs = []
+    for r in _f1_runs("controlnet", 0.0) + _f1_runs("controlnet_pp", 0.05, seed=1):
+        per_image = r.sample_scores["canny_f1"]
+        runs.append(dataclasses.replace(
+            r, metrics={"canny_f1": 0.5, "canny_f1_cnpp": r.metrics["canny_f1"]},
+            metric_meta={"canny_f1": F1, "canny_f1_cnpp": F1}, sample_scores={"canny_f1_cnpp": per_image}))
+    r = evaluate(claim, runs)
+    assert r.verdict == "reproduced" and r.interval.method == "hierarchical bootstrap", r
+
+
+def test_a_full_scale_claim_says_proxy_runs_do_not_count() -> None:
+    records = [rec("a", "ip_adapter", dataset="identity", condition="keypoints")]
+    md = render_markdown(*leaderboard(records), {}, evaluate_all(records))
+    line = next(ln for ln in md.splitlines() if "ip-adapter-22m" in ln)
+    assert "`ip_adapter` with base_model=sd15" in line and "proxy runs do not count" in line, line

@@ -44,7 +44,7 @@ from bench.yamlio import safe_load
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
-TRANSFORMS = ("value", "ratio", "increase", "reduction", "gain")
+TRANSFORMS = ("value", "ratio", "increase", "reduction", "gain", "difference")
 OPS = ("approx", "at_least", "at_most")
 
 
@@ -100,6 +100,7 @@ class ClaimResult:
     detail: str
     interval: Interval | None = None
     decide: str = ""
+    missing: Mapping[str, Any] | None = None  # not measured for want of runs: the selector no run matches
 
     @property
     def measured_text(self) -> str:
@@ -140,11 +141,16 @@ def _describe(selector: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in selector.items())
 
 
-def _key_for(rec: RunRecord, key: str) -> str:
-    """"consistency" means the condition's own consistency metric (canny -> canny_f1)."""
-    if key != "consistency":
+def _key_for(recs: list[RunRecord], key: str) -> str:
+    """"consistency" means the condition's own consistency metric (canny -> canny_f1): one that
+    every run has, preferring one with per-sample scores in every run (a paired interval, e.g.
+    canny_f1_cnpp over the pooled canny_f1), then by name."""
+    if key != "consistency" or not recs:
         return key
-    return next((m for m in sorted(rec.metrics) if m.startswith(f"{rec.condition}_")), key)
+    names = set.intersection(*({m for m in r.metrics if m.startswith(f"{r.condition}_")} for r in recs))
+    if not names:
+        return key
+    return min(names, key=lambda m: (not all(r.sample_scores.get(m) for r in recs), m))
 
 
 def _side_values(recs: list[RunRecord], key: str
@@ -153,14 +159,13 @@ def _side_values(recs: list[RunRecord], key: str
     has per-sample scores of it (else None), and the metric version they share (None for compute)."""
     vals, samples, versions = {}, {}, set()
     for rec in recs:
-        k = _key_for(rec, key)
-        raw = rec.compute.get(k, rec.metrics.get(k))
+        raw = rec.compute.get(key, rec.metrics.get(key))
         if raw is not None and math.isfinite(float(raw)):
             vals[rec.seed] = float(raw)
-            if k in rec.metrics:
-                versions.add(str(rec.metric_meta.get(k, {}).get("version", "?")))
-                if rec.sample_scores.get(k):
-                    samples[rec.seed] = rec.sample_scores[k]
+            if key in rec.metrics:
+                versions.add(str(rec.metric_meta.get(key, {}).get("version", "?")))
+                if rec.sample_scores.get(key):
+                    samples[rec.seed] = rec.sample_scores[key]
     if len(versions) > 1:
         return {}, None, None  # different metric versions are not comparable
     complete = bool(vals) and set(samples) == set(vals)
@@ -168,8 +173,7 @@ def _side_values(recs: list[RunRecord], key: str
 
 
 def _higher_is_better(recs: list[RunRecord], key: str) -> bool:
-    k = _key_for(recs[0], key)
-    return bool(recs[0].metric_meta.get(k, {}).get("higher_is_better", True))
+    return bool(recs[0].metric_meta.get(key, {}).get("higher_is_better", True))
 
 
 def _combine(transform: str, a: Any, b: Any, higher: bool) -> Any:
@@ -179,8 +183,11 @@ def _combine(transform: str, a: Any, b: Any, higher: bool) -> Any:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(b == 0, np.nan, a / np.where(b == 0, 1.0, b))
+    # difference: the signed improvement in the metric's own units; unlike gain it stays defined
+    # when the reference's mean is near or below 0 (e.g. an identity similarity)
     out = {"ratio": ratio, "increase": ratio - 1.0, "reduction": 1.0 - ratio,
-           "gain": (ratio - 1.0) if higher else (1.0 - ratio)}[transform]
+           "gain": (ratio - 1.0) if higher else (1.0 - ratio),
+           "difference": (a - b) if higher else (b - a)}[transform]
     return float(out) if out.ndim == 0 else out
 
 
@@ -220,13 +227,14 @@ def _decide(claim: Claim, iv: Interval) -> str:
     return wide + f"about {n} seeds in all ({n - iv.n_seeds} more){per} would decide it, from the observed variance"
 
 
-def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord], higher: bool
-              ) -> tuple[Interval, str | None] | None:
+def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord]) -> tuple[Interval, str | None] | None:
     """The claim's number with its interval (see the module docstring), or None when a side has
     no finite value or the sides' metric versions differ."""
     m = claim.measure
     transform, scale = m["transform"], float(m.get("scale", 1.0))
-    a_seed, a_samp, va = _side_values(subj, m["key"])
+    key = _key_for(subj + (ref if transform != "value" else []), m["key"])
+    higher = _higher_is_better(subj, key)
+    a_seed, a_samp, va = _side_values(subj, key)
     if transform == "value":
         if not a_seed:
             return None
@@ -234,7 +242,7 @@ def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord], higher:
               else stats.seed_t_interval(list(a_seed.values())))
         return Interval(iv.estimate / scale, iv.lo / scale, iv.hi / scale, iv.method, iv.n_seeds, iv.n_samples,
                         iv.note), va
-    b_seed, b_samp, vb = _side_values(ref, m["key"])
+    b_seed, b_samp, vb = _side_values(ref, key)
     if not a_seed or not b_seed or va != vb:
         return None
     if a_samp and b_samp:
@@ -292,13 +300,16 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
         if isinstance(subj, str) or isinstance(ref, str):
             reasons.append(subj if isinstance(subj, str) else ref)
             continue
-        got = _interval(claim, subj, ref, _higher_is_better(subj, m["key"]))
+        got = _interval(claim, subj, ref)
         if got is not None and math.isfinite(got[0].estimate):
             n = len(subj) + (len(ref) if m["transform"] != "value" else 0)
             candidates.append((n, group.key, got[0]))
     if not candidates:
         ambiguous = [r for r in reasons if "settings match" in r]
-        return ClaimResult(claim, None, "not measured", ambiguous[0] if ambiguous else _missing(claim, records))
+        if ambiguous:
+            return ClaimResult(claim, None, "not measured", ambiguous[0])
+        detail, missing = _missing(claim, records)
+        return ClaimResult(claim, None, "not measured", detail, missing=missing)
     n, key, iv = max(candidates, key=lambda c: c[0])
     others = f"; {len(candidates) - 1} other comparable group(s)" if len(candidates) > 1 else ""
     lo, hi = (iv.lo, iv.hi) if math.isfinite(iv.lo) and math.isfinite(iv.hi) else (iv.estimate, iv.estimate)
@@ -308,35 +319,42 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
                        iv, _decide(claim, iv) if verdict == "inconclusive" else "")
 
 
-def _missing(claim: Claim, records: list[RunRecord]) -> str:
-    """Name the side that has no runs at all, else say the sides never share a group."""
+def _missing(claim: Claim, records: list[RunRecord]) -> tuple[str, Mapping[str, Any] | None]:
+    """Name the side that has no runs at all (and its selector), else say the sides never share a group."""
     m = claim.measure
     sides = [m["subject"]] + ([m["reference"]] if m["transform"] != "value" else [])
     scope = {**claim.where}
     for side in sides:
         if not any(r.finished and _matches(r, {**scope, **side}) for r in records):
-            return f"no FINISHED run with {_describe({**scope, **side})}"
+            return f"no FINISHED run with {_describe({**scope, **side})}", {**side, **scope}
     return (f"no comparable group (bench.compare: same dataset@version, condition, budget key, base model, "
             f"metric versions) holds {' and '.join(f'[{_describe(s)}]' for s in sides)} with a finite "
-            f"{m['key']} of one metric version")
+            f"{m['key']} of one metric version"), None
 
 
 def evaluate_all(records: list[RunRecord], claims: list[Claim] | None = None) -> list[ClaimResult]:
     return [evaluate(c, records) for c in (load_claims() if claims is None else claims)]
 
 
-def missing_methods(results: list[ClaimResult]) -> dict[str, list[str]]:
-    """The "not measured" claims folded by the method whose runs are missing:
-    {method (or the reason, when it names none): [claim ids]}, for one line per missing method."""
-    out: dict[str, list[str]] = {}
+@dataclass(frozen=True)
+class MissingRuns:
+    """Claims not measured for one shared reason: no run of ``method`` under ``scope`` (e.g.
+    base_model=sd15, where proxy runs do not count), or ``reason`` when no method is to blame."""
+
+    method: str | None
+    scope: str
+    reason: str
+    claim_ids: tuple[str, ...]
+
+
+def missing_methods(results: list[ClaimResult]) -> list[MissingRuns]:
+    """The "not measured" claims folded by what is missing, for one line each in the report."""
+    folded: dict[tuple[str | None, str, str], list[str]] = {}
     for r in results:
         if r.verdict != "not measured":
             continue
-        detail = r.detail
-        method = detail.split("method=", 1)[1].split(",")[0].split("]")[0].strip() if "method=" in detail else detail
-        if detail.startswith("no FINISHED run"):
-            out.setdefault(method, []).append(r.claim.id)
-        else:
-            out.setdefault(detail, []).append(r.claim.id)
-    return out
-
+        sel = dict(r.missing or {})
+        method = sel.pop("method", None) if r.missing else None
+        key = (method, _describe(sel), "") if method else (None, "", r.detail)
+        folded.setdefault(key, []).append(r.claim.id)
+    return [MissingRuns(m, scope, reason, tuple(ids)) for (m, scope, reason), ids in folded.items()]
