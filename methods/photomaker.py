@@ -7,10 +7,12 @@ prompt is encoded, and each copy's token embedding is fused with one reference e
 MLP (the official `FuseModule`). There is no extra cross-attention: the UNet sees an ordinary
 prompt embedding. Prompts without the class word (the empty prompt of classifier-free guidance)
 are left unchanged. Sampling uses the text-only prompt for the first steps (`start_merge_step`)
-and the ID-fused one after.
+and the ID-fused one after. The UNet's attention layers (self- and cross-attention q, k, v, out)
+train a LoRA alongside, as the released `lora_weights` show.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +81,8 @@ def merge_step(ratio: float, num_steps: int) -> int:
 @METHODS.register("photomaker")
 class PhotoMaker(Method):
     # v2: the official FuseModule/MLP and a bias-free visual projection; no empty-prompt training;
-    # text-only embeddings up to start_merge_step while sampling.
-    version = "photomaker-v2"
+    # text-only embeddings up to start_merge_step while sampling. v3: the UNet attention LoRA.
+    version = "photomaker-v3"
     sample_dataset = "identity"
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
@@ -95,11 +97,21 @@ class PhotoMaker(Method):
         # pipeline.py __call__(num_inference_steps=50, start_merge_step=10) and README; the gradio
         # demo's style_strength_ratio default 20 (%): text-only embeddings while `i <= start_merge_step`.
         start_merge_ratio: float = 0.2
+        # The released photomaker-v1.bin holds `lora_weights` for every UNet attention layer, attn1
+        # and attn2, on to_q/to_k/to_v/to_out (pipeline.py `load_photomaker_adapter` ->
+        # `load_lora_weights(state_dict["lora_weights"], adapter_name="photomaker")`), trained with
+        # the ID encoder (training code unreleased). Rank 64 is our reading of the paper's
+        # implementation details, not confirmed from code: the released file's LoRA shapes decide it.
+        # 0: no LoRA (the v2 trainable subset, for ablations). At proxy widths (<= 64) rank 64 is
+        # full rank, so the LoRA there amounts to tuning the attention projections.
+        lora_rank: int = 64
 
         def __post_init__(self):
             super().__post_init__()
             if not 0.0 <= self.start_merge_ratio <= 1.0:
                 raise ConfigError(f"start_merge_ratio must be in [0, 1], got {self.start_merge_ratio}")
+            if self.lora_rank < 0:
+                raise ConfigError(f"lora_rank must be >= 0 (0: no UNet LoRA), got {self.lora_rank}")
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
@@ -111,6 +123,27 @@ class PhotoMaker(Method):
         # encoder has no pretrained text-aligned projection to reuse.
         self.visual_projection = nn.Linear(feature_dim(self.encoder), width, bias=False)
         self.fuse_module = FuseModule(width)
+        self.lora = self._add_unet_lora(self.recipe.lora_rank) if self.recipe.lora_rank else []
+
+    def _add_unet_lora(self, rank: int) -> list[nn.Parameter]:
+        """A LoRA (peft, through diffusers' `add_adapter`, as diffusers' LoRA training scripts do)
+        on a private UNet copy, so the base shared with other methods never changes."""
+        from peft import LoraConfig
+
+        self.base = self.base.with_unet(copy.deepcopy(self.base.unet))
+        self.base.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                   adapter_name="photomaker")
+        params = [p for n, p in self.base.unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return super().trainable_parameters() + self.lora
+
+    def inference_parameters(self) -> int:
+        return super().inference_parameters() + sum(p.numel() for p in self.lora)  # unless fused into the UNet
 
     def train(self, mode: bool = True):
         super().train(mode)

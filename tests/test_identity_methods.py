@@ -374,3 +374,31 @@ def test_photomaker_merges_the_id_after_start_merge_step(base, smoke_budget, mon
     assert not torch.allclose(text_only, fused)
     for i, _, hidden in used:
         assert torch.equal(hidden, text_only if i <= last_text_only else fused), i
+
+
+def test_photomaker_trains_a_unet_lora_on_every_attention_projection(base, smoke_budget):
+    """The released photomaker-v1.bin holds `lora_weights` on attn1 and attn2 to_q/k/v/out of every
+    transformer block; the LoRA starts as the identity (B = 0), trains, and never touches the shared base."""
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    method = METHODS.get("photomaker")(base, None, smoke_budget, {"lora_rank": 4}).train()
+    unet = method.base.unet
+    assert unet is not base.unet
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
+    expected = {n for n, m in base.unet.named_modules()
+                if isinstance(m, torch.nn.Linear) and (n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")
+                                                      or n.endswith("to_out.0"))}
+    assert expected and wrapped == expected
+    assert any(".attn1." in n for n in wrapped) and any(".attn2." in n for n in wrapped)
+    lora_ids = {id(p) for p in method.lora}
+    assert lora_ids <= {id(p) for p in method.trainable_parameters()}
+    assert all(p.count_nonzero() == 0 for n, p in unet.named_parameters() if ".lora_B." in n)
+    batch = _batch(2)
+    with torch.no_grad():  # B = 0: the LoRA'd UNet predicts what the base UNet does
+        x = torch.randn(2, base.unet.config.in_channels, 8, 8)
+        emb = base.encode_prompt(batch.prompts, (32, 32)).hidden
+        assert torch.allclose(unet(x, 10, emb).sample, base.unet(x, 10, emb).sample, atol=1e-6)
+    method.training_loss(batch).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if ".lora_B." in n)
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())
+    no_lora = METHODS.get("photomaker")(base, None, smoke_budget, {"lora_rank": 0})
+    assert no_lora.lora == [] and no_lora.base.unet is base.unet
