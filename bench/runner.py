@@ -72,6 +72,57 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Hardware", "Processor"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version (torch does not report it): /proc first, nvidia-smi second."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_identity() -> dict[str, Any]:
+    """What a compute figure depends on: accelerator name and count, CUDA and driver versions
+    (None on CPU), CPU model and usable cores, torch build; plus a hash of the hostname (the
+    raw name can say more than a shared report should). Imports torch."""
+    import hashlib
+    import socket
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": "cuda" if cuda else "cpu",
+            "device_name": torch.cuda.get_device_name(0) if cuda else None,
+            "device_count": torch.cuda.device_count() if cuda else 0,
+            "cuda": torch.version.cuda if cuda else None,
+            "driver": _nvidia_driver() if cuda else None,
+            "cpu": _cpu_model(), "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]}
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -385,7 +436,7 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
     return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
                      metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
                      artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
-                     sample_scores=evaluation.sample_scores)
+                     sample_scores=evaluation.sample_scores, machine=machine_identity())
 
 
 

@@ -29,7 +29,7 @@ def _plain(value: Any) -> Any:
 
 def wandb_config(record: RunRecord) -> dict[str, Any]:
     return _plain({"spec": record.spec, "metric_meta": record.metric_meta, "git_sha": record.git_sha,
-                   "versions": record.versions})
+                   "versions": record.versions, "machine": record.machine})
 
 
 def wandb_summary(record: RunRecord) -> dict[str, Any]:
@@ -113,6 +113,7 @@ def record_from_wandb(run: Any) -> RunRecord | None:
                      compute=_floats(summary, COMPUTE_PREFIX), artifacts={"wandb": "/".join(run.path)},
                      curve=list(summary.get("curve") or []),
                      git_sha=config.get("git_sha") or "", versions=config.get("versions") or {},
+                     machine=config.get("machine") or {},
                      created_at=float(summary.get("created_at") or 0.0))
 
 
