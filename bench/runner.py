@@ -69,6 +69,25 @@ def package_versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "absent"
+    return {**out, **plugin_versions()}
+
+
+def plugin_versions() -> dict[str, str]:
+    """The distributions of installed plugins (entry points) and of `--plugin` modules, so a record
+    says which plugin code produced it; a module outside any distribution is "unpackaged"."""
+    from importlib.metadata import entry_points, packages_distributions, version
+
+    from bench.registry import ENTRY_POINT_GROUPS, plugin_modules
+
+    out = {}
+    for group in ENTRY_POINT_GROUPS:
+        for ep in entry_points(group=group):
+            if getattr(ep, "dist", None) is not None:
+                out[f"plugin:{ep.dist.name}"] = ep.dist.version
+    dists = packages_distributions() if plugin_modules() else {}
+    for module in plugin_modules():
+        names = dists.get(module.split(".")[0], [])
+        out[f"plugin:{module}"] = f"{names[0]} {version(names[0])}" if names else "unpackaged"
     return out
 
 
