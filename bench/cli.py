@@ -36,15 +36,28 @@ def _run(args) -> int:
     if overrides and "=" not in overrides[0] and not overrides[0].startswith("--"):
         cfg_path = Path(overrides.pop(0))
     cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
+    from bench.wandb_mirror import agent_mode
+
+    if agent_mode():  # a sweep's config: its metrics that score this run's condition, as `bench sweep --local`
+        from bench.sweep import fit_metrics
+
+        cfg = fit_metrics(cfg)[0]
     specs, out_dir = resolve(cfg)
     from bench.preflight import check
 
+    if agent_mode():
+        _one_record_per_agent_run(specs)
     check(specs)  # before the store opens: bad input is one line, exit 2, no FAILED rows
     out_dir = Path(args.out or out_dir)
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
     t0 = time.time()
     with Store(store_path) as store:
         summary = run_all(specs, store, out_dir, progress=not args.quiet)
+        if agent_mode() and summary.ran == 0 and summary.records:
+            # already FINISHED in the store: the agent's run still gets its record and the sweep its metric
+            from bench.wandb_mirror import mirror
+
+            mirror(summary.records[0], out_dir)
         report = write_report(store.records(), out_dir / "report", {"git_sha": git_sha()}, plots=True, html=True)
     records, done = summary.records, summary.finished
     print(f"{done}/{len(records)} runs finished in {time.time() - t0:.0f}s ({summary.ran} ran here)"
@@ -55,6 +68,25 @@ def _run(args) -> int:
     print(f"leaderboard: {report}")
     print(f"html report: {report.with_suffix('.html')}")
     return 0 if done == len(records) else 1
+
+
+# The spec fields one W&B agent run must hold to a single value, and the sweep parameter of each.
+AGENT_AXES = (("method", "methods"), ("seed", "seeds"), ("condition", "condition"), ("dataset", "dataset"))
+
+
+def _one_record_per_agent_run(specs) -> None:
+    """Under a W&B agent one `bench run` is one W&B run, so it must make exactly one record: a
+    config that expands to several names the parameter to make a grid parameter of the sweep."""
+    if len(specs) == 1:
+        return
+    for field, param in AGENT_AXES:
+        values = sorted({str(getattr(s, field)) for s in specs})
+        if len(values) > 1:
+            raise ConfigError(f"under a W&B agent one bench run is one record, but this config makes {len(specs)} "
+                              f"({param}: {', '.join(values)}); make {param} a grid parameter of the sweep "
+                              f"({param}: {{values: [{', '.join(values)}]}}) with one value per run")
+    raise ConfigError(f"under a W&B agent one bench run is one record, but this config makes {len(specs)}; "
+                      "give each sweep parameter one value per run")
 
 
 def _own_flags(args, rest: list[str]) -> list[str]:
@@ -404,7 +436,8 @@ def _take_plugins(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "offline")
+    if not os.environ.get("WANDB_SWEEP_ID"):  # under an agent wandb's own default (online) holds
+        os.environ.setdefault("WANDB_MODE", "offline")
     try:
         argv = _take_plugins(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:

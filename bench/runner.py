@@ -251,12 +251,13 @@ class Evaluation:
     sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
+def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = None) -> RunRecord | None:
     """Train, generate and score one run. Raises on failure; the caller records it.
-    Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records."""
+    Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records.
+    ``live`` (bench.wandb_mirror.LiveRun) logs training to W&B as it happens."""
     setup = build(spec)
     data = load_data(setup, progress)
-    trained = train(setup, data, progress)
+    trained = train(setup, data, progress, live)
     if trained is None:
         return None
     evaluation = evaluate(setup, data, Path(out_dir), progress)
@@ -302,9 +303,11 @@ def load_data(setup: Setup, progress: bool = True) -> RunData:
     return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
 
 
-def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
+def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) -> Trained | None:
     """Step 2: fit for budget.train_steps, measuring the consistency curve at the budget's
-    curve steps (and at the end). None on a non-zero rank of a multi-GPU run."""
+    curve steps (and at the end). None on a non-zero rank of a multi-GPU run. With ``live``
+    (rank 0's W&B run), Lightning logs loss, lr, step time and memory, and each curve point is
+    logged as it is measured."""
     import lightning as L
     import torch
 
@@ -329,6 +332,8 @@ def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
                 metric.to(images.device).update(images, curve_batch.to(images.device))
                 curve.append({"step": step, "metric": name, "value": float(metric.compute())})
                 metric.reset()
+                if live is not None:
+                    live.log_curve(step, name, curve[-1]["value"])
 
     timer = StepTimer()
     if setup.trains:
@@ -339,9 +344,15 @@ def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
         callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
             callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
+        every = max(1, min(50, budget.train_steps // 20))  # about 20 points per curve, at least
+        if live is not None:
+            from bench.wandb_mirror import live_callbacks
+
+            callbacks += live_callbacks(live, timer, every)
         trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
                             devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
-                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            logger=live.logger if live is not None else False, log_every_n_steps=every,
+                            enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
                             callbacks=callbacks)
         trainer.fit(method, loader)
@@ -526,19 +537,26 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
+def _rank_zero() -> bool:
+    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
+    this module again, with LOCAL_RANK (and NODE_RANK) set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> None:
+    from bench.wandb_mirror import mirror, start
+
     spec = RunSpec.from_dict(spec_dict)
+    live = start(spec.run_id, spec.to_dict(), Path(out_dir)) if _rank_zero() else None  # never raises
     try:
-        record = execute(spec, Path(out_dir), progress)
+        record = execute(spec, Path(out_dir), progress, live)
     except Exception as e:  # noqa: BLE001 - every failure becomes a FAILED record with its reason
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         record = failed(spec, f"{type(e).__name__}: {first}"[:500])
         traceback.print_exc(file=sys.stderr)
     if record is None:  # a non-zero rank: rank 0 writes the result
         return
-    from bench.wandb_mirror import mirror
-
-    record = mirror(record, Path(out_dir))  # never raises: a W&B failure is noted in the record
+    record = mirror(record, Path(out_dir), live)  # never raises: a W&B failure is noted in the record
     atomic_write(result_path, record.to_json())
 
 

@@ -116,6 +116,24 @@ def overrides(config: dict[str, Any]) -> list[tuple[str, Any]]:
     return sorted(((k.replace("-", "_"), v) for k, v in config.items()), key=lambda kv: (kv[0].count("."), kv[0]))
 
 
+def fit_metrics(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A sweep with condition as a grid parameter lists the roster's metrics for every config;
+    each config keeps those that score its condition (or any condition). Returns the config and
+    the metrics dropped. Nothing is dropped when none would remain (resolve then names the problem)."""
+    from bench.builtins import load_builtins
+    from bench.registry import METRICS
+
+    conds, metrics = cfg.get("condition"), cfg.get("metrics")
+    if not isinstance(metrics, list) or conds in (None, "", []):
+        return cfg, []
+    conds = conds if isinstance(conds, list) else [conds]
+    load_builtins()
+    drop = [m for m in metrics if m in METRICS and METRICS.get(m).condition not in (None, *conds)]
+    if not drop or len(drop) == len(metrics):
+        return cfg, []
+    return {**cfg, "metrics": [m for m in metrics if m not in drop]}, drop
+
+
 def resolve_sweep(sweep: Sweep, count: int | None = None, seed: int = 0) -> tuple[list[RunSpec], Path]:
     """Every distinct run spec of the sweep (the quickstart config plus each config's overrides)."""
     base = load_config(None)
@@ -123,7 +141,7 @@ def resolve_sweep(sweep: Sweep, count: int | None = None, seed: int = 0) -> tupl
     out_dir = None
     for cfg in configs(sweep, count, seed):
         try:
-            run_specs, cfg_out = resolve(apply_overrides(base, overrides(cfg)))
+            run_specs, cfg_out = resolve(fit_metrics(apply_overrides(base, overrides(cfg)))[0])
         except ConfigError as e:
             raise ConfigError(f"{sweep.path}: config {cfg}: {e}") from None
         out_dir = out_dir or cfg_out
