@@ -151,3 +151,81 @@ def test_every_sweep_config_is_one_record(monkeypatch) -> None:
         for cfg in configs(load_sweep(path), count=2):
             specs, _ = resolve(fit_metrics(apply_overrides(load_config(None), overrides(cfg)))[0])
             assert len(specs) == 1, (path.name, cfg)
+
+
+# ---- local sweeps and W&B's own sweep definition -------------------------------------------------
+# `sweeps` is W&B's sweep-config package (schema, grid/random/bayes search); installed for tests only,
+# without its deps (it pins numpy<2): pip install --no-deps sweeps==0.3.0 jsonschema jsonref
+
+
+def test_every_sweep_file_is_valid_for_wandb() -> None:
+    from sweeps import schema_violations_from_proposed_config
+    from bench.sweep import sweep_files
+
+    files = sweep_files(SWEEPS)
+    assert len(files) >= 10
+    for path in files:
+        assert schema_violations_from_proposed_config(safe_load(path.read_text())) == [], path.name
+
+
+W_AND_B_SPECS = [
+    {"value": 3}, {"values": ["a", "b", "c"]}, {"values": ["a", "b", "c"], "probabilities": [0.2, 0.5, 0.3]},
+    {"min": 1, "max": 9}, {"min": 0.5, "max": 1.5}, {"distribution": "q_uniform", "min": 0.0, "max": 10.0, "q": 2},
+    {"distribution": "log_uniform", "min": -3.0, "max": 1.0},
+    {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
+    {"distribution": "q_log_uniform_values", "min": 1.0, "max": 256.0, "q": 8},
+    {"distribution": "inv_log_uniform_values", "min": 0.01, "max": 1.0},
+    {"distribution": "normal", "mu": 1.0, "sigma": 2.0}, {"distribution": "q_normal", "mu": 0.0, "sigma": 5.0, "q": 1},
+    {"distribution": "log_normal", "mu": 0.0, "sigma": 0.5},
+    {"distribution": "beta", "a": 2.0, "b": 5.0}, {"distribution": "q_beta", "a": 2.0, "b": 5.0, "q": 0.1},
+]
+
+
+@pytest.mark.parametrize("spec", W_AND_B_SPECS, ids=lambda s: s.get("distribution") or "-".join(sorted(s)))
+def test_local_draws_use_wandbs_inverse_cdf(spec) -> None:
+    from sweeps.params import HyperParameter
+
+    from bench.sweep import _ppf
+
+    ref = HyperParameter("p", dict(spec))
+    for x in (0.03, 0.25, 0.5, 0.61, 0.97):
+        want = ref.ppf(x)
+        got = _ppf(spec, x)
+        assert got == pytest.approx(float(want) if not isinstance(want, str) else want), (spec, x)
+
+
+def test_probabilities_weight_random_draws(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("method: random\nrun_cap: 400\nparameters:\n"
+                    "  methods: {values: [baseline, controlnet], probabilities: [0.9, 0.1]}\n")
+    draws = [c["methods"] for c in configs(load_sweep(path))]
+    assert 320 < draws.count("baseline") < 395
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("method: bayes\nmetric: {name: m, goal: maximize}\nparameters: {methods: {value: baseline}}\n",
+     "method bayes needs W&B's controller"),
+    ("method: grid\nrun_cap: 2\nparameters: {seeds: {values: [0, 1, 2]}}\n", "run_cap with method grid"),
+    ("method: random\nrun_cap: 2\nscheduler: {job: x}\nparameters: {methods: {value: baseline}}\n",
+     "scheduler: (a Launch scheduler) is not implemented by local sweeps"),
+    ("method: grid\nparameters: {hparams: {parameters: {x: {value: 1}}}}\n", "nests parameters:"),
+    ("method: grid\nparameters: {m: {values: [a, b], probabilities: [0.5, 0.5]}}\n", "probabilities: apply to random"),
+    ("method: grid\nparameters: {x: {distribution: normal, mu: 0, sigma: 1}}\n", "a local grid enumerates"),
+    ("method: random\nrun_cap: 2\nparameters: {x: {distribution: q_uniform, min: 0, max: 1}}\n", "needs q:"),
+])
+def test_local_sweeps_refuse_what_they_do_not_implement(tmp_path, capsys, text, needle) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert main(["sweep", str(path), "--local", "--store", str(tmp_path / "s.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_local_sweeps_warn_about_what_they_ignore(tmp_path, capsys) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("method: random\nrun_cap: 1\nmetric: {name: metrics/canny_f1, goal: maximize, target: 0.9}\n"
+                    "early_terminate: {type: hyperband, min_iter: 3}\nparameters: {methods: {value: contrlnet}}\n")
+    assert main(["sweep", str(path), "--local", "--store", str(tmp_path / "s.sqlite")]) == 2  # bad method name
+    err = capsys.readouterr().err
+    assert "warning:" in err and "early_terminate is not implemented by local sweeps" in err
+    assert "metric target is not implemented by local sweeps" in err
