@@ -236,6 +236,7 @@ class Trained:
     step_times: list[float]
     curve: list[dict]
     rss_loaded_mb: float
+    world_size: int = 1  # training processes (DDP); only rank 0 gets here
 
 
 @dataclass(frozen=True)
@@ -336,10 +337,8 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) 
                     live.log_curve(step, name, curve[-1]["value"])
 
     timer = StepTimer()
+    world = 1
     if setup.trains:
-        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size, shuffle=True,
-                                             collate_fn=collate, drop_last=True,
-                                             generator=torch.Generator().manual_seed(spec.seed))
         opts = dict(spec.trainer)
         callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
@@ -355,13 +354,26 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) 
                             enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
                             callbacks=callbacks)
+        # The budget's batch size is the global batch: each of `world` processes (DDP) loads its share,
+        # so one optimiser step sees budget.batch_size samples however many processes train.
+        world = trainer.world_size
+        if budget.batch_size % world:
+            raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes; "
+                              f"choose a multiple of {world} (it is the global batch)")
+        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size // world, shuffle=True,
+                                             collate_fn=collate, drop_last=True,
+                                             generator=torch.Generator().manual_seed(spec.seed))
         trainer.fit(method, loader)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # evaluation is rank 0's alone: without the group, torchmetrics computes locally instead of
+            # waiting in a barrier for ranks that have finished
+            torch.distributed.destroy_process_group()
         if trainer.global_rank != 0:
             return None
     method.to(setup.device).eval()
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
-    return Trained(timer.times, curve, rss_loaded)
+    return Trained(timer.times, curve, rss_loaded, world)
 
 
 def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) -> Evaluation:
@@ -466,7 +478,8 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
     return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
                      metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
                      artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
-                     sample_scores=evaluation.sample_scores, machine=machine_identity())
+                     sample_scores=evaluation.sample_scores,
+                     machine={**machine_identity(), "world_size": trained.world_size})
 
 
 

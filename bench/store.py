@@ -284,6 +284,8 @@ def machine_key(machine: dict[str, Any]) -> str:
     if not machine:
         return UNKNOWN_MACHINE
     ident = {k: machine.get(k) for k in MACHINE_KEY_FIELDS if machine.get(k) is not None}
+    if ident.get("world_size") == 1:  # one process: as records from before the field
+        del ident["world_size"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
