@@ -275,6 +275,14 @@ def _plan_key(sweep: Sweep, count: int | None, seed: int) -> str:
     for pkg in _PACKAGES:
         for loc in importlib.util.find_spec(pkg).submodule_search_locations:
             files += sorted(Path(loc).glob("*.py")) + sorted(Path(loc).glob("assets/**/*.json"))
+    # plugins define methods and metrics too: their distributions' versions and --plugin modules' sources
+    from bench.registry import plugin_modules
+    from bench.runner import plugin_versions
+
+    h.update(json.dumps(plugin_versions(), sort_keys=True).encode())
+    for module in plugin_modules():
+        found = importlib.util.find_spec(module)
+        files.append(Path(found.origin) if found is not None and found.origin else Path(f"<plugin {module}>"))
     for f in files:
         h.update(str(f).encode() + (f.read_bytes() if f.is_file() else b"<missing>"))
     return h.hexdigest()[:16]
