@@ -47,6 +47,9 @@ version = "0.1.0"
 [project.entry-points."controlbench.methods"]
 demo_gain = "cb_plugin_demo.methods:DemoGain"
 
+[project.entry-points."controlbench.metrics"]
+demo_fidelity = "cb_plugin_demo.metrics:DemoFidelity"
+
 [tool.setuptools]
 packages = ["cb_plugin_demo"]
 '''
@@ -80,6 +83,10 @@ def plugin_site(tmp_path_factory) -> Path:
     (src / "cb_plugin_demo").mkdir()
     (src / "cb_plugin_demo" / "__init__.py").write_text("")
     (src / "cb_plugin_demo" / "methods.py").write_text(METHOD_FILE)
+    (src / "cb_plugin_demo" / "metrics.py").write_text(
+        "from bench.metrics.prompt_fidelity import PromptFidelity\n\n\n"
+        "class DemoFidelity(PromptFidelity):  # a metric from outside the repo (a builtin's variant)\n"
+        "    version = 'demo_fidelity-v1'\n")
     install_flat(src, site)
     return site
 
@@ -100,15 +107,19 @@ def test_entry_point_plugin_lists_runs_and_passes_the_contract(plugin_site, tmp_
     line = next(ln for ln in listing.stdout.splitlines() if ln.strip().startswith("demo_gain "))
     assert "from=entry point cb-plugin-demo 0.1.0" in line
     assert "from=builtin" in next(ln for ln in listing.stdout.splitlines() if ln.strip().startswith("baseline "))
+    metric = next(ln for ln in listing.stdout.splitlines() if ln.strip().startswith("demo_fidelity "))
+    assert "version=demo_fidelity-v1" in metric and "from=entry point cb-plugin-demo 0.1.0" in metric
 
     out = tmp_path / "run"
-    run = _bench(["run", "methods=demo_gain,baseline", "budget=smoke", "seeds=0", "--quiet", "--out", str(out)], env)
+    run = _bench(["run", "methods=demo_gain,baseline", "budget=smoke", "seeds=0", "metrics=canny_f1,demo_fidelity",
+                  "--quiet", "--out", str(out)], env)
     assert run.returncode == 0, run.stderr[-3000:]
     with Store(out / "store.sqlite", read_only=True) as store:
         records = {r.method: r for r in store.records()}
     assert set(records) == {"demo_gain", "baseline"} and all(r.finished for r in records.values())
     demo = records["demo_gain"]
     assert demo.spec["method_version"] == "demo_gain-v1" and demo.compute["params_trainable"] == 1
+    assert demo.metric_meta["demo_fidelity"]["version"] == "demo_fidelity-v1" and "demo_fidelity" in demo.metrics
     assert demo.versions["plugin:cb-plugin-demo"] == "0.1.0"  # the record names the plugin code
     assert demo.machine["torch"]  # and the machine it ran on
 
