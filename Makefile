@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test,face,pose]'
 	# mediapipe/rtmlib without their declared deps (protobuf<5 vs wandb; opencv-python vs headless): see pyproject
 	$(VENV)/bin/pip install --quiet --no-deps mediapipe==0.10.14 rtmlib
+	# W&B's sweep-config package, for the tests only, without its numpy<2 pin: see pyproject
+	$(VENV)/bin/pip install --quiet --no-deps sweeps==0.3.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 
 def load_builtins() -> None:
-    """Import the built-in datasets, methods and metrics so their decorators register them."""
+    """Import the built-in datasets, methods and metrics so their decorators register them, with
+    the installed entry-point plugins (bench.methods / bench.metrics load those) and the
+    `--plugin` modules (CONTROLBENCH_PLUGINS)."""
     import bench.datasets  # noqa: F401
     import bench.methods  # noqa: F401
     import bench.metrics  # noqa: F401
+    from bench.registry import load_plugin_modules
+
+    load_plugin_modules()

@@ -15,7 +15,9 @@ EPILOG = """examples:
   bench run budget=smoke methods=baseline,controlnet
   bench run my.yaml --seeds 0,1,2 budget.train_steps=900 hparams.controlnet.conditioning_scale=0.8
   bench report --store runs/quickstart/store.sqlite --out runs/quickstart/report
-  bench list
+  bench list                                 # with where each entry comes from (builtin, entry point, --plugin)
+  bench run methods=my_method,baseline budget=smoke --plugin my_pkg.methods   # a method outside this repo
+  bench test-method my_method --plugin my_pkg.methods                         # the method contract tests on it
   bench sweep sweeps/spatial.yaml --local      # the W&B sweep file as a local grid (resumable, shareable)
   bench check --baseline sweeps/regression/baseline.json --store runs/regression/store.sqlite
   bench store merge all.sqlite machine1.sqlite machine2.sqlite
@@ -34,15 +36,28 @@ def _run(args) -> int:
     if overrides and "=" not in overrides[0] and not overrides[0].startswith("--"):
         cfg_path = Path(overrides.pop(0))
     cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
+    from bench.wandb_mirror import agent_mode
+
+    if agent_mode():  # a sweep's config: its metrics that score this run's condition, as `bench sweep --local`
+        from bench.sweep import fit_metrics
+
+        cfg = fit_metrics(cfg)[0]
     specs, out_dir = resolve(cfg)
     from bench.preflight import check
 
+    if agent_mode():
+        _one_record_per_agent_run(specs)
     check(specs)  # before the store opens: bad input is one line, exit 2, no FAILED rows
     out_dir = Path(args.out or out_dir)
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
     t0 = time.time()
     with Store(store_path) as store:
         summary = run_all(specs, store, out_dir, progress=not args.quiet)
+        if agent_mode() and summary.ran == 0 and summary.records:
+            # already FINISHED in the store: the agent's run still gets its record and the sweep its metric
+            from bench.wandb_mirror import mirror
+
+            mirror(summary.records[0], out_dir)
         report = write_report(store.records(), out_dir / "report", {"git_sha": git_sha()}, plots=True, html=True)
     records, done = summary.records, summary.finished
     print(f"{done}/{len(records)} runs finished in {time.time() - t0:.0f}s ({summary.ran} ran here)"
@@ -53,6 +68,25 @@ def _run(args) -> int:
     print(f"leaderboard: {report}")
     print(f"html report: {report.with_suffix('.html')}")
     return 0 if done == len(records) else 1
+
+
+# The spec fields one W&B agent run must hold to a single value, and the sweep parameter of each.
+AGENT_AXES = (("method", "methods"), ("seed", "seeds"), ("condition", "condition"), ("dataset", "dataset"))
+
+
+def _one_record_per_agent_run(specs) -> None:
+    """Under a W&B agent one `bench run` is one W&B run, so it must make exactly one record: a
+    config that expands to several names the parameter to make a grid parameter of the sweep."""
+    if len(specs) == 1:
+        return
+    for field, param in AGENT_AXES:
+        values = sorted({str(getattr(s, field)) for s in specs})
+        if len(values) > 1:
+            raise ConfigError(f"under a W&B agent one bench run is one record, but this config makes {len(specs)} "
+                              f"({param}: {', '.join(values)}); make {param} a grid parameter of the sweep "
+                              f"({param}: {{values: [{', '.join(values)}]}}) with one value per run")
+    raise ConfigError(f"under a W&B agent one bench run is one record, but this config makes {len(specs)}; "
+                      "give each sweep parameter one value per run")
 
 
 def _own_flags(args, rest: list[str]) -> list[str]:
@@ -116,11 +150,52 @@ def _list(args) -> int:
                 extra = f"  conditions={','.join(obj.conditions) or 'any'}  version={obj.version}"
             elif title == "metrics":
                 extra = f"  {'higher' if obj.higher_is_better else 'lower'} is better  version={obj.version}"
-            print(f"  {name}{extra}")
+            print(f"  {name}{extra}  from={reg.origin(name)}")
     print("budgets:")
     for name, b in load_budgets().items():
         print(f"  {name}  key={b.key()}  steps={b.train_steps} bs={b.batch_size} res={b.resolution}")
     return 0
+
+
+class _OnlyMethod:
+    """pytest plugin: keep the tests parametrized over the method registry (parameter `name`) for one method."""
+
+    def __init__(self, name: str):
+        self.name, self.kept = name, 0
+
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        keep = [i for i in items if getattr(i, "callspec", None) and i.callspec.params.get("name") == self.name]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+        self.kept = len(keep)
+
+
+def _test_method(args) -> int:
+    """The method contract tests (tests/test_method_contract.py, parametrized over METHODS) on one
+    method, in this process, so the plugins loaded here are in the registry the tests read."""
+    from bench.builtins import load_builtins
+    from bench.registry import METHODS, UnknownNameError
+
+    load_builtins()
+    try:
+        METHODS.get(args.name)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    tests = Path(args.tests) if args.tests else Path(__file__).resolve().parents[1] / "tests" / "test_method_contract.py"
+    if not tests.is_file():
+        raise ConfigError(f"no contract tests at {tests}: they ship with the controlbench source tree; pass "
+                          "--tests PATH/tests/test_method_contract.py from a checkout")
+    try:
+        import pytest
+    except ImportError:
+        raise ConfigError("bench test-method needs pytest: pip install 'controlbench[test]'") from None
+    only = _OnlyMethod(args.name)
+    code = pytest.main([str(tests), "-q", "-p", "no:cacheprovider", "--rootdir", str(tests.parents[1]),
+                        *(["-x"] if args.exitfirst else [])], plugins=[only])
+    if only.kept == 0:
+        print(f"bench: error: no contract test collected for method {args.name!r}", file=sys.stderr)
+        return 2
+    return int(code)
 
 
 def _pretrain(args) -> int:
@@ -252,8 +327,8 @@ def add_scale_out_commands(sub) -> None:
                         "work and never run a config twice")
     sw.add_argument("file", help="W&B sweep YAML (sweeps/*.yaml)")
     sw.add_argument("--local", action="store_true", help="enumerate and run the configs here (no W&B server)")
-    sw.add_argument("--count", type=int, help="random/bayes: number of draws (default: the file's run_cap)")
-    sw.add_argument("--seed", type=int, default=0, help="random/bayes: seed of the draws")
+    sw.add_argument("--count", type=int, help="random: number of draws (default: the file's run_cap)")
+    sw.add_argument("--seed", type=int, default=0, help="random: seed of the draws")
     sw.add_argument("--store", help="SQLite store (default: OUT_DIR/store.sqlite)")
     sw.add_argument("--out", help="output directory (default: the configs' out_dir)")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -296,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_report)
     ls = sub.add_parser("list", help="print registered methods, metrics, datasets, conditions and budgets")
     ls.set_defaults(func=_list)
+    tm = sub.add_parser("test-method", help="run the method contract tests on one registered method (e.g. a plugin)",
+                        description="Runs tests/test_method_contract.py on METHOD only. Equivalent pytest call: "
+                        "CONTROLBENCH_PLUGINS=my_pkg.methods pytest tests/test_method_contract.py -k my_method "
+                        "(entry-point plugins need no variable; -k matches substrings, this command matches the "
+                        "exact name).")
+    tm.add_argument("name", help="method name, as `bench list` shows it")
+    tm.add_argument("--tests", help="path of test_method_contract.py (default: the source tree's tests/)")
+    tm.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failure")
+    tm.set_defaults(func=_test_method)
     pt = sub.add_parser("pretrain", help="retrain the shipped proxy base model (and analyzers) from their seeds")
     pt.add_argument("--steps", type=int, help="override the recipe's step count (the result no longer matches "
                     "the shipped hash)")
@@ -327,9 +411,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_plugins(argv: list[str]) -> list[str]:
+    """`--plugin MODULE` / `--plugin=MODULE` (repeatable, comma-separated), anywhere on the command
+    line, for every command; the modules go to CONTROLBENCH_PLUGINS, which run processes inherit."""
+    from bench.registry import PLUGINS_ENV, plugin_modules
+
+    rest, mods, i = [], [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag == "--plugin":
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if not value or value.startswith("-"):
+                raise ConfigError("--plugin needs a module path, e.g. --plugin my_pkg.methods")
+            mods += [m for m in value.split(",") if m]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if mods:
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys(plugin_modules() + mods))
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "offline")
+    if not os.environ.get("WANDB_SWEEP_ID"):  # under an agent wandb's own default (online) holds
+        os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        argv = _take_plugins(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
@@ -337,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":  # W&B agents put `--key=value` first; those land in `extra`
         args.overrides = extra + args.overrides
     try:
+        from bench.registry import load_plugin_modules, plugin_modules
+
+        if plugin_modules():  # an unimportable --plugin is one line before any work
+            from bench.builtins import load_builtins
+
+            load_builtins()
+            load_plugin_modules()
         return args.func(args)
     except (ConfigError, StoreError) as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -149,7 +149,7 @@ def to_records(rows: list[dict], setup: ProfileSetup):
     """One FINISHED RunRecord per variant, so reports and claims read profiles like any run."""
     from bench.builtins import load_builtins
     from bench.registry import METHODS
-    from bench.runner import git_sha, package_versions
+    from bench.runner import git_sha, machine_identity, package_versions
     from bench.store import RunRecord
 
     load_builtins()
@@ -164,5 +164,5 @@ def to_records(rows: list[dict], setup: ProfileSetup):
         run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         compute = {k: v for k, v in r.items() if k.startswith(("params_", "step_", "peak_"))}
         records.append(RunRecord(run_id=run_id, spec=spec, status="FINISHED", compute=compute, git_sha=git_sha(),
-                                 versions=package_versions()))
+                                 versions=package_versions(), machine=machine_identity()))
     return records

@@ -20,7 +20,7 @@ from scipy import stats
 
 from bench.compare import Arm, Group, arm_labels, group_runs
 from bench.files import atomic_write, exclusive
-from bench.store import RunRecord
+from bench.store import RunRecord, machine_label
 
 if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
     from bench.claims import ClaimResult
@@ -34,6 +34,11 @@ COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("peak_mem_mb", "peak mem (MB)", 1.0),
     ("sample_latency_s", "sample latency (s)", 1.0),
 )
+# Figures that depend on the machine (parameter counts do not): never averaged across machines.
+MACHINE_COMPUTE = ("step_time_s", "peak_mem_mb", "sample_latency_s")
+MACHINE_SPLIT_NOTE = ("Compute figures split by machine: this table's runs ran on {n} different machines, and step "
+                      "time, memory and latency are never averaged across machines; see the per-machine table "
+                      "below (the main table shows them only for parameter counts).")
 
 
 def ci95(values: Iterable[float]) -> tuple[float, float]:
@@ -65,6 +70,8 @@ class Row:
     overridden: frozenset[str] = frozenset()  # fields the user set (spec["hparams"])
     recipe_note: str = ""  # e.g. the seeds' records disagree on the recipe
     interval_methods: dict[str, str] = field(default_factory=dict)  # metric -> bench.stats method
+    # machine key -> (runs, {compute key: mean over that machine's runs}) for MACHINE_COMPUTE figures
+    compute_by_machine: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,12 @@ class Table:
     tuning: list[TuningResult] = field(default_factory=list)
     tuning_note: str = ""  # e.g. methods were tuned with different trial counts
     paired: str = ""  # each method vs `baseline`, paired over (seed, sample) (see paired_line)
+    machines: dict[str, str] = field(default_factory=dict)  # machine key -> label, of the table's runs
+
+    @property
+    def split_by_machine(self) -> bool:
+        """Whether the table's runs come from several machines (then compute is shown per machine)."""
+        return len(self.machines) > 1
 
 
 def _sort_key(row: Row, metric: str | None, higher: bool) -> tuple[int, float, str]:
@@ -180,19 +193,31 @@ def paired_line(group: Group, columns: list[str], labels: Mapping[Arm, str]) -> 
     return ""
 
 
-def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str]) -> Row:
+def _mean_compute(members: Sequence[RunRecord], keys: Iterable[str]) -> dict[str, float]:
+    out = {}
+    for key in keys:
+        vals = [float(r.compute[key]) for r in members if key in r.compute]
+        if vals:
+            out[key] = float(np.mean(vals))
+    return out
+
+
+def _row(label: str, seeds: dict[Any, RunRecord], columns: list[str], split: bool = False) -> Row:
+    """One arm's row; with ``split`` (the table spans machines) the MACHINE_COMPUTE figures are left
+    out of ``compute`` and kept per machine only."""
     members = list(seeds.values())
     intervals = {m: metric_interval(members, m) for m in columns}
     metrics = {m: (mean, half) for m, (mean, half, _) in intervals.items()}
-    compute = {}
-    for key, _, _ in COMPUTE_COLUMNS:
-        vals = [float(r.compute[key]) for r in members if key in r.compute]
-        if vals:
-            compute[key] = float(np.mean(vals))
+    keys = [k for k, _, _ in COMPUTE_COLUMNS if not (split and k in MACHINE_COMPUTE)]
+    compute = _mean_compute(members, keys)
+    by_machine: dict[str, list[RunRecord]] = {}
+    for r in members:
+        by_machine.setdefault(r.machine_key, []).append(r)
+    per_machine = {k: (len(rs), _mean_compute(rs, MACHINE_COMPUTE)) for k, rs in sorted(by_machine.items())}
     recipe, overridden, note = _recipe(members)
     return Row(label, len(members), metrics, compute, tuple(r.run_id for r in members),
                tuple(sorted(seeds, key=str)), recipe, overridden, note,
-               {m: how for m, (_, _, how) in intervals.items()})
+               {m: how for m, (_, _, how) in intervals.items()}, per_machine)
 
 
 def _trial_score(seeds: dict[Any, RunRecord], metric: str) -> float:
@@ -243,7 +268,8 @@ def _table(group: Group) -> Table:
     recs = group.records()
     columns = sorted({m for r in recs for m in r.metrics})
     labels = arm_labels(list(group.arms))
-    rows = [_row(labels[a], seeds, columns) for a, seeds in group.arms.items()]
+    machines = {r.machine_key: machine_label(r.machine) for r in sorted(recs, key=lambda r: r.machine_key)}
+    rows = [_row(labels[a], seeds, columns, split=len(machines) > 1) for a, seeds in group.arms.items()]
     first = columns[0] if columns else None
     rows.sort(key=lambda r: _sort_key(r, first, group.higher_is_better.get(first, True) if first else True))
     budgets = sorted({str(r.spec.get("budget", "")) for r in recs} - {""})
@@ -260,12 +286,13 @@ def _table(group: Group) -> Table:
         # one budget key means one set of budget fields; shown so the table is reproducible
         "budget_fields": newest.spec.get("budget_fields", {}),
         "seed_note": seed_note(rows),
+        "machine_note": MACHINE_SPLIT_NOTE.format(n=len(machines)) if len(machines) > 1 else "",
     }
     ds = f"{key.dataset}@{key.dataset_version}" if key.dataset_version else key.dataset
     title = f"{ds} · {info['condition']} · budget {info['budget'] or '?'} ({key.budget_key[:12]})"
     tuned, tuning_note = tuning(group, columns)
     return Table(title, info, columns, rows, {m: group.higher_is_better.get(m, True) for m in columns},
-                 tuned, tuning_note, paired_line(group, columns, labels))
+                 tuned, tuning_note, paired_line(group, columns, labels), machines)
 
 
 def leaderboard(
@@ -316,6 +343,20 @@ def row_cells(t: Table, r: Row) -> list[str]:
     cells += [_fmt_ci(*r.metrics.get(m, (math.nan, math.nan))) for m in t.columns]
     cells += [_fmt(r.compute[k] / div) if k in r.compute else "–" for k, _, div in COMPUTE_COLUMNS]
     return cells
+
+
+MACHINE_HEADERS = ("method", "machine", "runs") + tuple(h for k, h, _ in COMPUTE_COLUMNS if k in MACHINE_COMPUTE)
+
+
+def machine_rows(t: Table) -> list[list[str]]:
+    """Unescaped cells in MACHINE_HEADERS order: one row per (method, machine) of a split table."""
+    out = []
+    for r in t.rows:
+        for key, (n, figures) in r.compute_by_machine.items():
+            out.append([r.method, f"{key}: {t.machines.get(key, '?')}", str(n)]
+                       + [_fmt(figures[k] / div) if k in figures else "–"
+                          for k, _, div in COMPUTE_COLUMNS if k in MACHINE_COMPUTE])
+    return out
 
 
 def recipe_value(value: Any) -> str:
@@ -516,6 +557,10 @@ def render_markdown(
             out.append(f"- budget fields: `{_esc(json.dumps(g['budget_fields'], sort_keys=True))}`")
         if g.get("seed_note"):
             out.append(f"- **{_esc(g['seed_note'])}**")
+        if len(t.machines) == 1:
+            out.append(f"- machine: {_esc(next(iter(t.machines.values())))}")
+        elif g.get("machine_note"):
+            out.append(f"- **{_esc(g['machine_note'])}**")
         out.append("")
         heads = ["method", "seeds"] + [_esc(metric_header(t, m)) for m in t.columns]
         heads += [h for _, h, _ in COMPUTE_COLUMNS]
@@ -528,6 +573,11 @@ def render_markdown(
             out += ["", _esc(note)]
         if t.paired:
             out += ["", _esc(t.paired)]
+        if t.split_by_machine:
+            out += ["", "Compute by machine (each figure is the mean over that machine's runs only):", "",
+                    "| " + " | ".join(MACHINE_HEADERS) + " |",
+                    "|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(MACHINE_HEADERS) - 3)) + "|"]
+            out += ["| " + " | ".join(_esc(c) for c in cells) + " |" for cells in machine_rows(t)]
         out += [""] + _markdown_recipes(t.rows)
     out += _markdown_tuning(tables)
     out += ["## Excluded runs", ""]

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from bench.claims import ClaimResult
 from bench.plots import Figure, SampleGrid
-from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, RECIPE_LEGEND, TUNING_HEADERS,
-                          TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_text, row_cells,
+from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, MACHINE_HEADERS, RECIPE_LEGEND, TUNING_HEADERS,
+                          TUNING_INTRO, Row, Table, claim_cells, metric_header, recipe_text, row_cells, machine_rows,
                           CLAIMS_INTRO, claim_sections, interval_note,
                           tuning_cells)
 from bench.store import RunRecord
@@ -109,6 +109,8 @@ def _leaderboard(t: Table) -> str:
             ("git", ", ".join(s[:12] for s in g.get("git_shas", [])) or "?"),
             ("budget fields", json.dumps(g.get("budget_fields", {}), sort_keys=True))]
     spec += [("seeds", g["seed_note"])] if g.get("seed_note") else []
+    if len(t.machines) == 1:
+        spec.append(("machine", next(iter(t.machines.values()))))
     items = "".join(f"<li><b>{_e(k)}</b>: <code>{_e(v)}</code></li>" for k, v in spec)
     headers = ["method", "seeds"] + [metric_header(t, m) for m in t.columns]
     headers += [h for _, h, _ in COMPUTE_COLUMNS]
@@ -123,7 +125,17 @@ def _leaderboard(t: Table) -> str:
     return (f"<h2>{_e(t.title)}</h2><ul>{items}</ul>"
             + _table(headers, rows, "leaderboard")
             + (f'<p class="interval-note">{_e(note)}</p>' if note else "")
-            + (f'<p class="paired">{_e(t.paired)}</p>' if t.paired else "") + _recipes(t.rows))
+            + (f'<p class="paired">{_e(t.paired)}</p>' if t.paired else "") + _machines(t) + _recipes(t.rows))
+
+
+def _machines(t: Table) -> str:
+    """A table whose runs span machines: the note, and compute figures per (method, machine)."""
+    if not t.split_by_machine:
+        return ""
+    rows = [[f"<td>{_e(c)}</td>" for c in cells[:2]] + [f'<td class="num">{_e(c)}</td>' for c in cells[2:]]
+            for cells in machine_rows(t)]
+    return (f'<p class="machine-note"><b>{_e(t.group["machine_note"])}</b></p>'
+            + _table(list(MACHINE_HEADERS), rows, "by-machine"))
 
 
 def _recipes(rows: Sequence[Row]) -> str:

@@ -69,7 +69,77 @@ def package_versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "absent"
+    return {**out, **plugin_versions()}
+
+
+def plugin_versions() -> dict[str, str]:
+    """The distributions of installed plugins (entry points) and of `--plugin` modules, so a record
+    says which plugin code produced it; a module outside any distribution is "unpackaged"."""
+    from importlib.metadata import entry_points, packages_distributions, version
+
+    from bench.registry import ENTRY_POINT_GROUPS, plugin_modules
+
+    out = {}
+    for group in ENTRY_POINT_GROUPS:
+        for ep in entry_points(group=group):
+            if getattr(ep, "dist", None) is not None:
+                out[f"plugin:{ep.dist.name}"] = ep.dist.version
+    dists = packages_distributions() if plugin_modules() else {}
+    for module in plugin_modules():
+        names = dists.get(module.split(".")[0], [])
+        out[f"plugin:{module}"] = f"{names[0]} {version(names[0])}" if names else "unpackaged"
     return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Hardware", "Processor"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version (torch does not report it): /proc first, nvidia-smi second."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_identity() -> dict[str, Any]:
+    """What a compute figure depends on: accelerator name and count, CUDA and driver versions
+    (None on CPU), CPU model and usable cores, torch build; plus a hash of the hostname (the
+    raw name can say more than a shared report should). Imports torch."""
+    import hashlib
+    import socket
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": "cuda" if cuda else "cpu",
+            "device_name": torch.cuda.get_device_name(0) if cuda else None,
+            "device_count": torch.cuda.device_count() if cuda else 0,
+            "cuda": torch.version.cuda if cuda else None,
+            "driver": _nvidia_driver() if cuda else None,
+            "cpu": _cpu_model(), "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]}
 
 
 def rss_mb() -> float:
@@ -166,6 +236,7 @@ class Trained:
     step_times: list[float]
     curve: list[dict]
     rss_loaded_mb: float
+    world_size: int = 1  # training processes (DDP); only rank 0 gets here
 
 
 @dataclass(frozen=True)
@@ -181,12 +252,13 @@ class Evaluation:
     sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def execute(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord | None:
+def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = None) -> RunRecord | None:
     """Train, generate and score one run. Raises on failure; the caller records it.
-    Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records."""
+    Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records.
+    ``live`` (bench.wandb_mirror.LiveRun) logs training to W&B as it happens."""
     setup = build(spec)
     data = load_data(setup, progress)
-    trained = train(setup, data, progress)
+    trained = train(setup, data, progress, live)
     if trained is None:
         return None
     evaluation = evaluate(setup, data, Path(out_dir), progress)
@@ -232,9 +304,11 @@ def load_data(setup: Setup, progress: bool = True) -> RunData:
     return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
 
 
-def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
+def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) -> Trained | None:
     """Step 2: fit for budget.train_steps, measuring the consistency curve at the budget's
-    curve steps (and at the end). None on a non-zero rank of a multi-GPU run."""
+    curve steps (and at the end). None on a non-zero rank of a multi-GPU run. With ``live``
+    (rank 0's W&B run), Lightning logs loss, lr, step time and memory, and each curve point is
+    logged as it is measured."""
     import lightning as L
     import torch
 
@@ -259,28 +333,47 @@ def train(setup: Setup, data: RunData, progress: bool = True) -> Trained | None:
                 metric.to(images.device).update(images, curve_batch.to(images.device))
                 curve.append({"step": step, "metric": name, "value": float(metric.compute())})
                 metric.reset()
+                if live is not None:
+                    live.log_curve(step, name, curve[-1]["value"])
 
     timer = StepTimer()
+    world = 1
     if setup.trains:
-        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size, shuffle=True,
-                                             collate_fn=collate, drop_last=True,
-                                             generator=torch.Generator().manual_seed(spec.seed))
         opts = dict(spec.trainer)
         callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
             callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
+        every = max(1, min(50, budget.train_steps // 20))  # about 20 points per curve, at least
+        if live is not None:
+            from bench.wandb_mirror import live_callbacks
+
+            callbacks += live_callbacks(live, timer, every)
         trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
                             devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
-                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            logger=live.logger if live is not None else False, log_every_n_steps=every,
+                            enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
                             callbacks=callbacks)
+        # The budget's batch size is the global batch: each of `world` processes (DDP) loads its share,
+        # so one optimiser step sees budget.batch_size samples however many processes train.
+        world = trainer.world_size
+        if budget.batch_size % world:
+            raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes; "
+                              f"choose a multiple of {world} (it is the global batch)")
+        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size // world, shuffle=True,
+                                             collate_fn=collate, drop_last=True,
+                                             generator=torch.Generator().manual_seed(spec.seed))
         trainer.fit(method, loader)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # evaluation is rank 0's alone: without the group, torchmetrics computes locally instead of
+            # waiting in a barrier for ranks that have finished
+            torch.distributed.destroy_process_group()
         if trainer.global_rank != 0:
             return None
     method.to(setup.device).eval()
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
-    return Trained(timer.times, curve, rss_loaded)
+    return Trained(timer.times, curve, rss_loaded, world)
 
 
 def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) -> Evaluation:
@@ -385,7 +478,8 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
     return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
                      metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
                      artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
-                     sample_scores=evaluation.sample_scores)
+                     sample_scores=evaluation.sample_scores,
+                     machine={**machine_identity(), "world_size": trained.world_size})
 
 
 
@@ -456,19 +550,26 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
+def _rank_zero() -> bool:
+    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
+    this module again, with LOCAL_RANK (and NODE_RANK) set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> None:
+    from bench.wandb_mirror import mirror, start
+
     spec = RunSpec.from_dict(spec_dict)
+    live = start(spec.run_id, spec.to_dict(), Path(out_dir)) if _rank_zero() else None  # never raises
     try:
-        record = execute(spec, Path(out_dir), progress)
+        record = execute(spec, Path(out_dir), progress, live)
     except Exception as e:  # noqa: BLE001 - every failure becomes a FAILED record with its reason
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         record = failed(spec, f"{type(e).__name__}: {first}"[:500])
         traceback.print_exc(file=sys.stderr)
     if record is None:  # a non-zero rank: rank 0 writes the result
         return
-    from bench.wandb_mirror import mirror
-
-    record = mirror(record, Path(out_dir))  # never raises: a W&B failure is noted in the record
+    record = mirror(record, Path(out_dir), live)  # never raises: a W&B failure is noted in the record
     atomic_write(result_path, record.to_json())
 
 

@@ -194,6 +194,8 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    # where it ran (bench.runner.machine_identity): device, CUDA, driver, CPU, torch build, host hash
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -225,8 +227,15 @@ class RunRecord:
     def finished(self) -> bool:
         return self.status == "FINISHED"
 
+    @property
+    def machine_key(self) -> str:
+        return machine_key(self.machine)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["machine"]:  # records without one keep the text they had before the field existed
+            data.pop("machine")
+        return data
 
     def to_json(self) -> str:
         # sort_keys makes the stored text canonical, so identical records compare equal as text.
@@ -261,6 +270,46 @@ class RunRecord:
                 data["curve"] = [{**p, "value": math.nan} if isinstance(p, dict) and "value" in p and p["value"] is None
                                  else p for p in data["curve"]]
         return cls.from_dict(data)
+
+
+# Identity fields that compute figures depend on; the hostname hash is not one of them, so two
+# identical machines share a key (their step times may be averaged), two different ones never do.
+MACHINE_KEY_FIELDS = ("device", "device_name", "device_count", "cuda", "driver", "cpu", "cpu_cores",
+                      "torch_threads", "torch", "world_size")
+UNKNOWN_MACHINE = "unknown"
+
+
+def machine_key(machine: dict[str, Any]) -> str:
+    """A short id of a record's machine (see MACHINE_KEY_FIELDS); "unknown" for records without one."""
+    if not machine:
+        return UNKNOWN_MACHINE
+    ident = {k: machine.get(k) for k in MACHINE_KEY_FIELDS if machine.get(k) is not None}
+    if ident.get("world_size") == 1:  # one process: as records from before the field
+        del ident["world_size"]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def machine_label(machine: dict[str, Any]) -> str:
+    """One line naming a machine for a reader, e.g. "2× NVIDIA H200 (CUDA 12.4, driver 550.54) · AMD EPYC ..."."""
+    if not machine:
+        return "unknown machine (record predates machine identity)"
+    parts = []
+    if machine.get("device_name"):
+        gpu = f"{machine.get('device_count') or 1}× {machine['device_name']}"
+        extra = ", ".join(f"{n} {machine[k]}" for k, n in (("cuda", "CUDA"), ("driver", "driver")) if machine.get(k))
+        parts.append(gpu + (f" ({extra})" if extra else ""))
+    else:
+        parts.append("CPU")
+    cpu = str(machine.get("cpu") or "?")
+    if machine.get("cpu_cores"):
+        cpu += f", {machine['cpu_cores']} cores"
+    if machine.get("torch_threads"):
+        cpu += f", {machine['torch_threads']} torch threads"
+    parts.append(cpu)
+    if machine.get("world_size", 1) not in (None, 1):
+        parts.append(f"{machine['world_size']} processes")
+    parts.append(f"torch {machine.get('torch', '?')}")
+    return " · ".join(parts)
 
 
 def _finite(value: Any) -> Any:

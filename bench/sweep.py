@@ -27,10 +27,26 @@ from bench.files import atomic_write
 from bench.spec import RunSpec, apply_overrides, load_config, resolve
 from bench.yamlio import safe_load, where
 
-SWEEP_METHODS = ("grid", "random", "bayes")
+SWEEP_METHODS = ("grid", "random")  # bayes needs W&B's controller (see _NOT_LOCAL)
 SWEEP_KEYS = {"program", "method", "metric", "parameters", "command", "name", "description", "project", "entity",
               "run_cap", "early_terminate"}
-DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values")
+# Valid W&B sweep keys (its schema) that a local sweep cannot honour: refused, one line each.
+_NOT_LOCAL = {
+    "scheduler": "a Launch scheduler", "controller": "a local or cloud controller", "job": "a Launch job",
+    "image_uri": "a Launch image", "apiVersion": "the Launch API", "kind": "the Launch API",
+    "metrics": "several metrics (W&B uses one, metric:)",
+}
+# W&B's distributions (sweeps' params.py), each with the fields its inverse CDF needs; local random
+# draws push a uniform x through the same inverse CDF (see _ppf, tested against the sweeps package).
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "constant": ("value",), "categorical": ("values",), "int_uniform": ("min", "max"), "uniform": ("min", "max"),
+    "q_uniform": ("min", "max", "q"), "log_uniform": ("min", "max"), "log_uniform_values": ("min", "max"),
+    "q_log_uniform": ("min", "max", "q"), "q_log_uniform_values": ("min", "max", "q"),
+    "inv_log_uniform": ("min", "max"), "inv_log_uniform_values": ("min", "max"), "normal": ("mu", "sigma"),
+    "q_normal": ("mu", "sigma", "q"), "log_normal": ("mu", "sigma"), "q_log_normal": ("mu", "sigma", "q"),
+    "beta": ("a", "b"), "q_beta": ("a", "b", "q"),
+}
+_GRID_DISTRIBUTIONS = ("constant", "categorical", "int_uniform")  # what a local grid enumerates
 _PACKAGES = ("bench", "bench.proxy", "bench.methods", "bench.metrics", "bench.datasets")
 
 
@@ -40,21 +56,54 @@ class Sweep:
     method: str
     parameters: dict[str, dict[str, Any]]
     run_cap: int | None
+    warnings: tuple[str, ...] = ()  # W&B features a local sweep ignores, said once when it runs
 
 
 def sweep_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("*.yaml"))
 
 
-def _check_parameter(path: Path, name: str, spec: Any) -> None:
-    if not isinstance(spec, dict) or not ({"value", "values", "distribution"} & set(spec)):
+def _distribution(spec: dict[str, Any]) -> str:
+    """W&B's rule: an explicit distribution, else constant (value), categorical (values), or from the
+    min/max types (int_uniform for ints, uniform otherwise)."""
+    if "distribution" in spec:
+        return spec["distribution"]
+    if "value" in spec:
+        return "constant"
+    if "values" in spec:
+        return "categorical"
+    both_int = all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool) for k in ("min", "max"))
+    return "int_uniform" if both_int else "uniform"
+
+
+def _check_parameter(path: Path, name: str, spec: Any, method: str) -> None:
+    if isinstance(spec, dict) and "parameters" in spec:
+        raise ConfigError(f"{path}: parameter {name!r} nests parameters:, which local sweeps do not implement; "
+                          "flatten it to dotted keys (e.g. hparams.controlnet.x)")
+    if not isinstance(spec, dict) or not ({"value", "values", "distribution", "min", "max"} & set(spec)):
         raise ConfigError(f"{path}: parameter {name!r} needs value:, values: or distribution:")
     if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
         raise ConfigError(f"{path}: parameter {name!r} values: must be a non-empty list")
-    if "distribution" in spec and "values" not in spec and "value" not in spec:
-        if spec["distribution"] not in DISTRIBUTIONS or not {"min", "max"} <= set(spec):
-            raise ConfigError(f"{path}: parameter {name!r}: local sweeps support distribution "
-                              f"{'/'.join(DISTRIBUTIONS)} with min and max")
+    dist = _distribution(spec)
+    if dist not in DISTRIBUTIONS:
+        raise ConfigError(f"{path}: parameter {name!r}: unknown distribution {dist!r} (W&B's: "
+                          f"{', '.join(DISTRIBUTIONS)})")
+    missing = [k for k in DISTRIBUTIONS[dist] if k not in spec]
+    if missing:
+        raise ConfigError(f"{path}: parameter {name!r}: distribution {dist} needs {', '.join(missing)}: "
+                          "(local sweeps fill no defaults)")
+    if "probabilities" in spec:
+        probs = spec["probabilities"]
+        if method == "grid":
+            raise ConfigError(f"{path}: parameter {name!r}: probabilities: apply to random draws; W&B's grid refuses "
+                              "them too")
+        if (not isinstance(probs, list) or len(probs) != len(spec.get("values") or [])
+                or abs(sum(probs) - 1.0) > 1e-6):
+            raise ConfigError(f"{path}: parameter {name!r}: probabilities: must list one probability per value, "
+                              "summing to 1")
+    if method == "grid" and dist not in _GRID_DISTRIBUTIONS:
+        raise ConfigError(f"{path}: parameter {name!r}: a local grid enumerates value:, values: and int_uniform "
+                          f"only, not {dist}; use method: random or list the values")
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -67,41 +116,106 @@ def load_sweep(path: Path) -> Sweep:
         raise ConfigError(f"sweep file {path} is not valid YAML{where(e)}; fix the file (W&B sweep format)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         raise ConfigError(f"sweep file {path} must be a W&B sweep mapping with parameters:")
+    for key in raw:
+        if key in _NOT_LOCAL:
+            raise ConfigError(f"{path}: {key}: ({_NOT_LOCAL[key]}) is not implemented by local sweeps; run this file "
+                              "with `wandb sweep` and `wandb agent`, or remove the key")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r} (W&B keys: {', '.join(sorted(SWEEP_KEYS))})")
+    if raw.get("method") == "bayes":
+        raise ConfigError(f"{path}: method bayes needs W&B's controller (a model of earlier results), which local "
+                          "sweeps do not implement; run it with `wandb sweep` and `wandb agent`, or use method: random")
     if raw.get("method") not in SWEEP_METHODS:
         raise ConfigError(f"{path}: method must be one of {', '.join(SWEEP_METHODS)}, got {raw.get('method')!r}")
     for name, spec in raw["parameters"].items():
-        _check_parameter(path, name, spec)
+        _check_parameter(path, name, spec, raw["method"])
     cap = raw.get("run_cap")
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
         raise ConfigError(f"{path}: run_cap must be a positive integer, got {cap!r}")
-    return Sweep(path=path, method=raw["method"], parameters=raw["parameters"], run_cap=cap)
+    if cap is not None and raw["method"] == "grid":
+        raise ConfigError(f"{path}: run_cap with method grid (W&B stops after that many grid points, in its own "
+                          "order) is not implemented by local sweeps; remove it to run the whole grid")
+    warnings = []
+    if raw.get("early_terminate"):
+        warnings.append(f"{path}: early_terminate is not implemented by local sweeps: every run trains its full "
+                        "budget (W&B's hyperband stops runs only under `wandb agent`)")
+    metric = raw.get("metric")
+    if isinstance(metric, dict) and "target" in metric:
+        warnings.append(f"{path}: metric target is not implemented by local sweeps: every config runs (W&B stops "
+                        "the sweep when a run reaches it)")
+    return Sweep(path=path, method=raw["method"], parameters=raw["parameters"], run_cap=cap,
+                 warnings=tuple(warnings))
 
 
 def _choices(spec: dict[str, Any]) -> list[Any]:
-    return [spec["value"]] if "value" in spec else list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    if "values" in spec:
+        return list(spec["values"])
+    return list(range(int(spec["min"]), int(spec["max"]) + 1))  # int_uniform, as W&B's grid expands it
+
+
+def _q(value: float, spec: dict[str, Any]) -> Any:
+    out = round(value / spec["q"]) * spec["q"]
+    return int(out) if isinstance(spec["q"], int) else float(out)
+
+
+def _ppf(spec: dict[str, Any], x: float) -> Any:
+    """The value at percentile ``x`` of a W&B parameter spec: W&B's inverse CDFs (sweeps' params.py)."""
+    from scipy import stats
+
+    dist = _distribution(spec)
+    lo, hi = spec.get("min"), spec.get("max")
+    if dist == "constant":
+        return spec["value"]
+    if dist == "categorical":
+        values = spec["values"]
+        if "probabilities" in spec:
+            cdf = list(itertools.accumulate(spec["probabilities"]))
+            return values[next((i for i, c in enumerate(cdf) if not x >= c), 0)]
+        return values[int(stats.randint.ppf(x, 0, len(values)))]
+    if dist == "int_uniform":
+        return int(stats.randint.ppf(x, lo, hi + 1))
+    if dist in ("uniform", "q_uniform"):
+        r = float(stats.uniform.ppf(x, lo, hi - lo))
+        return _q(r, spec) if dist == "q_uniform" else r
+    if dist in ("log_uniform", "log_uniform_values", "q_log_uniform", "q_log_uniform_values"):
+        a, b = (math.log(lo), math.log(hi)) if dist.endswith("_values") else (lo, hi)
+        r = math.exp(float(stats.uniform.ppf(x, a, b - a)))
+        return _q(r, spec) if dist.startswith("q_") else r
+    if dist in ("inv_log_uniform", "inv_log_uniform_values"):
+        a, b = (-math.log(hi), -math.log(lo)) if dist.endswith("_values") else (lo, hi)
+        return math.exp(-float(stats.uniform.ppf(1 - x, a, b - a)))
+    if dist in ("normal", "q_normal"):
+        r = float(stats.norm.ppf(x, loc=spec["mu"], scale=spec["sigma"]))
+        return _q(r, spec) if dist == "q_normal" else r
+    if dist in ("log_normal", "q_log_normal"):
+        r = float(stats.lognorm.ppf(x, s=spec["sigma"], scale=math.exp(spec["mu"])))
+        return _q(r, spec) if dist == "q_log_normal" else r
+    r = float(stats.beta.ppf(x, a=spec["a"], b=spec["b"]))  # beta, q_beta
+    return _q(r, spec) if dist == "q_beta" else r
 
 
 def _draw(spec: dict[str, Any], rng: random.Random) -> Any:
-    if "value" in spec or "values" in spec:
+    """One seeded draw. The distributions local sweeps had first draw as they always did, so an
+    existing random sweep keeps its configs (and run ids); the rest go through W&B's inverse CDF."""
+    dist = _distribution(spec)
+    if dist in ("constant", "categorical") and "probabilities" not in spec:
         return rng.choice(_choices(spec))
-    lo, hi = spec["min"], spec["max"]
-    if spec["distribution"] == "int_uniform":
-        return rng.randint(int(lo), int(hi))
-    if spec["distribution"] == "log_uniform_values":
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    return rng.uniform(lo, hi)
+    if dist == "int_uniform":
+        return rng.randint(int(spec["min"]), int(spec["max"]))
+    if dist == "uniform":
+        return rng.uniform(spec["min"], spec["max"])
+    if dist == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(spec["min"]), math.log(spec["max"])))
+    return _ppf(spec, rng.random())
 
 
 def configs(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The grid, or `count` (default run_cap) seeded random draws; bayes draws at random locally,
-    since its controller lives on the W&B server."""
+    """The grid, or `count` (default run_cap) seeded random draws (W&B's distributions, see _ppf)."""
     names = sorted(sweep.parameters)
     if sweep.method == "grid":
-        if any("distribution" in sweep.parameters[n] and "values" not in sweep.parameters[n] for n in names):
-            raise ConfigError(f"{sweep.path}: a grid sweep needs value:/values: for every parameter")
         grid = itertools.product(*(_choices(sweep.parameters[n]) for n in names))
         return [dict(zip(names, combo)) for combo in grid]
     n = count or sweep.run_cap
@@ -116,6 +230,24 @@ def overrides(config: dict[str, Any]) -> list[tuple[str, Any]]:
     return sorted(((k.replace("-", "_"), v) for k, v in config.items()), key=lambda kv: (kv[0].count("."), kv[0]))
 
 
+def fit_metrics(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A sweep with condition as a grid parameter lists the roster's metrics for every config;
+    each config keeps those that score its condition (or any condition). Returns the config and
+    the metrics dropped. Nothing is dropped when none would remain (resolve then names the problem)."""
+    from bench.builtins import load_builtins
+    from bench.registry import METRICS
+
+    conds, metrics = cfg.get("condition"), cfg.get("metrics")
+    if not isinstance(metrics, list) or conds in (None, "", []):
+        return cfg, []
+    conds = conds if isinstance(conds, list) else [conds]
+    load_builtins()
+    drop = [m for m in metrics if m in METRICS and METRICS.get(m).condition not in (None, *conds)]
+    if not drop or len(drop) == len(metrics):
+        return cfg, []
+    return {**cfg, "metrics": [m for m in metrics if m not in drop]}, drop
+
+
 def resolve_sweep(sweep: Sweep, count: int | None = None, seed: int = 0) -> tuple[list[RunSpec], Path]:
     """Every distinct run spec of the sweep (the quickstart config plus each config's overrides)."""
     base = load_config(None)
@@ -123,7 +255,7 @@ def resolve_sweep(sweep: Sweep, count: int | None = None, seed: int = 0) -> tupl
     out_dir = None
     for cfg in configs(sweep, count, seed):
         try:
-            run_specs, cfg_out = resolve(apply_overrides(base, overrides(cfg)))
+            run_specs, cfg_out = resolve(fit_metrics(apply_overrides(base, overrides(cfg)))[0])
         except ConfigError as e:
             raise ConfigError(f"{sweep.path}: config {cfg}: {e}") from None
         out_dir = out_dir or cfg_out
@@ -143,6 +275,14 @@ def _plan_key(sweep: Sweep, count: int | None, seed: int) -> str:
     for pkg in _PACKAGES:
         for loc in importlib.util.find_spec(pkg).submodule_search_locations:
             files += sorted(Path(loc).glob("*.py")) + sorted(Path(loc).glob("assets/**/*.json"))
+    # plugins define methods and metrics too: their distributions' versions and --plugin modules' sources
+    from bench.registry import plugin_modules
+    from bench.runner import plugin_versions
+
+    h.update(json.dumps(plugin_versions(), sort_keys=True).encode())
+    for module in plugin_modules():
+        found = importlib.util.find_spec(module)
+        files.append(Path(found.origin) if found is not None and found.origin else Path(f"<plugin {module}>"))
     for f in files:
         h.update(str(f).encode() + (f.read_bytes() if f.is_file() else b"<missing>"))
     return h.hexdigest()[:16]
@@ -187,6 +327,8 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
     """Run every config not FINISHED and not claimed by a live process; FAILED runs don't stop it."""
     t0 = time.perf_counter()
     sweep = load_sweep(sweep_path)
+    for warning in sweep.warnings:  # said, never silently dropped
+        print(f"warning: {warning}", file=sys.stderr)
     if out_dir is None:  # the first config's out_dir, as `bench run` would use (no torch import)
         first = apply_overrides(load_config(None), overrides(configs(sweep, count, seed)[0]))
         out_dir = Path(first.get("out_dir") or "runs/default")

@@ -17,7 +17,7 @@ from bench.cli import main
 from bench.errors import ConfigError
 from bench.runner import run_isolated
 from bench.store import Store
-from bench.sweep import configs, load_sweep, overrides, resolve_sweep, sweep_files
+from bench.sweep import configs, fit_metrics, load_sweep, overrides, resolve_sweep, sweep_files
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 BENCH = [sys.executable, "-m", "bench.cli"]
@@ -118,10 +118,10 @@ def test_one_sweep_combination_runs_end_to_end_with_smoke(tmp_path, proxy_arch_d
     from bench.spec import apply_overrides, load_config, resolve
 
     grid = configs(sweep)
-    assert len(grid) == 6 * 3, "one config per (method, seed)"
-    cfg = next(c for c in grid if c["methods"] == "controlnet" and c["seeds"] == 0)
+    assert len(grid) == 5 * 2 * 3, "one config per (method, condition, seed)"
+    cfg = next(c for c in grid if c["methods"] == "controlnet" and c["condition"] == "canny" and c["seeds"] == 0)
     cfg.update(budget="smoke", seeds=[0], base_model=str(proxy_arch_dir))
-    specs, _ = resolve(apply_overrides(load_config(None), overrides(cfg)))
+    specs, _ = resolve(fit_metrics(apply_overrides(load_config(None), overrides(cfg)))[0])
     record = run_isolated(specs[0], tmp_path / "out", progress=False)
     assert record.finished, record.reason
     assert record.method == "controlnet" and set(record.metrics) == {"canny_f1", "prompt_fidelity", "fd_segnet"}
