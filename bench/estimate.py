@@ -32,6 +32,7 @@ but their backward fails on the CUDA primary context. What the CPU device change
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -40,12 +41,13 @@ import weakref
 from typing import Any, Iterable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.errors import ConfigError
-from bench.profile import ProfileSetup, build_rig, parameter_counts, train_step
+from bench.profile import PRECISIONS, ProfileSetup, build_rig, parameter_counts, train_step
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 GIB = 2**30
@@ -181,6 +183,26 @@ def fake_batch(mode, batch):
                                refs={k: f(v) for k, v in batch.refs.items()})
 
 
+class MetaStays(TorchFunctionMode):
+    """While a method is built on the meta device, a meta tensor moved to a real device stays on
+    meta (a dtype change still applies): the shipped proxy encoders (IP-Adapter, InstantID,
+    PhotoMaker) load their weights and call `.to("cpu")`, which meta tensors, having no data,
+    refuse. `fakeify` then places everything."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            _, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            return args[0] if dtype is None else func(args[0], dtype)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _on_meta():
+    with torch.device("meta"), MetaStays():
+        yield
+
+
 def warm_up(rig) -> None:
     """Steady state before the measured step: AdamW's state made by its own first step, and a
     gradient on every trainable parameter (alive into the next forward, as the loop zeroes them
@@ -250,22 +272,25 @@ class Estimator:
     reference)."""
 
     def __init__(self, variant: str, setup: ProfileSetup, fake: bool = True):
-        from contextlib import nullcontext
-
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self.variant, self.setup, self.fake, self.warm = variant, setup, fake, False
         # real constants (scheduler tables, token ids) become fake on first use
         self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-        self.within = self.mode if fake else nullcontext()
-        if fake:  # built on the meta device (no memory, no init time), then placed as fake CPU tensors
-            with torch.device("meta"):
+        self.within = self.mode if fake else contextlib.nullcontext()
+        if fake:
+            from bench.arch import ARCHS
+
+            # a full-scale architecture is built on the meta device (no memory, no init time); a base
+            # directory's weights are read (from_pretrained refuses the meta device) and then dropped.
+            # Either way fakeify places it as fake CPU tensors.
+            build = (lambda: contextlib.ExitStack()) if setup.base_model not in ARCHS else _on_meta
+            with build():
                 self.rig = build_rig(variant, setup, "cpu", scaler=False,
                                      place=functools.partial(fakeify, mode=self.mode))
+            real_drops(self.rig.method)
         else:
             self.rig = build_rig(variant, setup, "cpu", scaler=False)
-        if fake:
-            real_drops(self.rig.method)
         self.counts = parameter_counts(self.rig)
 
     def step(self, b: int) -> StepCount:
@@ -282,7 +307,7 @@ class Estimator:
         t0 = time.perf_counter()
         step, s = self.step(b), self.setup
         return dict(variant=self.variant, method=self.rig.name, hparams=self.rig.hparams,
-                    device="estimate-cpu-fake", batch=b, resolution=s.resolution, precision=s.precision,
+                    device="cpu-fake" if self.fake else "cpu-real", batch=b, resolution=s.resolution, precision=s.precision,
                     checkpointing=s.checkpointing, attention=s.attention, **self.counts,
                     est_peak_mem_mb=step.peak_bytes / 2**20,
                     **{f"est_{c}_mb": step.split[c] / 2**20 for c in CATEGORIES},
@@ -294,88 +319,240 @@ def estimate_variant(variant: str, setup: ProfileSetup, batches: list[int]) -> l
     return [est.row(b) for b in sorted(batches)]
 
 
+# What a fake tensor cannot do: read a value (a method that branches or indexes on data), make an
+# output whose shape depends on values, or run an op with no fake kernel.
+def _fake_limits() -> tuple[type, ...]:
+    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                               UnsupportedOperatorException)
+
+    return DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException
+
+
+def _guarded(variant: str, run) -> list[dict]:
+    """`run()`'s rows, or one row saying why the variant cannot be estimated (the others go on)."""
+    try:
+        return run()
+    except _fake_limits() as e:
+        why = (f"reads tensor values during its step ({e}); fake tensors have none: time it for real with "
+               "`bench profile` (no --estimate)")
+    except ValueError as e:
+        if "empty parameter list" not in str(e):
+            raise
+        why = "has no trainable parameters: there is no training step to estimate"
+    return [dict(variant=variant, error=why)]
+
+
 def estimate(variants: list[str], setup: ProfileSetup, batches: list[int], progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
+    from bench.runner import quiet_libraries
+
+    quiet_libraries()
     rows = []
     for v in tqdm(variants, desc="estimate", disable=not progress):
-        rows += estimate_variant(v, setup, batches)
+        rows += _guarded(v, lambda: estimate_variant(v, setup, batches))
     return rows
+
+
+def fit_all(variants: list[str], setup: ProfileSetup, budget_bytes: int, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    return [r for v in tqdm(variants, desc="fit", disable=not progress)
+            for r in _guarded(v, lambda: [fit(v, setup, budget_bytes)])]
 
 
 def parse_bytes(text: str) -> int:
     """'24GiB', '24GB', '24000MiB', '2.5e10' -> bytes; a one-line ConfigError otherwise."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"--fit {text!r} is not a size; write it like 24GiB, 80GB or 16000MiB")
-    unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-             "TIB": 2**40}[unit]
+             "TIB": 2**40}[(m.group(2) or "B").upper()]
     return int(float(m.group(1)) * scale)
 
 
 def fit(variant: str, setup: ProfileSetup, budget_bytes: int, limit: int = 4096) -> dict:
     """The largest batch whose estimated peak fits in `budget_bytes`, with its row (FLOPs per step);
-    peak memory grows with the batch, so a doubling search then a bisection. `batch` is 0 when even
-    batch 1 does not fit."""
-    est, cache = Estimator(variant, setup), {}
+    `fit_batch` 0 when batch 1 does not fit. Peak memory is close to affine in the batch (every
+    activation scales with it, weights and optimizer state do not), so the next batch tried is
+    where the line through two tried batches meets the budget, kept inside the bracket (a
+    bisection step when it is not), and the batch after a fitting guess is tried at once."""
+    est, rows = Estimator(variant, setup), {}
 
-    def row(b: int) -> dict:
-        if b not in cache:
-            cache[b] = est.row(b)
-        return cache[b]
+    def peak(b: int) -> float:
+        if b not in rows:
+            rows[b] = est.row(b)
+        return rows[b]["est_peak_mem_mb"] * 2**20
 
-    def fits(b: int) -> bool:
-        return row(b)["est_peak_mem_mb"] * 2**20 <= budget_bytes
-
-    if not fits(1):
-        return {**row(1), "fit_batch": 0, "fit_bytes": budget_bytes}
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
+    if peak(1) > budget_bytes:
+        return {**rows[1], "fit_batch": 0, "fit_bytes": budget_bytes}
+    lo, hi, other = 1, limit + 1, 2  # lo fits; hi does not (limit + 1 is assumed not to)
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {**row(lo), "fit_batch": lo, "fit_bytes": budget_bytes}
+        slope = (peak(other) - peak(lo)) / (other - lo)
+        guess = lo + int((budget_bytes - peak(lo)) / slope) if slope > 0 else hi - 1
+        if not lo < guess < hi or guess in rows:
+            guess = (lo + hi) // 2
+        if peak(guess) <= budget_bytes:
+            lo = guess
+            if guess + 1 < hi:  # most often the answer: confirm it
+                if peak(guess + 1) <= budget_bytes:
+                    lo = guess + 1
+                else:
+                    hi = guess + 1
+        else:
+            hi = guess
+        other = hi if hi in rows else max(b for b in rows if b != lo)
+    return {**rows[lo], "fit_batch": lo, "fit_bytes": budget_bytes}
 
 
 # ---- tables -------------------------------------------------------------------------------------
 
-def _refs(rows: list[dict], key: tuple) -> dict[str, dict]:
-    return {r["variant"]: r for r in rows if r["variant"] in ("finetune", "frozen") and _setting(r) == key}
+NOTE = ("kind: estimate (fake tensors on the CPU; peak = live tensor storage at steady state, without "
+        "cuDNN/cuBLAS workspace or allocator rounding). FLOP ratios are the hardware-independent reading "
+        "of 'time': step time follows them where the GPU is compute-bound.")
 
 
 def _setting(r: dict) -> tuple:
-    return (r["resolution"], r["batch"], r["precision"], r["checkpointing"], r["attention"])
+    return (r["resolution"], r["precision"], r["checkpointing"], r["attention"])
+
+
+def _setting_label(r: dict) -> str:
+    extra = (", checkpointing" if r["checkpointing"] else "") + (
+        f", {r['attention']} attention" if r["attention"] != "default" else "")
+    return f"{r['resolution']}px, {r['precision']}{extra}"
+
+
+def _ratio(rows: list[dict], r: dict, key: str, ref: str) -> float | None:
+    """r[key] over the same figure of `ref` (finetune, frozen) at the same setting and batch."""
+    for o in rows:
+        if o.get("variant") == ref and "error" not in o and _setting(o) == _setting(r) and o["batch"] == r["batch"]:
+            return r[key] / o[key] if o[key] else None
+    return None
+
+
+def _fmt(x: float | None, width: int) -> str:
+    return f"{x:{width}.3f}" if x is not None else f"{'-':>{width}s}"
 
 
 def format_estimate(rows: list[dict]) -> str:
-    """Per setting and method: parameters, the peak split, FLOPs, and ratios against finetune and
-    frozen at the same setting. FLOP ratios are the hardware-independent reading of step time."""
-    lines = ["kind: estimate (fake tensors on the CPU; peak = live tensor storage, no workspace or allocator "
-             "rounding). FLOP ratios are the hardware-independent reading of 'time'.",
-             f"{'variant':14s} {'res':>4s} {'bs':>3s} {'prec':>9s} {'train M':>8s} {'peak GiB':>8s} {'weights':>7s} "
-             f"{'grads':>7s} {'optim':>7s} {'activ':>7s} {'TFLOP':>7s} {'mem/ft':>6s} {'mem/fz':>6s} {'flop/ft':>7s} "
-             f"{'flop/fz':>7s}"]
+    """Per setting and method: parameters, the peak and its split, FLOPs, and the ratios against
+    finetune (ft) and frozen (fz) at the same setting and batch."""
+    lines = [NOTE, f"{'variant':16s} {'setting':22s} {'bs':>3s} {'train M':>8s} {'peak GiB':>8s} {'weights':>7s} "
+                   f"{'grads':>7s} {'optim':>7s} {'activ':>7s} {'TFLOP':>7s} {'mem/ft':>6s} {'mem/fz':>6s} "
+                   f"{'flop/ft':>7s} {'flop/fz':>7s}"]
     for r in rows:
-        refs = _refs(rows, _setting(r))
-        ratio = lambda key, ref: (f"{r[key] / refs[ref][key]:.3f}" if ref in refs and refs[ref][key] else "-")  # noqa: E731
-        prec = r["precision"] + ("+ck" if r["checkpointing"] else "")
-        lines.append(f"{r['variant'][:14]:14s} {r['resolution']:4d} {r['batch']:3d} {prec:>9s} "
+        if "error" in r:
+            continue
+        lines.append(f"{r['variant'][:16]:16s} {_setting_label(r)[:22]:22s} {r['batch']:3d} "
                      f"{r['params_trainable'] / 1e6:8.1f} {r['est_peak_mem_mb'] / 1024:8.2f} "
                      + " ".join(f"{r[f'est_{c}_mb'] / 1024:7.2f}" for c in CATEGORIES)
-                     + f" {r['flops_per_step'] / 1e12:7.2f} {ratio('est_peak_mem_mb', 'finetune'):>6s} "
-                     f"{ratio('est_peak_mem_mb', 'frozen'):>6s} {ratio('flops_per_step', 'finetune'):>7s} "
-                     f"{ratio('flops_per_step', 'frozen'):>7s}")
+                     + f" {r['flops_per_step'] / 1e12:7.2f}"
+                     + "".join(f" {_fmt(_ratio(rows, r, k, ref), w)}" for k, w in (("est_peak_mem_mb", 6),)
+                               for ref in ("finetune", "frozen"))
+                     + "".join(f" {_fmt(_ratio(rows, r, 'flops_per_step', ref), 7)}" for ref in ("finetune", "frozen")))
+    lines += [f"{r['variant']}: not estimated: {r['error']}" for r in rows if "error" in r]
+    return "\n".join(lines)
+
+
+def format_curves(rows: list[dict]) -> str:
+    """How each method's memory and FLOP ratios against finetune and frozen move as the batch grows."""
+    ok = [r for r in rows if "error" not in r]
+    lines = []
+    for setting in dict.fromkeys(_setting(r) for r in ok):
+        at = [r for r in ok if _setting(r) == setting]
+        batches = sorted({r["batch"] for r in at})
+        lines.append(f"batch-size curves, {_setting_label(at[0])} (ratio to finetune / frozen at the same batch)")
+        lines.append(f"{'variant':16s} {'ratio':10s}" + "".join(f" {'bs ' + str(b):>7s}" for b in batches))
+        for v in dict.fromkeys(r["variant"] for r in at):
+            for key, name in (("est_peak_mem_mb", "mem"), ("flops_per_step", "flop")):
+                for ref, short in (("finetune", "ft"), ("frozen", "fz")):
+                    if v == ref:
+                        continue
+                    by = {r["batch"]: _ratio(ok, r, key, ref) for r in at if r["variant"] == v}
+                    if all(x is None for x in by.values()):
+                        continue
+                    lines.append(f"{v[:16]:16s} {name + '/' + short:10s}"
+                                 + "".join(f" {_fmt(by.get(b), 7)}" for b in batches))
     return "\n".join(lines)
 
 
 def format_fit(rows: list[dict]) -> str:
-    head = f"{'variant':14s} {'fits in':>8s} {'max batch':>9s} {'peak GiB':>8s} {'TFLOP/step':>10s} {'TFLOP/sample':>12s}"
-    lines = [head]
+    lines = [f"{'variant':16s} {'setting':22s} {'fits in':>8s} {'max batch':>9s} {'peak GiB':>8s} {'TFLOP/step':>10s} "
+             f"{'TFLOP/sample':>12s}"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']}: not estimated: {r['error']}")
+            continue
         b = r["fit_batch"]
-        lines.append(f"{r['variant'][:14]:14s} {r['fit_bytes'] / GIB:7.1f}G {b:9d} "
-                     + (f"{r['est_peak_mem_mb'] / 1024:8.2f} {r['flops_per_step'] / 1e12:10.2f} "
-                        f"{r['flops_per_step'] / 1e12 / b:12.3f}" if b else f"{'(batch 1 needs ' + format(r['est_peak_mem_mb'] / 1024, '.1f') + ' GiB)':>32s}"))
+        size = f"{r['fit_bytes'] / GIB:.1f}G" if r["fit_bytes"] >= GIB / 10 else f"{r['fit_bytes'] / 2**20:.0f}M"
+        head = f"{r['variant'][:16]:16s} {_setting_label(r)[:22]:22s} {size:>8s} {b:9d} "
+        lines.append(head + (f"{r['est_peak_mem_mb'] / 1024:8.2f} {r['flops_per_step'] / 1e12:10.2f} "
+                             f"{r['flops_per_step'] / 1e12 / b:12.3f}" if b else
+                             f"(batch 1 needs {r['est_peak_mem_mb'] / 1024:.1f} GiB)"))
+    return "\n".join(lines)
+
+
+# ---- claims -------------------------------------------------------------------------------------
+
+# The measured figure a claim names -> the estimate's figure that stands for it at true scale.
+ESTIMATE_KEYS = {"peak_mem_mb": "est_peak_mem_mb", "step_time_s": "flops_per_step"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimOnEstimate:
+    claim: Any  # bench.claims.Claim
+    key: str  # the estimate figure it was read on
+    per_setting: list  # [(setting label, ClaimResult)]
+
+    @property
+    def summary(self) -> str:
+        hits = [label for label, res in self.per_setting if res.verdict == "reproduced"]
+        if hits:
+            return "reproduced only at " + "; ".join(hits) if len(hits) < len(self.per_setting) else \
+                "reproduced at every setting estimated"
+        if not self.per_setting:
+            return "not measured: no estimate holds both sides"
+        label, res = min(self.per_setting, key=lambda lr: abs(lr[1].measured - float(lr[1].claim.expect["value"])))
+        return f"no setting estimated matches (closest: {res.measured:.3f} at {label})"
+
+
+def claim_verdicts(records: list) -> list[ClaimOnEstimate]:
+    """The ControlNet memory/time claims (bench/claims/claims.yaml) read on estimate records:
+    peak_mem_mb -> est_peak_mem_mb, step_time_s -> flops_per_step, each setting (batch,
+    resolution, precision, checkpointing, attention) on its own, so the verdict names the setting
+    it depends on. The claims' own definitions, tolerances and judging (bench.claims.evaluate)."""
+    from bench.claims import evaluate, load_claims
+
+    est = [r for r in records if r.spec.get("kind") == "estimate"]
+    settings: dict[tuple, list] = {}
+    for r in est:
+        settings.setdefault((r.budget_key, r.spec.get("dataset_version"), r.spec.get("base_model")), []).append(r)
+    out = []
+    for claim in load_claims():
+        key = claim.measure.get("key")
+        if not claim.id.startswith(("controlnet-memory", "controlnet-time")) or key not in ESTIMATE_KEYS:
+            continue
+        on_estimate = dataclasses.replace(claim, measure={**claim.measure, "key": ESTIMATE_KEYS[key]})
+        per = []
+        for recs in settings.values():
+            res = evaluate(on_estimate, recs)
+            if res.verdict != "not measured":
+                f = recs[0].spec["budget_fields"]
+                precision = next((k for k, p in PRECISIONS.items() if p.lightning == f["precision"]), f["precision"])
+                label = (f"bs {f['batch_size']}, {f['resolution']}px, {precision}"
+                         + (", checkpointing" if recs[0].spec.get("checkpointing") else "")
+                         + (f", {recs[0].spec['attention']} attention" if recs[0].spec.get("attention", "default")
+                            != "default" else ""))
+                per.append((label, res))
+        out.append(ClaimOnEstimate(claim, ESTIMATE_KEYS[key], per))
+    return out
+
+
+def format_claims(verdicts: list[ClaimOnEstimate]) -> str:
+    lines = ["ControlNet claims on the estimate (memory: est_peak_mem_mb; time: flops_per_step, its "
+             "hardware-independent reading)"]
+    for v in verdicts:
+        lines.append(f"{v.claim.id} [{v.claim.target}]: {v.summary}")
+        for label, res in v.per_setting:
+            lines.append(f"    {label:32s} {res.measured:8.3f}  {res.verdict}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ method, not of the harness. Ratios are printed against `finetune` (the whole UNe
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -232,24 +233,42 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def to_records(rows: list[dict], setup: ProfileSetup):
-    """One FINISHED RunRecord per variant, so reports and claims read profiles like any run."""
+KINDS = ("measured", "estimate")
+
+
+def to_records(rows: list[dict], setup: ProfileSetup, kind: str = "measured"):
+    """One FINISHED RunRecord per row, so reports and claims read profiles like any run.
+
+    `kind` is "measured" (a timed run of `bench profile`) or "estimate" (`--estimate`, fake
+    tensors). It is in the spec, and estimates sit in their own dataset ("profile-estimate", whose
+    version names checkpointing and the attention kernel), so bench.compare never puts the two in
+    one table; their figures have their own names (est_peak_mem_mb, flops_per_step), so a claim
+    on peak_mem_mb or step_time_s never reads an estimate. An estimate row carries its own batch,
+    resolution and precision."""
     from bench.builtins import load_builtins
     from bench.registry import METHODS
     from bench.runner import git_sha, package_versions
     from bench.store import RunRecord
 
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     load_builtins()
-    budget = setup.budget()
     records = []
     for r in rows:
-        spec = dict(method=r["method"], method_version=METHODS.get(r["method"]).version, dataset="profile",
-                    dataset_version=f"shapes-{setup.condition}-synthetic", condition=setup.condition,
-                    budget=budget.name, budget_key=budget.key(), budget_fields=budget.as_dict(), seed=0,
-                    base_model=setup.base_model, metrics=[], metric_versions={}, hparams=r["hparams"],
-                    device=r["device"])
+        at = setup if kind == "measured" else dataclasses.replace(
+            setup, batch=r["batch"], resolution=r["resolution"], precision=r["precision"])
+        budget = at.budget()
+        version = f"shapes-{at.condition}-synthetic"
+        if kind == "estimate":
+            version += f";checkpointing={'on' if at.checkpointing else 'off'};attention={at.attention}"
+        spec = dict(method=r["method"], method_version=METHODS.get(r["method"]).version,
+                    dataset="profile" if kind == "measured" else "profile-estimate", dataset_version=version,
+                    condition=at.condition, budget=budget.name, budget_key=budget.key(),
+                    budget_fields=budget.as_dict(), seed=0, base_model=at.base_model, metrics=[], metric_versions={},
+                    hparams=r["hparams"], device=r["device"], kind=kind, checkpointing=at.checkpointing,
+                    attention=at.attention)
         run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        compute = {k: v for k, v in r.items() if k.startswith(("params_", "step_", "peak_"))}
+        compute = {k: float(v) for k, v in r.items() if k.startswith(("params_", "step_", "peak_", "est_", "flops_"))}
         records.append(RunRecord(run_id=run_id, spec=spec, status="FINISHED", compute=compute, git_sha=git_sha(),
                                  versions=package_versions()))
     return records
