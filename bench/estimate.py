@@ -128,10 +128,30 @@ class _Global:
         return None
 
 
+def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode counting totals only: its per-module breakdown (hooks on every module's
-    forward and backward) doubled the time of a fake SD1.5 step, and only the total is used."""
-    counter = FlopCounterMode(display=False)
+    """FlopCounterMode counting totals only, and the CPU's fused attention too.
+
+    - Its registry has the CUDA attention kernels but not the CPU's flash kernel, which the fake
+      step runs: without these two entries attention would count 0 FLOPs. Same formulas
+      (torch.utils.flop_counter's sdpa counts), so CPU and CUDA kernels count alike.
+    - Its per-module breakdown (hooks on every module's forward and backward) doubled the time of
+      a fake SD1.5 step, and only the total is used."""
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward})
     if hasattr(counter, "mod_tracker"):  # the attribute its _count_flops reads parents from
         counter.mod_tracker = _Global()
     return counter
