@@ -219,7 +219,11 @@ class MetaStays(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _on_meta():
-    with torch.device("meta"), MetaStays():
+    import warnings
+
+    with torch.device("meta"), MetaStays(), warnings.catch_warnings():
+        # loading the proxy encoders' weights into meta parameters copies nothing, as intended
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
         yield
 
 
@@ -576,3 +580,39 @@ def format_claims(verdicts: list[ClaimOnEstimate]) -> str:
         for label, res in v.per_setting:
             lines.append(f"    {label:32s} {res.measured:8.3f}  {res.verdict}")
     return "\n".join(lines)
+
+
+def rows_from_records(records: list) -> list[dict]:
+    """Stored estimate records back as table rows (the report renders them with the tables above)."""
+    rows = []
+    for r in records:
+        if r.spec.get("kind") != "estimate" or not r.finished:
+            continue
+        f = r.spec["budget_fields"]
+        hp = r.spec.get("hparams") or {}
+        rows.append(dict(variant=r.method + (":" + ",".join(f"{k}={v}" for k, v in sorted(hp.items())) if hp else ""),
+                         method=r.method, hparams=hp, batch=f["batch_size"], resolution=f["resolution"],
+                         precision=next((k for k, p in PRECISIONS.items() if p.lightning == f["precision"]),
+                                        f["precision"]),
+                         checkpointing=bool(r.spec.get("checkpointing")), attention=r.spec.get("attention", "default"),
+                         **r.compute))
+    return sorted(rows, key=lambda x: (_setting(x), x["variant"], x["batch"]))
+
+
+def report_section(records: list) -> list[str]:
+    """Markdown lines for the report: the estimate tables, the batch-size curves and the ControlNet
+    claims read on the estimate; [] when the store holds no estimate."""
+    rows = rows_from_records(records)
+    if not rows:
+        return []
+    out = ["## Training cost estimates (kind: estimate)", "",
+           "From `bench profile --estimate`: one training step on fake tensors, peak live memory split into "
+           "weights, gradients, AdamW state and activations, and FLOPs. These are estimates, never mixed with "
+           "measured runs. FLOP ratios are the hardware-independent reading of step time.", "",
+           "```text", format_estimate(rows), "```", ""]
+    if any(len({r["batch"] for r in rows if _setting(r) == _setting(x)}) > 1 for x in rows):
+        out += ["```text", format_curves(rows), "```", ""]
+    verdicts = claim_verdicts(records)
+    if verdicts:
+        out += ["```text", format_claims(verdicts), "```", ""]
+    return out
