@@ -1,10 +1,10 @@
 """`bench profile --estimate`: training memory and FLOPs per step at true scale, without a GPU.
 
-Each method's rig is built exactly as `bench profile` builds it (`bench.profile.build_rig`), but
-under `FakeTensorMode`: every parameter, activation and optimizer state is a fake tensor with a
-shape, dtype and storage size and no data, so SD1.5 or SDXL costs no real memory. The step that
-runs is `bench.profile.train_step`, the one the timing loop runs (the method's own
-`training_loss`, backward, AdamW step), not a copy. Two things are counted during it:
+Each method's rig is built exactly as `bench profile` builds it (`bench.profile.build_rig`): for a
+full-scale architecture on the meta device, then placed as fake tensors (`FakeTensorMode`: shape,
+dtype and storage size, no data), so SD1.5 or SDXL costs no real memory and parameter counts are
+exact. The step that runs is `bench.profile.train_step`, the one the timing loop runs (the
+method's own `training_loss`, backward, AdamW step), not a copy. Two things are counted during it:
 
 - peak live storage bytes (`StorageTracker`, a TorchDispatchMode): every op output's storage is
   registered once (views share it) and forgotten when the storage dies, which is what
@@ -14,9 +14,10 @@ runs is `bench.profile.train_step`, the one the timing loop runs (the method's o
 - FLOPs (`torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention,
   forward and backward, including the no-grad VAE and text encoders of the step).
 
-The step is measured at steady state: one untracked warm-up step first creates AdamW's state and
-leaves gradients alive into the next forward (the loop zeroes them after the loss), as every step
-after the first on a GPU does.
+The step is measured at steady state: AdamW's state exists (made by its own first step) and so do
+the previous step's gradients, alive into the forward because the loop, like Lightning's, zeroes
+them after the loss (diffusers' training scripts zero them after the optimizer step: where the
+peak is at the end of the forward, theirs is lower by the gradients).
 
 The fake step runs on the CPU device. In torch 2.14 fake CUDA tensors run a forward without a GPU,
 but their backward fails on the CUDA primary context. What the CPU device changes:
@@ -25,8 +26,11 @@ but their backward fails on the CUDA primary context. What the CPU device change
   materialises the attention matrix on both; "default" is PyTorch's CPU choice, which may differ
   from its CUDA choice;
 - workspaces: cuDNN/cuBLAS workspaces, which CUDA allocates through the caching allocator, are
-  not counted, and neither is the allocator's rounding of blocks (512 B) nor fragmentation
-  (reserved > allocated). Expect a GPU's max_memory_allocated a few percent above the estimate;
+  not counted, nor is the allocator's rounding of blocks (512 B): a GPU's max_memory_allocated
+  sits above the estimate by those (fragmentation shows in max_memory_reserved only);
+- outputs are the meta kernels': group norm's returns mean/rstd in bf16 under autocast where the
+  real kernels keep fp32 (bytes per call), and the CPU's keeps a channels-last input channels-last
+  (so diffusers copies it with `.contiguous()`); tests/test_estimate.py bounds both;
 - fp16 loss scaling: GradScaler reads found-inf back with `.item()`, which fake tensors cannot;
   fp16 runs without the scaler (its unscale is in place, its state one element).
 """
