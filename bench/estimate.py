@@ -465,13 +465,13 @@ def _fmt(x: float | None, width: int) -> str:
 def format_estimate(rows: list[dict]) -> str:
     """Per setting and method: parameters, the peak and its split, FLOPs, and the ratios against
     finetune (ft) and frozen (fz) at the same setting and batch."""
-    lines = [NOTE, f"{'variant':16s} {'setting':22s} {'bs':>3s} {'train M':>8s} {'peak GiB':>8s} {'weights':>7s} "
+    lines = [NOTE, f"{'variant':16s} {'setting':30s} {'bs':>3s} {'train M':>8s} {'peak GiB':>8s} {'weights':>7s} "
                    f"{'grads':>7s} {'optim':>7s} {'activ':>7s} {'TFLOP':>7s} {'mem/ft':>6s} {'mem/fz':>6s} "
                    f"{'flop/ft':>7s} {'flop/fz':>7s}"]
     for r in rows:
         if "error" in r:
             continue
-        lines.append(f"{r['variant'][:16]:16s} {_setting_label(r)[:22]:22s} {r['batch']:3d} "
+        lines.append(f"{r['variant'][:16]:16s} {_setting_label(r)[:30]:30s} {r['batch']:3d} "
                      f"{r['params_trainable'] / 1e6:8.1f} {r['est_peak_mem_mb'] / 1024:8.2f} "
                      + " ".join(f"{r[f'est_{c}_mb'] / 1024:7.2f}" for c in CATEGORIES)
                      + f" {r['flops_per_step'] / 1e12:7.2f}"
@@ -505,7 +505,7 @@ def format_curves(rows: list[dict]) -> str:
 
 
 def format_fit(rows: list[dict]) -> str:
-    lines = [f"{'variant':16s} {'setting':22s} {'fits in':>8s} {'max batch':>9s} {'peak GiB':>8s} {'TFLOP/step':>10s} "
+    lines = [f"{'variant':16s} {'setting':30s} {'fits in':>8s} {'max batch':>9s} {'peak GiB':>8s} {'TFLOP/step':>10s} "
              f"{'TFLOP/sample':>12s}"]
     for r in rows:
         if "error" in r:
@@ -513,7 +513,7 @@ def format_fit(rows: list[dict]) -> str:
             continue
         b = r["fit_batch"]
         size = f"{r['fit_bytes'] / GIB:.1f}G" if r["fit_bytes"] >= GIB / 10 else f"{r['fit_bytes'] / 2**20:.0f}M"
-        head = f"{r['variant'][:16]:16s} {_setting_label(r)[:22]:22s} {size:>8s} {b:9d} "
+        head = f"{r['variant'][:16]:16s} {_setting_label(r)[:30]:30s} {size:>8s} {b:9d} "
         lines.append(head + (f"{r['est_peak_mem_mb'] / 1024:8.2f} {r['flops_per_step'] / 1e12:10.2f} "
                              f"{r['flops_per_step'] / 1e12 / b:12.3f}" if b else
                              f"(batch 1 needs {r['est_peak_mem_mb'] / 1024:.1f} GiB)"))

@@ -114,7 +114,7 @@ def build_rig(variant: str, setup: ProfileSetup, device: str, scaler: bool = Tru
         from diffusers import ModelMixin
 
         for m in method.modules():  # the frozen UNet too: a control branch backpropagates through it
-            if isinstance(m, ModelMixin) and m.supports_gradient_checkpointing:
+            if isinstance(m, ModelMixin) and getattr(m, "_supports_gradient_checkpointing", False):
                 m.enable_gradient_checkpointing()
     dtype = precision.autocast
     return Rig(name, hp, method, condition, torch.optim.AdamW(method.trainable_parameters(), lr=1e-5),
