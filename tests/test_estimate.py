@@ -156,6 +156,7 @@ def test_profile_estimate_cli_stores_estimates_apart_from_measurements(tmp_path,
     text = (tmp_path / "report" / "leaderboard.md").read_text()
     assert "## Training cost estimates (kind: estimate)" in text and "batch-size curves" in text
     assert "| controlnet |" not in text
+    assert (tmp_path / "report" / "figures" / "estimate_curves_0.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,fix", [(["--fit", "24 bananas"], "24GiB"), (["--fit", "24GiB"], "needs --estimate"),
