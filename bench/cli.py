@@ -22,6 +22,7 @@ EPILOG = """examples:
   bench check --baseline sweeps/regression/baseline.json --store runs/regression/store.sqlite
   bench store merge all.sqlite machine1.sqlite machine2.sqlite
   bench profile --arch sd15 --methods finetune,frozen,controlnet,t2i_adapter,controlnext --resolution 256
+  bench profile --estimate --arch sd15 --resolution 512 --batch 1,4,8 --precision bf16 --fit 24GiB
 """
 
 
@@ -248,9 +249,22 @@ def _store_merge(args) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r} must be positive integers separated by commas, e.g. {flag} 1,4,8")
+    return values
+
+
 def _profile(args) -> int:
+    import dataclasses
+
     from bench.arch import ARCHS
-    from bench.profile import PRECISIONS, ProfileSetup, format_table, profile, split_variants, to_records
+    from bench.profile import (ATTENTION, PRECISIONS, ProfileSetup, format_table, profile, split_variants,
+                               to_records)
     from bench.builtins import load_builtins
     from bench.registry import METHODS, UnknownNameError
     from bench.store import Store
@@ -262,15 +276,49 @@ def _profile(args) -> int:
             METHODS.get(v.partition(":")[0])
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
-    if args.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    precisions = [p for p in args.precision.split(",") if p]
+    for p in precisions or [args.precision]:
+        if p not in PRECISIONS:
+            raise ConfigError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)} (comma-separated)")
+    if args.attention not in ATTENTION:
+        raise ConfigError(f"unknown --attention {args.attention!r}; choose one of {', '.join(ATTENTION)}")
+    resolutions, batches = _int_list(args.resolution, "--resolution"), _int_list(args.batch, "--batch")
+    if args.fit and not args.estimate:
+        raise ConfigError("--fit needs --estimate: the largest batch is searched on fake tensors")
     base = f"{args.arch}-arch" if f"{args.arch}-arch" in ARCHS else args.arch
-    setup = ProfileSetup(base, args.resolution, args.batch, args.precision, args.steps, args.condition)
-    rows = profile(variants, setup, progress=not args.quiet)
-    print(format_table(rows))
+    setups = [ProfileSetup(base, res, batches[0], prec, args.steps, args.condition, args.checkpointing, args.attention)
+              for res in resolutions for prec in precisions]
+    records = []
+    if args.estimate:
+        from bench.estimate import (claim_verdicts, estimate, fit_all, format_claims, format_curves,
+                                    format_estimate, format_fit, parse_bytes)
+
+        budget_bytes = parse_bytes(args.fit) if args.fit else None
+        rows, fits = [], []
+        for setup in setups:
+            rows += estimate(variants, setup, batches, progress=not args.quiet)
+            if budget_bytes:
+                fits += fit_all(variants, setup, budget_bytes, progress=not args.quiet)
+        print(format_estimate(rows))
+        if len(batches) > 1:
+            print("\n" + format_curves(rows))
+        if fits:
+            print("\n" + format_fit(fits))
+        records = to_records([r for r in rows if "error" not in r], setups[0], kind="estimate")
+        verdicts = claim_verdicts(records)
+        if verdicts:
+            print("\n" + format_claims(verdicts))
+    else:
+        for setup in setups:
+            for batch in batches:
+                at = dataclasses.replace(setup, batch=batch)
+                rows = profile(variants, at, progress=not args.quiet)
+                print(f"{base}, {at.resolution}px, batch {batch}, {at.precision}:")
+                print(format_table(rows))
+                records += to_records(rows, at)
     if args.store:
         with Store(args.store) as store:
-            for rec in to_records(rows, setup):
+            for rec in records:
                 store.put(rec)
         print(f"records: {args.store}")
     return 0
@@ -394,9 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "diffusers directory")
     pf.add_argument("--methods", default="finetune,frozen,controlnet,t2i_adapter,controlnext",
                     help="comma-separated method variants, name or name:key=value,...")
-    pf.add_argument("--resolution", type=int, default=256, help="image resolution in pixels")
-    pf.add_argument("--batch", type=int, default=1, help="batch size")
-    pf.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (autocast)")
+    pf.add_argument("--resolution", default="256", help="image resolution in pixels (comma-separated list)")
+    pf.add_argument("--batch", default="1", help="batch size (comma-separated list, e.g. 1,4,8)")
+    pf.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (autocast over fp32 weights), bf16-true "
+                    "(pure bf16 weights and optimizer state); comma-separated list")
+    pf.add_argument("--estimate", action="store_true", help="no timing: peak memory (weights, gradients, AdamW state, "
+                    "activations) and FLOPs per training step, counted on fake tensors (no GPU, no real memory); "
+                    "records are kind 'estimate'")
+    pf.add_argument("--fit", metavar="SIZE", help="with --estimate: the largest batch per method whose peak fits in "
+                    "SIZE (e.g. 24GiB, 80GB), and its FLOPs per step")
+    pf.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every diffusers model")
+    pf.add_argument("--attention", default="default", help="SDPA kernel: default, math, or efficient (CUDA's "
+                    "memory-efficient kernel; the CPU's flash kernel on the CPU)")
     pf.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
     pf.add_argument("--condition", default="canny", help="control condition for the methods that need one")
     pf.add_argument("--store", help="also write one record per method to this SQLite store")

@@ -1,5 +1,6 @@
 """Figures for the report, written as PNG files beside it: compute scatter, params bars,
-consistency-vs-training-step curves, and per-method sample grids.
+consistency-vs-training-step curves, training-cost estimate curves vs batch size, and per-method
+sample grids.
 
 A pure function of the records and the files their runs wrote: it reads PNGs and JSON, and
 never builds a dataset, imports torch or loads a model.
@@ -173,7 +174,45 @@ def write_plots(tables: list[Table], records: list[RunRecord], out_dir: Path) ->
         members = _members(table, by_id)
         figures.append(compute_scatter(table, members, out_dir / f"compute_{n}.png"))
         figures.append(params_bars(table, members, out_dir / f"params_{n}.png"))
-    return figures + consistency_curves(records, out_dir)
+    return figures + consistency_curves(records, out_dir) + estimate_curves(records, out_dir)
+
+
+def estimate_curves(records: list[RunRecord], out_dir: Path) -> list[Figure]:
+    """`bench profile --estimate` records: per setting (resolution, precision, checkpointing,
+    attention, base), each method's peak-memory and FLOP ratios against finetune and frozen at
+    the same batch, as the batch grows. Estimates only: measured runs never enter."""
+    by_setting: dict[tuple, dict[str, dict[int, RunRecord]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r.finished and r.spec.get("kind") == "estimate":
+            f = r.spec["budget_fields"]
+            key = (r.spec.get("base_model"), f["resolution"], f["precision"], r.spec.get("dataset_version"))
+            by_setting[key][r.method][int(f["batch_size"])] = r
+    figures = []
+    for n, (key, methods) in enumerate(sorted(by_setting.items(), key=lambda kv: str(kv[0]))):
+        refs = [m for m in ("finetune", "frozen") if m in methods]
+        if not refs or max(len(b) for b in methods.values()) < 2:
+            continue  # a curve needs a reference and two batch sizes
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, (figure, label) in zip(axes, (("est_peak_mem_mb", "peak memory"), ("flops_per_step", "FLOPs"))):
+            for i, (method, runs) in enumerate(sorted(methods.items())):
+                for ref, style in zip(refs, ("-", "--")):
+                    if method == ref:
+                        continue
+                    pts = [(b, runs[b].compute[figure] / methods[ref][b].compute[figure]) for b in sorted(runs)
+                           if b in methods[ref] and methods[ref][b].compute.get(figure)]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{method} / {ref}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(f"{label} ratio")
+            ax.set_title(f"{label} ratio (estimate)")
+            ax.axhline(1.0, color="grey", lw=0.5)
+        axes[1].legend(fontsize=7)
+        base, res, prec, version = key
+        title = f"Training cost vs batch (estimate) · {base}, {res}px, {prec}, {version.split(';', 1)[-1]}"
+        figures.append(Figure(title, _save(fig, out_dir / f"estimate_curves_{n}.png"),
+                              "FLOP ratios are the hardware-independent reading of step time"))
+    return figures
 
 
 # ---- sample grids -------------------------------------------------------------------------

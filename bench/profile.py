@@ -8,6 +8,8 @@ method, not of the harness. Ratios are printed against `finetune` (the whole UNe
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -15,12 +17,24 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 from bench.budget import Budget
 
-PRECISIONS = {"fp32": ("32-true", None), "bf16": ("bf16-mixed", torch.bfloat16), "fp16": ("16-mixed", torch.float16)}
+
+
+class Precision(NamedTuple):
+    lightning: str  # the Budget's precision
+    autocast: torch.dtype | None  # autocast dtype over fp32 master weights
+    weights: torch.dtype | None  # the whole method cast to this dtype (pure low precision)
+
+
+PRECISIONS = {"fp32": Precision("32-true", None, None), "bf16": Precision("bf16-mixed", torch.bfloat16, None),
+              "fp16": Precision("16-mixed", torch.float16, None),
+              "bf16-true": Precision("bf16-true", None, torch.bfloat16)}
+ATTENTION = ("default", "math", "efficient")  # the SDPA kernel; "efficient" is the fused one of the device
 WARMUP = 2
 
 
@@ -32,11 +46,15 @@ class ProfileSetup:
     precision: str  # fp32 | bf16 | fp16
     steps: int
     condition: str = "canny"
+    checkpointing: bool = False  # gradient checkpointing in every diffusers model of the method
+    attention: str = "default"  # one of ATTENTION
 
     def budget(self) -> Budget:
-        return Budget(name=f"profile-{self.resolution}px-bs{self.batch}-{self.precision}", train_steps=self.steps,
+        # checkpointing and the attention kernel change memory, not what is trained: named, not hashed apart
+        extra = ("-ckpt" if self.checkpointing else "") + ("" if self.attention == "default" else f"-{self.attention}")
+        return Budget(name=f"profile-{self.resolution}px-bs{self.batch}-{self.precision}{extra}", train_steps=self.steps,
                       batch_size=self.batch, resolution=self.resolution, lr=1e-5,
-                      precision=PRECISIONS[self.precision][0], train_size=self.batch, eval_samples=1)
+                      precision=PRECISIONS[self.precision].lightning, train_size=self.batch, eval_samples=1)
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
@@ -58,44 +76,117 @@ def split_variants(text: str) -> list[str]:
     return out
 
 
-def _profile_one(variant: str, setup: ProfileSetup) -> dict:
-    """Runs in a fresh process."""
-    import resource
+@dataclass
+class Rig:
+    """One method ready to train as `bench profile` times it: the method, its AdamW, the precision
+    context. `bench profile --estimate` builds the same rig under fake tensors (bench.estimate)."""
 
+    name: str
+    hparams: dict
+    method: Any
+    condition: str
+    optimizer: torch.optim.Optimizer
+    autocast: Any
+    scaler: torch.amp.GradScaler
+    attention: Any  # () -> the SDPA kernel context (sdpa_kernel is one-shot)
+
+
+def to_device(method, device: str, dtype: torch.dtype | None):
+    return method.to(device, dtype) if dtype is not None else method.to(device)
+
+
+def build_rig(variant: str, setup: ProfileSetup, device: str, scaler: bool = True, place=to_device) -> Rig:
+    """The method on `device`, with nothing else of the base bundle kept alive (finetune's and
+    ControlNeXt's private UNet copies replace the shared one, so the shared one must go).
+    `place(method, device, weights dtype)` puts it there (the estimate: meta -> fake tensors)."""
     from bench.base_model import BaseModel
-    from bench.builtins import load_builtins
-    from bench.registry import DATASETS, METHODS
-    from bench.runner import quiet_libraries, rss_mb
-    from bench.types import collate
+    from bench.registry import METHODS
 
-    load_builtins()
-    quiet_libraries()
     name, hp = parse_variant(variant)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = BaseModel.load(setup.base_model).to(device)
     torch.manual_seed(0)
     cls = METHODS.get(name)
     # identity methods read references and keypoints: each method profiles on its own sample data
     condition = setup.condition if not cls.conditions or setup.condition in cls.conditions else cls.conditions[0]
-    method = cls(base, condition, setup.budget(), hp).to(device).train()
-    world = DATASETS.get(cls.sample_dataset)("train", 2 * setup.batch, setup.resolution, (condition,))
-    data = [collate([world[i] for i in range(k * setup.batch, (k + 1) * setup.batch)]).to(device) for k in range(2)]
-    trainable = method.trainable_parameters()
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
-    dtype = PRECISIONS[setup.precision][1]
-    autocast = torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    method = cls(BaseModel.load(setup.base_model), condition, setup.budget(), hp)
+    precision = PRECISIONS[setup.precision]
+    method = place(method, device, precision.weights).train()
+    if setup.checkpointing:
+        from diffusers import ModelMixin
+
+        for m in method.modules():  # the frozen UNet too: a control branch backpropagates through it
+            if isinstance(m, ModelMixin) and getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+    dtype = precision.autocast
+    return Rig(name, hp, method, condition, torch.optim.AdamW(method.trainable_parameters(), lr=1e-5),
+               torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext(),
+               # the scaler reads found-inf back (`.item()`), which fake tensors cannot: the estimate
+               # runs without it (its cost is one unscale in place and a 1-element tensor)
+               torch.amp.GradScaler(device, enabled=scaler and dtype == torch.float16),
+               functools.partial(attention_kernel, setup.attention, device))
+
+
+def attention_kernel(attention: str, device: str):
+    """The SDPA kernel choice as a context: "math" (the decomposition, which materialises the
+    attention matrix), "efficient" (CUDA's memory-efficient kernel; on the CPU, whose only fused
+    kernel is flash, that one) or "default" (PyTorch's own choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if attention == "default":
+        return nullcontext()
+    fused = SDPBackend.EFFICIENT_ATTENTION if device == "cuda" else SDPBackend.FLASH_ATTENTION
+    return sdpa_kernel([SDPBackend.MATH if attention == "math" else fused])
+
+
+def sample_batches(rig: Rig, setup: ProfileSetup, n: int, device: str) -> list:
+    """`n` batches of `setup.batch` from the method's own sample dataset, on `device`."""
+    from bench.registry import DATASETS
+    from bench.types import collate
+
+    world = DATASETS.get(type(rig.method).sample_dataset)("train", n * setup.batch, setup.resolution, (rig.condition,))
+    return [collate([world[i] for i in range(k * setup.batch, (k + 1) * setup.batch)]).to(device) for k in range(n)]
+
+
+def train_step(rig: Rig, batch) -> torch.Tensor:
+    """One training step: the method's own loss, backward, AdamW step. The timing loop and the
+    estimate both run exactly this."""
+    with rig.attention():
+        with rig.autocast:
+            loss = rig.method.training_loss(batch)
+        rig.optimizer.zero_grad(set_to_none=True)
+        rig.scaler.scale(loss).backward()
+    rig.scaler.step(rig.optimizer)
+    rig.scaler.update()
+    return loss
+
+
+def parameter_counts(rig: Rig) -> dict[str, float]:
+    method = rig.method
+    n_base = sum(p.numel() for n, p in method.named_parameters() if n.startswith("base."))
+    return dict(params_total=float(n_base + method.inference_parameters()),
+                params_trainable=float(sum(p.numel() for p in method.trainable_parameters())),
+                params_added=float(method.inference_parameters()))
+
+
+def _profile_one(variant: str, setup: ProfileSetup) -> dict:
+    """Runs in a fresh process."""
+    import resource
+
+    from bench.builtins import load_builtins
+    from bench.runner import quiet_libraries, rss_mb
+
+    load_builtins()
+    quiet_libraries()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rig = build_rig(variant, setup, device)
+    data = sample_batches(rig, setup, 2, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0, times = rss_mb(), []
     for step in range(setup.steps + WARMUP):
         t0 = time.perf_counter()
-        with autocast:
-            loss = method.training_loss(data[step % 2])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(rig, data[step % 2])
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -104,11 +195,8 @@ def _profile_one(variant: str, setup: ProfileSetup) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak_delta = peak - rss0
-    n_base = sum(p.numel() for n, p in method.named_parameters() if n.startswith("base."))
-    out = dict(variant=variant, method=name, hparams=hp, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               params_total=float(n_base + method.inference_parameters()),
-               params_trainable=float(sum(p.numel() for p in trainable)),
-               params_added=float(method.inference_parameters()),
+    out = dict(variant=variant, method=rig.name, hparams=rig.hparams,
+               device=torch.cuda.get_device_name() if device == "cuda" else "cpu", **parameter_counts(rig),
                step_time_s=statistics.median(times[WARMUP:]), peak_mem_mb=peak)
     if peak_delta is not None:
         out["peak_mem_delta_mb"] = peak_delta
@@ -145,24 +233,42 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def to_records(rows: list[dict], setup: ProfileSetup):
-    """One FINISHED RunRecord per variant, so reports and claims read profiles like any run."""
+KINDS = ("measured", "estimate")
+
+
+def to_records(rows: list[dict], setup: ProfileSetup, kind: str = "measured"):
+    """One FINISHED RunRecord per row, so reports and claims read profiles like any run.
+
+    `kind` is "measured" (a timed run of `bench profile`) or "estimate" (`--estimate`, fake
+    tensors). It is in the spec, and estimates sit in their own dataset ("profile-estimate", whose
+    version names checkpointing and the attention kernel), so bench.compare never puts the two in
+    one table; their figures have their own names (est_peak_mem_mb, flops_per_step), so a claim
+    on peak_mem_mb or step_time_s never reads an estimate. An estimate row carries its own batch,
+    resolution and precision."""
     from bench.builtins import load_builtins
     from bench.registry import METHODS
     from bench.runner import git_sha, machine_identity, package_versions
     from bench.store import RunRecord
 
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     load_builtins()
-    budget = setup.budget()
     records = []
     for r in rows:
-        spec = dict(method=r["method"], method_version=METHODS.get(r["method"]).version, dataset="profile",
-                    dataset_version=f"shapes-{setup.condition}-synthetic", condition=setup.condition,
-                    budget=budget.name, budget_key=budget.key(), budget_fields=budget.as_dict(), seed=0,
-                    base_model=setup.base_model, metrics=[], metric_versions={}, hparams=r["hparams"],
-                    device=r["device"])
+        at = setup if kind == "measured" else dataclasses.replace(
+            setup, batch=r["batch"], resolution=r["resolution"], precision=r["precision"])
+        budget = at.budget()
+        version = f"shapes-{at.condition}-synthetic"
+        if kind == "estimate":
+            version += f";checkpointing={'on' if at.checkpointing else 'off'};attention={at.attention}"
+        spec = dict(method=r["method"], method_version=METHODS.get(r["method"]).version,
+                    dataset="profile" if kind == "measured" else "profile-estimate", dataset_version=version,
+                    condition=at.condition, budget=budget.name, budget_key=budget.key(),
+                    budget_fields=budget.as_dict(), seed=0, base_model=at.base_model, metrics=[], metric_versions={},
+                    hparams=r["hparams"], device=r["device"], kind=kind, checkpointing=at.checkpointing,
+                    attention=at.attention)
         run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        compute = {k: v for k, v in r.items() if k.startswith(("params_", "step_", "peak_"))}
+        compute = {k: float(v) for k, v in r.items() if k.startswith(("params_", "step_", "peak_", "est_", "flops_"))}
         records.append(RunRecord(run_id=run_id, spec=spec, status="FINISHED", compute=compute, git_sha=git_sha(),
                                  versions=package_versions(), machine=machine_identity()))
     return records

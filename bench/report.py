@@ -627,7 +627,8 @@ def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables, excluded = leaderboard(records)
+    # estimates (bench profile --estimate) get their own section, never a leaderboard row
+    tables, excluded = leaderboard([r for r in records if r.spec.get("kind") != "estimate"])
     claims = evaluate_all(records)
     figures, grids = [], []
     with exclusive(out_dir):  # two runs sharing an out dir must not clear each other's figures
@@ -639,6 +640,10 @@ def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any
             figures = write_plots(tables, records, fig_dir)
             grids = write_sample_grids(tables, records, fig_dir / "samples")
         text = render_markdown(tables, excluded, meta, claims, figures, grids, out_dir)
+        if any(r.spec.get("kind") == "estimate" for r in records):
+            from bench.estimate import report_section
+
+            text = text.rstrip("\n") + "\n\n" + "\n".join(report_section(records)).rstrip("\n") + "\n"
         if html:
             from bench.report_html import render_html
 

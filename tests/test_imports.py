@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bench/<name>.py (or bench/<name>/) modules that sit at the top: they wire everything together.
 APP_MODULES = frozenset({"cli", "spec", "runner", "report", "report_html", "plots", "check", "claims", "sweep",
-                         "profile", "benchmarks", "wandb_mirror", "builtins", "preflight"})
+                         "profile", "estimate", "benchmarks", "wandb_mirror", "builtins", "preflight"})
 LAYER_PACKAGES = ("datasets", "proxy", "metrics", "methods")  # bench.<these> are layers of their own
 ALLOWED = {
     "core": {"core"},
