@@ -20,7 +20,7 @@ from scipy import stats
 
 from bench.compare import Arm, Group, arm_labels, group_runs
 from bench.files import atomic_write, exclusive
-from bench.store import RunRecord, machine_label
+from bench.store import MACHINE_COMPUTE, RunRecord, machine_label
 
 if TYPE_CHECKING:  # runtime imports are lazy: bench.plots imports this module
     from bench.claims import ClaimResult
@@ -34,8 +34,6 @@ COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("peak_mem_mb", "peak mem (MB)", 1.0),
     ("sample_latency_s", "sample latency (s)", 1.0),
 )
-# Figures that depend on the machine (parameter counts do not): never averaged across machines.
-MACHINE_COMPUTE = ("step_time_s", "peak_mem_mb", "sample_latency_s")
 MACHINE_SPLIT_NOTE = ("Compute figures split by machine: this table's runs ran on {n} different machines, and step "
                       "time, memory and latency are never averaged across machines; see the per-machine table "
                       "below (the main table shows them only for parameter counts).")

@@ -279,6 +279,10 @@ MACHINE_KEY_FIELDS = ("device", "device_name", "device_count", "cuda", "driver",
 UNKNOWN_MACHINE = "unknown"
 
 
+# Figures that depend on the machine (parameter counts do not): never averaged or compared across machines.
+MACHINE_COMPUTE = ("step_time_s", "peak_mem_mb", "sample_latency_s")
+
+
 def machine_key(machine: dict[str, Any]) -> str:
     """A short id of a record's machine (see MACHINE_KEY_FIELDS); "unknown" for records without one."""
     if not machine:

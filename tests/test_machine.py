@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from bench.cli import main
 from bench.report import leaderboard
 from bench.runner import machine_identity
@@ -94,3 +96,21 @@ def test_merged_stores_from_two_machines_keep_compute_apart(tmp_path, capsys) ->
 def test_one_machine_is_named_not_split() -> None:
     (table,) = leaderboard([_rec(f"cn{s}", "controlnet", s, CPU_BOX, 2.0 + s, 4000.0) for s in range(2)])[0]
     assert not table.split_by_machine and table.rows[0].compute["step_time_s"] == 2.5
+
+
+def test_claims_never_compare_step_times_across_machines() -> None:
+    from bench.claims import evaluate, load_claims
+
+    claim = next(c for c in load_claims() if c.id == "t2i-adapter-faster-step")
+    # controlnet only on the GPU box, t2i_adapter only on the CPU box: a 10x "speed-up" that is the machine's
+    split = [_rec("a", "controlnet", 0, GPU_BOX, 0.1, 100.0), _rec("b", "t2i_adapter", 0, CPU_BOX, 1.0, 100.0)]
+    r = evaluate(claim, split)
+    assert r.verdict == "not measured" and "no machine ran both sides" in r.detail, r
+    # both on both boxes: measured per machine, and the detail names the machine it used
+    both = split + [_rec("c", "controlnet", 1, CPU_BOX, 2.0, 100.0), _rec("d", "t2i_adapter", 1, GPU_BOX, 0.05, 100.0)]
+    r = evaluate(claim, both)
+    assert r.verdict == "reproduced" and r.measured == pytest.approx(0.5) and ", on " in r.detail, r
+    # parameter counts do not depend on the machine: they still pool
+    params = next(c for c in load_claims() if c.id == "controlnext-param-reduction")
+    assert evaluate(params, [_rec("a", "controlnet", 0, GPU_BOX, 0.1, 1.0),
+                             _rec("b", "controlnext", 0, CPU_BOX, 0.1, 1.0)]).verdict != "not measured"

@@ -39,7 +39,7 @@ import numpy as np
 from bench import stats
 from bench.compare import Group, GroupKey, group_runs
 from bench.stats import Interval
-from bench.store import RunRecord
+from bench.store import MACHINE_COMPUTE, RunRecord, machine_label
 from bench.yamlio import safe_load
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
@@ -289,6 +289,20 @@ def _group_label(key: GroupKey) -> str:
             f"budget_key={key.budget_key}, base_model={key.base_model}")
 
 
+def _same_machine(subj: list[RunRecord], ref: list[RunRecord], key: str
+                  ) -> list[tuple[list[RunRecord], list[RunRecord], str]]:
+    """The sides split by machine for a machine-dependent figure (step time, memory, latency):
+    one (subject, reference, ", on <machine>") per machine that ran both; the sides whole otherwise."""
+    if key not in MACHINE_COMPUTE:
+        return [(subj, ref, "")]
+    out = []
+    for mk in sorted({r.machine_key for r in subj} & {r.machine_key for r in ref}):
+        s_m = [r for r in subj if r.machine_key == mk]
+        r_m = [r for r in ref if r.machine_key == mk]
+        out.append((s_m, r_m, f", on {machine_label(s_m[0].machine)}"))
+    return out
+
+
 def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
     """Measure the claim in each comparable group; report the group with the most runs."""
     m = claim.measure
@@ -300,22 +314,25 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
         if isinstance(subj, str) or isinstance(ref, str):
             reasons.append(subj if isinstance(subj, str) else ref)
             continue
-        got = _interval(claim, subj, ref)
-        if got is not None and math.isfinite(got[0].estimate):
-            n = len(subj) + (len(ref) if m["transform"] != "value" else 0)
-            candidates.append((n, group.key, got[0]))
+        for subj_m, ref_m, where in _same_machine(subj, ref, m["key"]):
+            got = _interval(claim, subj_m, ref_m)
+            if got is not None and math.isfinite(got[0].estimate):
+                n = len(subj_m) + (len(ref_m) if m["transform"] != "value" else 0)
+                candidates.append((n, group.key, got[0], where))
+        if m["key"] in MACHINE_COMPUTE and not _same_machine(subj, ref, m["key"]):
+            reasons.append("no machine ran both sides (step time and memory are never compared across machines)")
     if not candidates:
-        ambiguous = [r for r in reasons if "settings match" in r]
+        ambiguous = [r for r in reasons if "settings match" in r or "no machine" in r]
         if ambiguous:
             return ClaimResult(claim, None, "not measured", ambiguous[0])
         detail, missing = _missing(claim, records)
         return ClaimResult(claim, None, "not measured", detail, missing=missing)
-    n, key, iv = max(candidates, key=lambda c: c[0])
-    others = f"; {len(candidates) - 1} other comparable group(s)" if len(candidates) > 1 else ""
+    n, key, iv, where = max(candidates, key=lambda c: c[0])
+    others = f"; {len(candidates) - 1} other comparable group(s) or machine(s)" if len(candidates) > 1 else ""
     lo, hi = (iv.lo, iv.hi) if math.isfinite(iv.lo) and math.isfinite(iv.hi) else (iv.estimate, iv.estimate)
     verdict = _judge(claim, iv.estimate, lo, hi)
     return ClaimResult(claim, iv.estimate, verdict,
-                       f"{n} run(s) in group {_group_label(key)}{others}; interval: {iv.describe()}",
+                       f"{n} run(s) in group {_group_label(key)}{where}{others}; interval: {iv.describe()}",
                        iv, _decide(claim, iv) if verdict == "inconclusive" else "")
 
 
