@@ -136,7 +136,7 @@ def start(run_id: str, spec: dict[str, Any], out_dir: Path) -> LiveRun | None:
         return None
 
 
-def _log(record: RunRecord, out_dir: Path, mode: str, live: LiveRun | None) -> str:
+def _log(record: RunRecord, out_dir: Path, mode: str, live: LiveRun | None = None) -> str:
     import wandb
 
     run = live.run if live is not None else _init(record.run_id, record.spec, out_dir, mode, wandb_config(record))

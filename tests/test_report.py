@@ -287,34 +287,23 @@ def test_report_exports_per_sample_scores_as_csv(tmp_path: Path, capsys) -> None
 
 
 def test_wandb_mirror_logs_per_sample_scores_as_a_table(tmp_path: Path, monkeypatch) -> None:
-    import sys
-    import types
+    """Real wandb, offline: the run's history holds the scores table, and its table file the rows."""
+    import json
 
     from bench import wandb_mirror
+    from tests.test_agent import run_contents
 
-    logged: list[dict] = []
-
-    class Table:
-        def __init__(self, columns, data):
-            self.columns, self.data = columns, data
-
-    class Run:
-        dir = str(tmp_path / "run" / "files")
-        summary: dict = {}
-
-        def log(self, d):
-            logged.append(d)
-
-        def finish(self, exit_code=0):
-            pass
-
-    fake = types.SimpleNamespace(init=lambda **kw: Run(), Table=Table, Settings=lambda **kw: None)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     record = _with_scores(rec("a0"), n=2)
     wandb_mirror._log(record, tmp_path, "offline")
-    tables = [d[wandb_mirror.SCORES_TABLE] for d in logged if wandb_mirror.SCORES_TABLE in d]
-    assert len(tables) == 1 and tables[0].columns == ["sample_id", "metric", "value"]
-    assert [row[:2] for row in tables[0].data] == [["s00", "canny_f1"], ["s01", "canny_f1"]]
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = run_contents(next(run_dir.glob("*.wandb")))["history"]
+    key = wandb_mirror.SCORES_TABLE  # wandb flattens the table's reference into "<key>/<field>" items
+    refs = [h for h in history if f"{key}/_type" in h]
+    assert len(refs) == 1 and refs[0][f"{key}/_type"] == "table-file"
+    table = json.loads((run_dir / "files" / refs[0][f"{key}/path"]).read_text())
+    assert table["columns"] == ["sample_id", "metric", "value"]
+    assert [row[:2] for row in table["data"]] == [["s00", "canny_f1"], ["s01", "canny_f1"]]
 
 
 def test_each_method_is_compared_with_baseline_on_paired_samples() -> None:

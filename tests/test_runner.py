@@ -42,7 +42,7 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
         stored = store.get(bad.run_id)
         assert isinstance(stored, RunRecord) and stored.status == "FAILED"
         finished = store.get(good.run_id)
-        assert set(finished.metrics) == {"canny_f1", "prompt_fidelity", "fd_segnet"}
+        assert set(finished.metrics) == {"canny_f1", "canny_f1_cnpp", "prompt_fidelity", "fd_segnet"}
         assert all(torch.isfinite(torch.tensor(v)) for v in finished.metrics.values())
         assert finished.compute["params_trainable"] == 0 and finished.compute["peak_mem_mb"] > 0
         assert finished.spec["budget_key"] == good.budget.key() and finished.git_sha
