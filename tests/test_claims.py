@@ -219,3 +219,14 @@ def test_a_full_scale_claim_says_proxy_runs_do_not_count() -> None:
     md = render_markdown(*leaderboard(records), {}, evaluate_all(records))
     line = next(ln for ln in md.splitlines() if "ip-adapter-22m" in ln)
     assert "`ip_adapter` with base_model=sd15" in line and "proxy runs do not count" in line, line
+
+
+def test_hparam_selectors_read_the_resolved_recipe() -> None:
+    """A run that got reward_steps=1 from its recipe (no override) is the claim's subject."""
+    claim = by_id("controlnet-pp-single-step-time")
+    runs = [rec("s", "controlnet_pp", step_time=0.1, recipe={"reward_steps": 1}),
+            rec("m", "controlnet_pp", step_time=0.4, hparams={"reward_steps": 4}, recipe={"reward_steps": 4})]
+    r = evaluate(claim, runs)
+    assert r.verdict == "reproduced" and r.measured == pytest.approx(0.25), r
+    alone = evaluate(claim, runs[:1])
+    assert alone.verdict == "not measured" and "reward_steps=4" in alone.detail, alone

@@ -133,8 +133,18 @@ def _lookup(spec: Mapping[str, Any], path: str) -> Any:
     return value
 
 
+def _selected(spec: Mapping[str, Any], path: str) -> Any:
+    """A selector's value in a run spec. "hparams.X" is the run's setting of X: the override if
+    the config set one, else the method's resolved recipe (spec["recipe"]), so a claim about
+    `reward_steps: 1` also finds the runs that got 1 by default."""
+    value = _lookup(spec, path)
+    if value is None and path.startswith("hparams."):
+        value = _lookup(spec, "recipe." + path.removeprefix("hparams."))
+    return value
+
+
 def _matches(rec: RunRecord, selector: Mapping[str, Any]) -> bool:
-    return all(_lookup(rec.spec, k) == v for k, v in selector.items())
+    return all(_selected(rec.spec, k) == v for k, v in selector.items())
 
 
 def _describe(selector: Mapping[str, Any]) -> str:
