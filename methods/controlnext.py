@@ -12,7 +12,10 @@ rate. Not in diffusers, so written here.
 Kept deviation: the branch is this harness's scaled conv stack (stem, ResNet blocks with one 2x
 downsampling per power of two between pixel and latent size), not the official
 `ControlNeXtModel` layer for layer (3 stride-2 stages to latent size, 128/256 channels), so it
-also fits the 32-px pixel-space proxy. SDXL's official recipe differs: scale 1.0
+also fits the 32-px pixel-space proxy. Its cost: at SD scale it runs a stem and a ResNet block at
+full pixel resolution and widens to 640 channels, about 1.45x finetune's FLOPs per step at SD1.5
+512² (`bench profile --estimate`), where the official branch starts with a stride-2 conv; so
+ControlNeXt's compute figures at full scale are not the official model's until it is ported. SDXL's official recipe differs: scale 1.0
 (`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout 0.2
 (ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them
 in `hparams.controlnext` for an SDXL base.
