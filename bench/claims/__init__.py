@@ -324,12 +324,13 @@ def evaluate(claim: Claim, records: list[RunRecord]) -> ClaimResult:
         if isinstance(subj, str) or isinstance(ref, str):
             reasons.append(subj if isinstance(subj, str) else ref)
             continue
-        for subj_m, ref_m, where in _same_machine(subj, ref, m["key"]):
+        splits = _same_machine(subj, ref, m["key"])
+        for subj_m, ref_m, where in splits:
             got = _interval(claim, subj_m, ref_m)
             if got is not None and math.isfinite(got[0].estimate):
                 n = len(subj_m) + (len(ref_m) if m["transform"] != "value" else 0)
                 candidates.append((n, group.key, got[0], where))
-        if m["key"] in MACHINE_COMPUTE and not _same_machine(subj, ref, m["key"]):
+        if not splits:
             reasons.append("no machine ran both sides (step time and memory are never compared across machines)")
     if not candidates:
         ambiguous = [r for r in reasons if "settings match" in r or "no machine" in r]
