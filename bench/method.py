@@ -19,6 +19,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import lightning as L
@@ -214,6 +215,23 @@ class Method(L.LightningModule):
     def check_hparams(cls, hparams: Mapping[str, Any]) -> None:
         """Reject unknown fields and wrongly typed values at config time, before any run starts."""
         cls.make_recipe(hparams)
+
+    # ---- checkpoints in and out ---------------------------------------------------
+    # The published layout this method's `load_weights` reads and `save_weights` writes, in one
+    # line (a file or directory, and its key layout), for errors and `bench doctor`; empty: the
+    # method has no checkpoint (nothing trained, or no official release layout).
+    weights_layout: ClassVar[str] = ""
+
+    def load_weights(self, path: Path) -> None:
+        """Load a released (or a saved) checkpoint in the official layout into this method's
+        modules. A layout that does not match: one-line ConfigError naming the expected and the
+        missing keys."""
+        raise ConfigError(f"method {type(self).__name__} loads no checkpoint")
+
+    def save_weights(self, directory: Path) -> None:
+        """Write the trained weights under ``directory`` in the layout `load_weights` reads
+        (safetensors; diffusers' `save_pretrained` where the module has one)."""
+        raise ConfigError(f"method {type(self).__name__} saves no checkpoint")
 
     # ---- parameters ---------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -282,6 +282,8 @@ def build(spec: RunSpec) -> Setup:
     L.seed_everything(spec.seed, workers=True, verbose=False)
     base = BaseModel.load(spec.base_model)
     method = method_cls(base, spec.condition, spec.budget, dict(spec.hparams))
+    if spec.weights:
+        method.load_weights(Path(spec.weights))
     metrics = {name: cls() for name, cls in metric_classes.items()}
     trains = bool(method.trainable_parameters()) and spec.budget.train_steps > 0
     return Setup(spec, "cuda" if torch.cuda.is_available() else "cpu", base, method, metrics, trains)

@@ -39,6 +39,7 @@ class RunSpec:
     hparams: tuple[tuple[str, Any], ...] = field(default=())  # the fields the user set
     recipe: tuple[tuple[str, Any], ...] = field(default=())  # the method's resolved recipe (defaults + hparams)
     trainer: tuple[tuple[str, Any], ...] = field(default=())  # strategy/devices; empty = one device
+    weights: str = ""  # the checkpoint the method starts from (hparams.<method>.weights); empty: built fresh
 
     def to_dict(self) -> dict:
         d = dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
@@ -49,6 +50,8 @@ class RunSpec:
                     recipe=dict(self.recipe))
         if self.trainer:  # only when set, so single-device run ids stay what they were
             d["trainer"] = dict(self.trainer)
+        if self.weights:  # likewise: runs built fresh keep their ids
+            d["weights"] = self.weights
         return d
 
     @property
@@ -64,7 +67,7 @@ class RunSpec:
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
                    hparams=tuple(sorted(d["hparams"].items())),
                    recipe=tuple(sorted(d.get("recipe", {}).items())),
-                   trainer=tuple(sorted(d.get("trainer", {}).items())))
+                   trainer=tuple(sorted(d.get("trainer", {}).items())), weights=d.get("weights", ""))
 
 
 def load_config(path: Path | None) -> dict:
@@ -190,6 +193,23 @@ def _refuse_self_grading(method: str, cls, condition, hparams: dict, metrics: di
                               f"choose another reward_model in hparams.{method} or another metric")
 
 
+WEIGHTS_KEY = "weights"  # hparams.<method>.weights: a released or saved checkpoint, not a recipe field
+
+
+def _weights(method: str, cls, value) -> str:
+    """The absolute path of ``hparams.<method>.weights``, or "" when unset; a one-line ConfigError
+    when the method loads no checkpoints or the path does not exist (its layout is checked when
+    the run builds the method, by `Method.load_weights`)."""
+    if value in (None, ""):
+        return ""
+    if not cls.weights_layout:
+        raise ConfigError(f"method {method} loads no checkpoint (hparams.{method}.weights); drop the override")
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"hparams.{method}.weights: {path} not found; expected {cls.weights_layout}")
+    return str(path.resolve())
+
+
 def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     """Resolve names against the registries; returns the run specs and the output directory."""
     load_builtins()
@@ -237,7 +257,8 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     trainer = _trainer(cfg)
     specs = []
     for m in method_names:
-        hp = hparams.get(m) or {}
+        hp = dict(hparams.get(m) or {})
+        weights = _weights(m, classes[m], hp.pop(WEIGHTS_KEY, None))
         recipe = tuple(sorted(classes[m].make_recipe(hp).as_dict().items()))  # also checks hp
         usable = [c for c in conditions if not classes[m].conditions or c in classes[m].conditions]
         if not usable:
@@ -252,5 +273,5 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                                      dataset_version=dataset_versions[dataset_name], condition=condition, budget=budget,
                                      seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
-                                     recipe=recipe, trainer=trainer))
+                                     recipe=recipe, trainer=trainer, weights=weights))
     return specs, Path(cfg.get("out_dir") or "runs/default")

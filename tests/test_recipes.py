@@ -219,3 +219,28 @@ def test_only_controlnet_pp_averages_its_weights(proxy, smoke_budget):
         assert METHODS.get(name).make_recipe({}).ema_decay == 0.0
     with pytest.raises(ConfigError, match="ema_decay"):
         METHODS.get("controlnet").check_hparams({"ema_decay": 1.0})
+
+
+def test_weights_is_a_run_input_not_a_recipe_field(tmp_path):
+    """hparams.<method>.weights names a checkpoint: it goes to RunSpec.weights (absolute, in the run
+    id only when set), never into the recipe; a method without a layout, or a missing path, is a
+    one-line config error."""
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+
+    cfg = load_config(None)
+    plain, _ = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=baseline"])))
+    assert plain[0].weights == "" and "weights" not in plain[0].to_dict()
+    with pytest.raises(ConfigError, match="baseline loads no checkpoint"):
+        resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=baseline",
+                                                      f"hparams.baseline.weights={tmp_path}"])))
+    layouts = [name for name in METHODS.names() if METHODS.get(name).weights_layout]
+    if layouts:  # once a method loads checkpoints (issue 15)
+        name = layouts[0]
+        with pytest.raises(ConfigError, match="not found; expected"):
+            resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", f"methods={name}",
+                                                          f"hparams.{name}.weights={tmp_path / 'nope'}"])))
+        spec = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", f"methods={name}",
+                                                             f"hparams.{name}.weights={tmp_path}"])))[0][0]
+        assert spec.weights == str(tmp_path.resolve()) and "weights" not in dict(spec.recipe)
+        assert spec.run_id != resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", f"methods={name}"])))[0][0].run_id
+        assert type(spec).from_dict(spec.to_dict()) == spec
