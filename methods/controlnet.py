@@ -42,8 +42,9 @@ def _examples(keys: list[str], n: int = 3) -> str:
 
 
 def load_pretrained(cls, path: Path, layout: str):
-    """A diffusers model directory as its own config.json describes it (local files only); a
-    one-line ConfigError naming the expected layout when it is not one, or not one of `cls`."""
+    """A diffusers model directory as its own config.json describes it (local files only; a .bin
+    is read with torch.load(weights_only=True), diffusers' model_loading_utils.load_state_dict);
+    a one-line ConfigError naming the expected layout when it is not one, or not one of `cls`."""
     config = path / "config.json"
     if not config.is_file():
         raise ConfigError(f"{path} has no config.json; expected {layout}")
@@ -114,7 +115,7 @@ def save_pretrained(module, directory: Path) -> None:
 
 
 # ---- ControlNet checkpoints -----------------------------------------------------------
-CONTROLNET_LAYOUT = ("a diffusers ControlNetModel directory (config.json + diffusion_pytorch_model.safetensors) "
+CONTROLNET_LAYOUT = ("a diffusers ControlNetModel directory (config.json + diffusion_pytorch_model.safetensors or .bin) "
                      "or an original single file (.pth/.safetensors with lllyasviel's control_model.* keys)")
 # cldm/cldm.py input_hint_block (lllyasviel/ControlNet-v1-1-nightly): convs to 16, 16, 32, 96, 256
 # channels, three of them stride 2, so the original single file fits only 8x latents.

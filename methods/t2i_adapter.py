@@ -1,8 +1,9 @@
 """T2I-Adapter: condition features computed once and added inside the UNet encoder (diffusers).
 
-Checkpoints: a diffusers `T2IAdapter` directory, as TencentARC publishes its adapters (the
-T2I-Adapter README's TencentARC/t2i-adapter-*-sdxl-1.0 and t2iadapter_*_sd15v2 repos; ControlNet++'s
-eval/eval.py loads them with `T2IAdapter.from_pretrained`).
+Checkpoints: a diffusers `T2IAdapter` directory, as TencentARC publishes its adapters on the Hub
+(TencentARC/t2i-adapter-*-sdxl-1.0, linked from the T2I-Adapter README; TencentARC/t2iadapter_*_sd15v2
+with a diffusion_pytorch_model.bin, which diffusers reads with `torch.load(weights_only=True)`);
+ControlNet++'s eval/eval.py loads them with `T2IAdapter.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def adapter_layout(unet_config, scale_factor: int, in_channels: int = 3) -> dict
 GREY_CONDITIONS = ("canny", "sketch")
 LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion, which diffusers' adapter pipeline applies to 1-channel input
 
-ADAPTER_LAYOUT = ("a diffusers T2IAdapter directory (config.json + diffusion_pytorch_model.safetensors); "
+ADAPTER_LAYOUT = ("a diffusers T2IAdapter directory (config.json + diffusion_pytorch_model.safetensors or .bin); "
                   "in_channels 1 for canny and sketch, 3 for the other conditions")
 
 

@@ -253,6 +253,16 @@ def test_save_weights_then_load_weights_is_exact(name, module, proxy, smoke_budg
     assert all(p.requires_grad for p in fresh.trainable_parameters())  # a loaded checkpoint can be fine-tuned
 
 
+def test_a_directory_with_a_bin_loads(proxy, smoke_budget, tmp_path):
+    """Older Hub releases (t2iadapter_*_sd15v2, control_v11*) ship diffusion_pytorch_model.bin."""
+    trained = randomized(METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {}))
+    trained.adapter.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
+    fresh = method("t2i_adapter", proxy, "canny", smoke_budget)
+    fresh.load_weights(tmp_path / "bin")
+    assert_same_tensors(fresh.adapter, trained.adapter)
+
+
 def test_controlnet_pp_saves_the_ema_weights_evaluation_scores(proxy, smoke_budget, tmp_path):
     """EMAWeights copies the average into the module when fit ends; save_weights then writes it."""
     from types import SimpleNamespace
@@ -324,3 +334,12 @@ def test_an_adapter_that_does_not_fit_is_a_one_line_error(sd2, smoke_budget, tmp
     one_line_error(canny, tmp_path / "wide", "channels (8, 16) (expected (4, 8))")
     source_controlnet(sd2.unet, 2).save_pretrained(tmp_path / "cn")
     one_line_error(canny, tmp_path / "cn", "describes a ControlNetModel, not a T2IAdapter")
+
+
+def test_odgen_keeps_refusing_checkpoints(proxy, smoke_budget, tmp_path):
+    """ODGEN is a ControlNet plus layout encoders no released layout holds: it must not inherit
+    ControlNet's loader, which would drop them."""
+    odgen = METHODS.get("odgen")
+    assert odgen.weights_layout == ""
+    with pytest.raises(ConfigError, match="saves no checkpoint"):
+        odgen(proxy, "layout", smoke_budget, {}).save_weights(tmp_path)
