@@ -127,10 +127,12 @@ CONTROLNET_MARKERS = ("control_model.time_embed.0.weight", "time_embed.0.weight"
 
 def controlnet_fit(config) -> dict:
     """What a ControlNet must share with the base UNet for its residuals and inputs to fit
-    (transformer depths may differ, as in diffusers' small/mid SDXL ControlNets)."""
+    (transformer depths may differ, as in diffusers' small/mid SDXL ControlNets). Also no
+    `global_pool_conditions` (v1.1 shuffle): diffusers' pipeline then runs guess mode, feeding the
+    ControlNet the conditional half only, which the shared sampler does not."""
     fit = {k: config[k] for k in ("in_channels", "conditioning_channels", "layers_per_block", "cross_attention_dim",
                                   "addition_embed_type", "addition_time_embed_dim",
-                                  "projection_class_embeddings_input_dim")}
+                                  "projection_class_embeddings_input_dim", "global_pool_conditions")}
     fit["block_out_channels"] = tuple(config["block_out_channels"])
     fit["condition downsampling"] = 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
     return fit
@@ -138,9 +140,9 @@ def controlnet_fit(config) -> dict:
 
 def load_original_controlnet(path: Path, built) -> None:
     """lllyasviel's single file into `built` (the ControlNet made from the base UNet, whose config
-    stands in for the original yaml), through diffusers' `convert_controlnet_checkpoint`. Config
-    that lives only in the original yaml (shuffle's `global_average_pooling`) is not in the file:
-    such a model needs its diffusers directory."""
+    stands in for the original yaml), through diffusers' `convert_controlnet_checkpoint`. What
+    only the yaml says is not checked: shuffle's `global_average_pooling` (control_v11e_sd15_shuffle.yaml),
+    which the shared sampler does not run (see `controlnet_fit`)."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     scale = controlnet_fit(built.config)["condition downsampling"]

@@ -305,6 +305,10 @@ def test_a_controlnet_for_another_base_is_a_one_line_error(sd2, sd8, smoke_budge
     source_controlnet(other_unet(sd2, block_out_channels=(8, 16)), 2).save_pretrained(tmp_path / "wide")
     one_line_error(m, tmp_path / "wide", "block_out_channels (8, 16) (expected (4, 8))")
     one_line_error(m, tmp_path, "has no config.json", "diffusers ControlNetModel directory")
+    pooled = source_controlnet(sd2.unet, 2)
+    pooled.register_to_config(global_pool_conditions=True)
+    pooled.save_pretrained(tmp_path / "shuffle")
+    one_line_error(m, tmp_path / "shuffle", "global_pool_conditions True (expected False)")
 
     m8 = method("controlnet", sd8, "canny", smoke_budget)
     wrong = source_controlnet(other_unet(sd8, cross_attention_dim=48), 8)
