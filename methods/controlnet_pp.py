@@ -13,6 +13,12 @@ controlnet, the first part identical to it.
 The reward model must not be a metric's evaluator; the harness refuses such a run
 (`Method.reward_model_ids`).
 
+Checkpoints: ControlNet's layouts. ControlNet++ releases diffusers ControlNetModel directories
+(README "Checkpoints Preparation": checkpoints/<task>/controlnet; eval/eval.py loads them with
+`ControlNetModel.from_pretrained`). `save_weights` writes the ControlNet the module holds: after
+training that is the EMA, which bench/callbacks.py EMAWeights copies in at the end of fit and
+evaluation scores (reward_control.py saves its EMA model too, `ema_controlnet.save_pretrained`).
+
 Official source: liming-ai/ControlNet_Plus_Plus @ 9ffe264 (train/reward_control.py and the
 train/reward_*.sh launch scripts); the reward losses live in bench/proxy/rewards.py.
 """

@@ -84,6 +84,11 @@ class ODGEN(ControlNet):
 
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)
+    # No released layout holds the layout encoders (text_proj, text_net) next to the ControlNet:
+    # ControlNet's checkpoint methods would drop them, so ODGEN keeps Method's refusals.
+    weights_layout = ""
+    load_weights = Method.load_weights
+    save_weights = Method.save_weights
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)

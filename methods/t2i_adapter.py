@@ -1,12 +1,19 @@
-"""T2I-Adapter: condition features computed once and added inside the UNet encoder (diffusers)."""
+"""T2I-Adapter: condition features computed once and added inside the UNet encoder (diffusers).
+
+Checkpoints: a diffusers `T2IAdapter` directory, as TencentARC publishes its adapters on the Hub
+(TencentARC/t2i-adapter-*-sdxl-1.0, linked from the T2I-Adapter README; TencentARC/t2iadapter_*_sd15v2
+with a diffusion_pytorch_model.bin, which diffusers reads with `torch.load(weights_only=True)`);
+ControlNet++'s eval/eval.py loads them with `T2IAdapter.from_pretrained`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from bench.method import Method
-from bench.methods.controlnet import IMAGE_CONDITIONS
+from bench.methods.controlnet import IMAGE_CONDITIONS, load_fitting, save_pretrained
 from bench.registry import METHODS
 
 
@@ -34,12 +41,23 @@ def adapter_layout(unet_config, scale_factor: int, in_channels: int = 3) -> dict
 GREY_CONDITIONS = ("canny", "sketch")
 LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion, which diffusers' adapter pipeline applies to 1-channel input
 
+ADAPTER_LAYOUT = ("a diffusers T2IAdapter directory (config.json + diffusion_pytorch_model.safetensors or .bin); "
+                  "in_channels 1 for canny and sketch, 3 for the other conditions")
+
+
+def adapter_fit(config) -> dict:
+    """Every T2IAdapter config field decides where its features land, or what it reads."""
+    fit = {k: config[k] for k in ("adapter_type", "in_channels", "num_res_blocks", "downscale_factor")}
+    fit["channels"] = tuple(config["channels"])
+    return fit
+
 
 @METHODS.register("t2i_adapter")
 class T2IAdapterMethod(Method):
     # v3: the official recipe: cubic timesteps, no prompt dropout, 1-channel canny input
     version = "t2i_adapter-v3"
     conditions = IMAGE_CONDITIONS
+    weights_layout = ADAPTER_LAYOUT
 
     # Source: TencentARC/T2I-Adapter train_sketch.py (the official training script).
     @dataclass(frozen=True)
@@ -58,6 +76,16 @@ class T2IAdapterMethod(Method):
         layout["num_res_blocks"] = self.recipe.num_res_blocks
         self.adapter = T2IAdapter(**layout)
         self.adapter.train()
+
+    def load_weights(self, path: Path) -> None:
+        """num_res_blocks must be the recipe's (hparams.t2i_adapter.num_res_blocks), so that the run
+        spec states the architecture that ran."""
+        from diffusers import T2IAdapter
+
+        self.adapter = load_fitting(T2IAdapter, Path(path), self.adapter, adapter_fit, ADAPTER_LAYOUT)
+
+    def save_weights(self, directory: Path) -> None:
+        save_pretrained(self.adapter, Path(directory))
 
     def adapter_input(self, batch) -> torch.Tensor:
         image = batch.conditions[self.condition].to(self.base.unet.dtype)
