@@ -10,16 +10,17 @@ the UNet's attention output projections (`to_out`) and trains the branch at 10x 
 rate. Not in diffusers, so written here.
 
 The control module is the official `ControlNeXtModel` (see `ControlBranch`), so the released
-`controlnet.safetensors` and tuned UNet weights load (`load_weights`; `weights_layout`). On an SDXL base
-the official SDXL code is followed instead: its module has no GroupNorms in `mid_convs[0]`, and the control
-is added after `conv_in`, once the first skip is stored (ControlNeXt-SDXL/models/unet.py). Not supported:
-the superseded ControlNeXt-SD1.5 release (ControlNeXt-SD1.5/models/controlnet.py: three ResNet stages from
-the raw image, a 1280-channel output added after the mid block, a learned `scale`), which the authors
-replaced by the SD1.5-Training code (its README: "refer to this version as the standard"); its files fail
-the strict key check. SDXL's official recipe differs: scale 1.0
-(`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout 0.2
-(ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them
-in `hparams.controlnext` for an SDXL base.
+`controlnet.safetensors` and the tuned UNet weights load (`load_weights`; `weights_layout`). On an
+SDXL base the official SDXL code is followed instead: the same module, but the control is added after
+`conv_in`, once the first skip is stored (ControlNeXt-SDXL/models/unet.py). SDXL's official recipe also
+differs: scale 1.0 (`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout
+0.2 (ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them in
+`hparams.controlnext` for an SDXL base.
+
+Not supported: the superseded ControlNeXt-SD1.5 release (ControlNeXt-SD1.5/models/controlnet.py: three
+ResNet stages from the raw image, a 1280-channel output added after the mid block, a learned `scale`),
+replaced by the SD1.5-Training code (its README: "refer to this version as the standard"); its files
+fail the strict key check with the missing and unexpected keys named.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ class ControlBranch(nn.Module):
 
     condition image [0, 1] -> `embedding` (3x3 convs 3->w/4 (stride 2), w/4->w/4, w/4->w/2, each GroupNorm(2) +
     ReLU) -> `stages` x (`down_res` ResnetBlock2D with the time embedding, `down_sample` 3x3 stride-2 conv) ->
-    `mid_convs[0]` (residual: conv, ReLU, [GroupNorm(8)], conv, [GroupNorm(8)]) -> `mid_convs[1]` (1x1 to the UNet's
-    first block width). `mid_norms`: the SD1.5 code has the two GroupNorms, the SDXL code does not.
+    `mid_convs[0]` (residual: conv, ReLU, GroupNorm(8), conv, GroupNorm(8)) -> `mid_convs[1]` (1x1 to the UNet's
+    first block width). The SD1.5 and SDXL codes build the same module (the SDXL one names the 320 `final_out_channels`).
 
     At SD scale (`width` 256, `stages` 2, `downsamplings` 3, `out_channels` 320) this is the official model exactly.
     Deviations at proxy scale, derived from the base: `out_channels` is the UNet's first block width (not a fixed
@@ -96,8 +97,7 @@ class ControlBranch(nn.Module):
     a pixel-space base gets none), the rest run at stride 1 with the same weights' shapes.
     """
 
-    def __init__(self, out_channels: int, downsamplings: int = 3, width: int = OFFICIAL_WIDTH, stages: int = 2,
-                 mid_norms: bool = True):
+    def __init__(self, out_channels: int, downsamplings: int = 3, width: int = OFFICIAL_WIDTH, stages: int = 2):
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
         from diffusers.models.resnet import ResnetBlock2D
 
@@ -116,10 +116,9 @@ class ControlBranch(nn.Module):
             ResnetBlock2D(in_channels=widths[i], out_channels=widths[i + 1], temb_channels=width,
                           groups=_groups(8 if i == stages - 1 else 4, widths[i])) for i in range(stages))
         self.down_sample = nn.ModuleList(_downsample(widths[i + 1], strides[i + 1]) for i in range(stages))
-        norm = (lambda: [nn.GroupNorm(_groups(8, width), width)]) if mid_norms else list
         self.mid_convs = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), *norm(),
-                          nn.Conv2d(width, width, 3, padding=1), *norm()),
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.GroupNorm(_groups(8, width), width),
+                          nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(_groups(8, width), width)),
             nn.Conv2d(width, out_channels, 1)])
 
     def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -189,7 +188,7 @@ def _one_of(directory: Path, names, what: str) -> Path | None:
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
     # v4: the official control module (ControlNeXtModel) replaces the harness's conv branch; on an SDXL base the
-    # official SDXL injection (after conv_in, the stored skip unchanged)
+    # official SDXL injection site (after conv_in, the stored skip unchanged)
     version = "controlnext-v4"
     conditions = IMAGE_CONDITIONS
     weights_layout: ClassVar[str] = (
@@ -237,8 +236,7 @@ class ControlNeXt(Method):
         self.tuned = [unet_params[n].requires_grad_(True) for n in self.tuned_names]
         width = base.unet.config.block_out_channels[0]  # down_blocks[0]'s output (SD1.5), conv_in's (SDXL): 320
         self.branch = ControlBranch(width, int(math.log2(base.scale_factor)),
-                                    branch_width(width, self.recipe.branch_channels), self.recipe.branch_blocks,
-                                    mid_norms=not base.is_sdxl)
+                                    branch_width(width, self.recipe.branch_channels), self.recipe.branch_blocks)
 
     def _private_unet(self) -> None:
         """A private UNet copy: tuning or loading it must never change a base shared with other methods."""
@@ -291,8 +289,8 @@ class ControlNeXt(Method):
             raise ConfigError(f"{directory} has no ControlNeXt control module ({' or '.join(CONTROL_FILES)}); "
                               f"expected {self.weights_layout}")
         state = _read(control)
-        check_state(state, self.branch.state_dict(), f"{control} is not this base's ControlNeXt control module "
-                                                     f"({'SDXL' if self.base.is_sdxl else 'SD1.5'} layout)", strict=True)
+        check_state(state, self.branch.state_dict(), f"{control} is not a ControlNeXt control module for this base",
+                    strict=True)
         self.branch.load_state_dict(state)
         unet_file = None if path.is_file() else _one_of(directory, UNET_FILES, "UNet weights file")
         if unet_file is not None:
