@@ -87,7 +87,8 @@ class ControlBranch(nn.Module):
     condition image [0, 1] -> `embedding` (3x3 convs 3->w/4 (stride 2), w/4->w/4, w/4->w/2, each GroupNorm(2) +
     ReLU) -> `stages` x (`down_res` ResnetBlock2D with the time embedding, `down_sample` 3x3 stride-2 conv) ->
     `mid_convs[0]` (residual: conv, ReLU, GroupNorm(8), conv, GroupNorm(8)) -> `mid_convs[1]` (1x1 to the UNet's
-    first block width). The SD1.5 and SDXL codes build the same module (the SDXL one names the 320 `final_out_channels`).
+    first block width). The SD1.5 and SDXL codes build the same module (SDXL's names the 320
+    `final_out_channels`).
 
     At SD scale (`width` 256, `stages` 2, `downsamplings` 3, `out_channels` 320) this is the official model exactly.
     Deviations at proxy scale, derived from the base: `out_channels` is the UNet's first block width (not a fixed
@@ -220,7 +221,8 @@ class ControlNeXt(Method):
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
-        self._shared_unet = (base.unet,)  # the pretrained weights UNet deltas are taken against (a tuple: not a submodule)
+        # the pretrained weights UNet deltas are taken against (in a tuple: not a submodule)
+        self._shared_unet = (base.unet,)
         self.tuned_names: list[str] = []
         pattern = self.recipe.unet_trainable
         if pattern:
@@ -263,7 +265,8 @@ class ControlNeXt(Method):
             def before(module, args, kwargs):
                 sample = kwargs["hidden_states"]
                 normed = cross_normalize(control.to(sample.dtype), sample)
-                return args, {**kwargs, "hidden_states": sample + scale * F.adaptive_avg_pool2d(normed, sample.shape[-2:])}
+                pooled = F.adaptive_avg_pool2d(normed, sample.shape[-2:])
+                return args, {**kwargs, "hidden_states": sample + scale * pooled}
 
             handle = block.register_forward_pre_hook(before, with_kwargs=True)
         else:

@@ -38,7 +38,8 @@ def official_shapes(width: int = 256, out: int = 320) -> dict[str, tuple[int, ..
     conv("embedding.6", half, stem), norm("embedding.7", half)
     for i, (cin, cout) in enumerate([(half, half), (half, width)]):
         norm(f"down_res.{i}.norm1", cin), conv(f"down_res.{i}.conv1", cout, cin)
-        shapes.update({f"down_res.{i}.time_emb_proj.weight": (cout, width), f"down_res.{i}.time_emb_proj.bias": (cout,)})
+        shapes.update({f"down_res.{i}.time_emb_proj.weight": (cout, width),
+                       f"down_res.{i}.time_emb_proj.bias": (cout,)})
         norm(f"down_res.{i}.norm2", cout), conv(f"down_res.{i}.conv2", cout, cout)
         if cin != cout:
             conv(f"down_res.{i}.conv_shortcut", cout, cin, 1)
@@ -138,13 +139,15 @@ def test_save_then_load_is_exact(base_name, request, smoke_budget, tmp_path):
 def test_a_file_that_does_not_fit_is_a_one_line_error(proxy, smoke_budget, tmp_path):
     method = _method(proxy, smoke_budget)
     control = random_state(official_shapes(32, 16), seed=4)
-    save_file({k: v for k, v in control.items() if k != "mid_convs.0.4.weight"}, str(tmp_path / "controlnet.safetensors"))
+    missing = {k: v for k, v in control.items() if k != "mid_convs.0.4.weight"}
+    save_file(missing, str(tmp_path / "controlnet.safetensors"))
     with pytest.raises(ConfigError, match=r"missing keys mid_convs\.0\.4\.weight") as e:
         method.load_weights(tmp_path)
     assert "\n" not in str(e.value)
 
     # the superseded ControlNeXt-SD1.5 release: a third ResNet stage and a 1280-wide output
-    old = {**control, "down_res.2.conv1.weight": torch.ones(256, 256, 3, 3), "mid_convs.1.weight": torch.ones(1280, 32, 1, 1)}
+    old = {**control, "down_res.2.conv1.weight": torch.ones(256, 256, 3, 3),
+           "mid_convs.1.weight": torch.ones(1280, 32, 1, 1)}
     save_file(old, str(tmp_path / "controlnet.safetensors"))
     with pytest.raises(ConfigError, match=r"unexpected keys down_res\.2\.conv1\.weight.*shape mismatches "
                                           r"mid_convs\.1\.weight \(1280, 32, 1, 1\) \(expected \(16, 32, 1, 1\)\)"):
