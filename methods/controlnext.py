@@ -9,16 +9,18 @@ output size, cross-normalized, `sample + controls * scale`). The official traini
 the UNet's attention output projections (`to_out`) and trains the branch at 10x the learning
 rate. Not in diffusers, so written here.
 
-Kept deviation: the branch is this harness's scaled conv stack (stem, ResNet blocks with one 2x
-downsampling per power of two between pixel and latent size), not the official
-`ControlNeXtModel` layer for layer (3 stride-2 stages to latent size, 128/256 channels), so it
-also fits the 32-px pixel-space proxy. Its cost: at SD scale it runs a stem and a ResNet block at
-full pixel resolution and widens to 640 channels, about 1.45x finetune's FLOPs per step at SD1.5
-512² (`bench profile --estimate`), where the official branch starts with a stride-2 conv; so
-ControlNeXt's compute figures at full scale are not the official model's until it is ported. SDXL's official recipe differs: scale 1.0
-(`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout 0.2
-(ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them
-in `hparams.controlnext` for an SDXL base.
+The control module is the official `ControlNeXtModel` (see `ControlBranch`), so the released
+`controlnet.safetensors` and the tuned UNet weights load (`load_weights`; `weights_layout`). On an
+SDXL base the official SDXL code is followed instead: the same module, but the control is added after
+`conv_in`, once the first skip is stored (ControlNeXt-SDXL/models/unet.py). SDXL's official recipe also
+differs: scale 1.0 (`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to_out.*`, prompt dropout
+0.2 (ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them in
+`hparams.controlnext` for an SDXL base.
+
+Not supported: the superseded ControlNeXt-SD1.5 release (ControlNeXt-SD1.5/models/controlnet.py: three
+ResNet stages from the raw image, a 1280-channel output added after the mid block, a learned `scale`),
+replaced by the SD1.5-Training code (its README: "refer to this version as the standard"); its files
+fail the strict key check with the missing and unexpected keys named.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import copy
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,85 +49,201 @@ def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-1
     return (control - c_mean) * (m_std / (c_std + eps)) + m_mean
 
 
-class ControlBranch(nn.Module):
-    """Condition image -> features of the UNet's `conv_in` width at latent resolution.
+# Layout facts of the official control module, `ControlNeXtModel` in
+# dvlab-research/ControlNeXt ControlNeXt-SD1.5-Training/models/controlnext.py (the SD1.5 code its README calls
+# "the standard") and `ControlNetModel` in ControlNeXt-SDXL/models/controlnet.py (same layout, the CONTROLNET_CONFIG
+# of ControlNeXt-SDXL/utils/tools.py): a 320-channel output, 256 channels at latent resolution, Timesteps(128) ->
+# TimestepEmbedding(128, 256), two ResNet stages 128->128 (4 groups) and 128->256 (8 groups).
+OFFICIAL_OUT = 320
+OFFICIAL_WIDTH = 256
 
-    A conv stem, one time-conditioned ResNet block and 2x downsampling per power of two between
-    pixel and latent size (8x for SD, none in pixel space), widening towards `channels` so the
-    full-resolution layers stay narrow, then `blocks` ResNet blocks at latent resolution.
+
+def branch_width(out_channels: int, requested: int = 0) -> int:
+    """The branch's width at latent resolution: the official 256 where the output is the official 320
+    (SD1.5, SDXL), else 2x the output width rounded up to a multiple of 8 (the proxy)."""
+    if requested:
+        return requested
+    return OFFICIAL_WIDTH if out_channels == OFFICIAL_OUT else -(-2 * out_channels // 8) * 8
+
+
+def _groups(official: int, channels: int) -> int:
+    """The official GroupNorm group count, lowered to one that divides a proxy-scale width."""
+    return math.gcd(official, channels)
+
+
+def _downsample(channels: int, stride: int) -> nn.Module:
+    """diffusers' Downsample2D as the official code builds it (3x3 conv, padding 1, name "op": key `conv`);
+    at stride 1 where the base has fewer 2x steps between pixels and latents (proxy scale)."""
+    from diffusers.models.resnet import Downsample2D
+
+    down = Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op")
+    down.conv.stride = (stride, stride)
+    return down
+
+
+class ControlBranch(nn.Module):
+    """The official ControlNeXt control module, module for module, so its released state dict loads strictly.
+
+    condition image [0, 1] -> `embedding` (3x3 convs 3->w/4 (stride 2), w/4->w/4, w/4->w/2, each GroupNorm(2) +
+    ReLU) -> `stages` x (`down_res` ResnetBlock2D with the time embedding, `down_sample` 3x3 stride-2 conv) ->
+    `mid_convs[0]` (residual: conv, ReLU, GroupNorm(8), conv, GroupNorm(8)) -> `mid_convs[1]` (1x1 to the UNet's
+    first block width). The SD1.5 and SDXL codes build the same module (SDXL's names the 320
+    `final_out_channels`).
+
+    At SD scale (`width` 256, `stages` 2, `downsamplings` 3, `out_channels` 320) this is the official model exactly.
+    Deviations at proxy scale, derived from the base: `out_channels` is the UNet's first block width (not a fixed
+    320); `width` is 2x that (not 256; the other widths keep the official ratios w/4, w/2, and a GroupNorm whose
+    official group count does not divide its width gets the largest one that does); only the first
+    `downsamplings` = log2(VAE factor) of the stride-2 layers keep stride 2 (the official 3 reach SD's 8x latents;
+    a pixel-space base gets none), the rest run at stride 1 with the same weights' shapes.
     """
 
-    def __init__(self, out_channels: int, scale_factor: int, channels: int = 32, blocks: int = 2):
+    def __init__(self, out_channels: int, downsamplings: int = 3, width: int = OFFICIAL_WIDTH, stages: int = 2):
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-        from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+        from diffusers.models.resnet import ResnetBlock2D
 
         super().__init__()
-        temb = channels * 4
-        levels = int(math.log2(scale_factor))
-        widths = [max(channels >> (levels - i), 8) for i in range(levels + 1)]
-
-        def resnet(cin: int, cout: int) -> nn.Module:
-            return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=math.gcd(cin, 8),
-                                 groups_out=math.gcd(cout, 8))
-
-        self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(channels, temb)
-        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
-        self.down_resnets = nn.ModuleList(resnet(widths[i], widths[i + 1]) for i in range(levels))
-        self.downs = nn.ModuleList(Downsample2D(widths[i + 1], use_conv=True) for i in range(levels))
-        self.resnets = nn.ModuleList(resnet(channels, channels) for _ in range(blocks))
-        self.out = nn.Conv2d(channels, out_channels, 1)
+        stem, half = width // 4, width // 2
+        strides = [2 if i < downsamplings else 1 for i in range(stages + 1)]
+        self.time_proj = Timesteps(half, True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(half, width)
+        self.embedding = nn.Sequential(
+            nn.Conv2d(3, stem, 3, stride=strides[0], padding=1), nn.GroupNorm(_groups(2, stem), stem), nn.ReLU(),
+            nn.Conv2d(stem, stem, 3, padding=1), nn.GroupNorm(_groups(2, stem), stem), nn.ReLU(),
+            nn.Conv2d(stem, half, 3, padding=1), nn.GroupNorm(_groups(2, half), half), nn.ReLU())
+        # official in_channels [128, 128], out_channels [128, 256], groups [4, 8]
+        widths = [half] * stages + [width]
+        self.down_res = nn.ModuleList(
+            ResnetBlock2D(in_channels=widths[i], out_channels=widths[i + 1], temb_channels=width,
+                          groups=_groups(8 if i == stages - 1 else 4, widths[i])) for i in range(stages))
+        self.down_sample = nn.ModuleList(_downsample(widths[i + 1], strides[i + 1]) for i in range(stages))
+        self.mid_convs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.GroupNorm(_groups(8, width), width),
+                          nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(_groups(8, width), width)),
+            nn.Conv2d(width, out_channels, 1)])
 
     def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(cond.shape[0]) if t.numel() in (1, cond.shape[0]) else t
         emb = self.time_embedding(self.time_proj(t).to(cond.dtype))
-        h = self.stem(cond)
-        for res, down in zip(self.down_resnets, self.downs):
+        h = self.embedding(cond)
+        for res, down in zip(self.down_res, self.down_sample):
             h = down(res(h, emb))
-        for res in self.resnets:
-            h = res(h, emb)
-        return self.out(h)
+        h = self.mid_convs[0](h) + h
+        return self.mid_convs[1](h)
+
+
+# Checkpoint files, as the official code names them. The control module: `controlnet.safetensors` (released
+# weights; ControlNeXt-SDXL/pipeline/pipeline_controlnext.py CONTROLNEXT_WEIGHT_NAME_SAFE; SDXL-Training
+# `save_models`), `controlnext.bin` (ControlNeXt-SD1.5-Training/train_controlnext.py checkpoints).
+CONTROL_FILES = ("controlnet.safetensors", "controlnext.bin")
+# The tuned UNet parameters, diffusers names. `unet.safetensors` is what the releases ship: absolute values on
+# SD1.5 (ControlNeXt-SD1.5/README.md loads it without --load_weight_increasement), deltas W - W_base on SDXL
+# (ControlNeXt-SDXL/examples/*/run.sh pass --load_weight_increasement; `load_controlnext_unet_weights` adds the
+# base). SD1.5-Training writes `unet.bin` (absolute) or `unet_weight_increasements.bin` (deltas), SDXL-Training
+# `unet_weight_increasements.safetensors`. Value: whether the file holds deltas (None: by the base, as above).
+UNET_FILES = {"unet.safetensors": None, "unet.bin": False,
+              "unet_weight_increasements.safetensors": True, "unet_weight_increasements.bin": True}
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file without unpickling code (weights_only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        from bench.weights import safetensors_shapes
+
+        safetensors_shapes(path)  # a corrupt file: one-line ConfigError
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors: the file is at fault
+        raise ConfigError(f"cannot read {path} as a weights-only torch state dict: {type(e).__name__}") from None
+
+
+def _names(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, strict: bool) -> None:
+    """One-line ConfigError naming missing (when `strict`) or unexpected keys and shape mismatches."""
+    problems = []
+    if strict and (missing := expected.keys() - found.keys()):
+        problems.append(f"missing keys {_names(missing)}")
+    if unexpected := found.keys() - expected.keys():
+        problems.append(f"unexpected keys {_names(unexpected)}")
+    if shapes := [f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+                  for k in sorted(found.keys() & expected.keys()) if found[k].shape != expected[k].shape]:
+        problems.append(f"shape mismatches {', '.join(shapes[:4])}")
+    if problems:
+        raise ConfigError(f"{what}: {'; '.join(problems)}")
+
+
+def _one_of(directory: Path, names, what: str) -> Path | None:
+    present = [directory / n for n in names if (directory / n).is_file()]
+    if len(present) > 1:
+        raise ConfigError(f"{directory} holds more than one {what} ({', '.join(p.name for p in present)}); keep one")
+    return present[0] if present else None
 
 
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
-    # v3: the official SD1.5 recipe: injected after down_blocks[0] (not conv_in), scale 0.35,
-    # `to_out` tuned, branch at 10x lr, no prompt dropout
-    version = "controlnext-v3"
+    # v4: the official control module (ControlNeXtModel) replaces the harness's conv branch; on an SDXL base the
+    # official SDXL injection site (after conv_in, the stored skip unchanged)
+    version = "controlnext-v4"
     conditions = IMAGE_CONDITIONS
+    weights_layout: ClassVar[str] = (
+        "a directory with controlnet.safetensors (the official ControlNeXtModel state dict: embedding.*, "
+        "time_embedding.*, down_res.*, down_sample.*, mid_convs.*; or SD1.5-Training's controlnext.bin) and optionally "
+        "unet.safetensors (the tuned UNet parameters, diffusers names: absolute on SD1.5, deltas W - W_base on SDXL) "
+        "or unet_weight_increasements.safetensors/.bin (deltas)")
 
     # Sources: ControlNeXt-SD1.5-Training/{scripts.sh, train_controlnext.py} (dvlab-research/ControlNeXt).
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
         empty_prompt_prob: float = 0.0  # train_controlnext.py `--proportion_empty_prompts` default 0; scripts.sh keeps it
         controlnext_scale: float = 0.35  # scripts.sh `--controlnext_scale 0.35` (training and inference)
-        branch_channels: int = 0  # width of the branch at latent resolution; 0: 2x the UNet's conv_in width
-        branch_blocks: int = 2  # ResNet blocks at latent resolution
+        # branch width at latent resolution; 0: the official 256 at SD scale, 2x the UNet's first block width below
+        branch_channels: int = 0
+        branch_blocks: int = 2  # ResNet + downsampling stages: the official `len(in_channels)` = 2
         # train_controlnext.py: `if "to_out" in name: para.requires_grad = True`; "" tunes no UNet weight
         unet_trainable: str = "to_out"
         # train_controlnext.py: the branch's param group has `"lr": args.learning_rate * 10`, the UNet's the base lr
         branch_lr_scale: float = 10.0
 
+        def __post_init__(self):
+            super().__post_init__()
+            if self.branch_channels % 8 or self.branch_channels < 0:
+                raise ConfigError(f"controlnext branch_channels must be 0 or a positive multiple of 8 (its GroupNorms),"
+                                  f" got {self.branch_channels}")
+            if self.branch_blocks < 1:
+                raise ConfigError(f"controlnext branch_blocks must be >= 1, got {self.branch_blocks}")
+
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
+        # the pretrained weights UNet deltas are taken against (in a tuple: not a submodule)
+        self._shared_unet = (base.unet,)
+        self.tuned_names: list[str] = []
         pattern = self.recipe.unet_trainable
         if pattern:
             try:
                 regex = re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"controlnext unet_trainable {pattern!r} is not a valid regex: {e}") from None
-            # A private UNet copy: tuning it must never change a base shared with other methods.
-            self.base = base.with_unet(copy.deepcopy(base.unet))
-            self.tuned = [p for n, p in self.base.unet.named_parameters() if regex.search(n)]
-            if not self.tuned:
+            self._private_unet()
+            self.tuned_names = [n for n, _ in self.base.unet.named_parameters() if regex.search(n)]
+            if not self.tuned_names:
                 raise ConfigError(f"controlnext unet_trainable {pattern!r} matches no UNet parameter")
-            for p in self.tuned:
-                p.requires_grad_(True)
-        else:
-            self.tuned = []
-        width = base.unet.conv_in.out_channels
-        self.branch = ControlBranch(width, base.scale_factor, self.recipe.branch_channels or 2 * width,
-                                    self.recipe.branch_blocks)
+        unet_params = dict(self.base.unet.named_parameters())
+        self.tuned = [unet_params[n].requires_grad_(True) for n in self.tuned_names]
+        width = base.unet.config.block_out_channels[0]  # down_blocks[0]'s output (SD1.5), conv_in's (SDXL): 320
+        self.branch = ControlBranch(width, int(math.log2(base.scale_factor)),
+                                    branch_width(width, self.recipe.branch_channels), self.recipe.branch_blocks)
+
+    def _private_unet(self) -> None:
+        """A private UNet copy: tuning or loading it must never change a base shared with other methods."""
+        if self.base.unet is self._shared_unet[0]:
+            self.base = self.base.with_unet(copy.deepcopy(self.base.unet))
 
     def trainable_parameters(self):
         return super().trainable_parameters() + self.tuned
@@ -138,14 +258,75 @@ class ControlNeXt(Method):
     def denoise(self, x, t, embeds, state):
         control = self.branch(state, t)
         scale = self.recipe.controlnext_scale
+        block = self.base.unet.down_blocks[0]
+        if self.base.is_sdxl:
+            # ControlNeXt-SDXL/models/unet.py: after conv_in and `down_block_res_samples = (sample,)`, so the stored
+            # skip stays plain; cross-normalized first, then pooled to the sample's size
+            def before(module, args, kwargs):
+                sample = kwargs["hidden_states"]
+                normed = cross_normalize(control.to(sample.dtype), sample)
+                pooled = F.adaptive_avg_pool2d(normed, sample.shape[-2:])
+                return args, {**kwargs, "hidden_states": sample + scale * pooled}
 
-        def inject(module, inputs, output):
-            sample, skips = output  # the skips are stored before the control is added
-            pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample.dtype)
-            return sample + scale * cross_normalize(pooled, sample), skips
+            handle = block.register_forward_pre_hook(before, with_kwargs=True)
+        else:
+            def after(module, inputs, output):
+                sample, skips = output  # the skips are stored before the control is added
+                pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample.dtype)
+                return sample + scale * cross_normalize(pooled, sample), skips
 
-        handle = self.base.unet.down_blocks[0].register_forward_hook(inject)
+            handle = block.register_forward_hook(after)
         try:
             return super().denoise(x, t, embeds, state)
         finally:  # the hook lives for this one call, so the base UNet stays untouched
             handle.remove()
+
+    # ---- checkpoints --------------------------------------------------------------
+    def load_weights(self, path: Path) -> None:
+        """The official layout (`weights_layout`): the control module strictly, then the UNet file if present.
+        A path to the control file alone loads the control module only."""
+        path = Path(path)
+        directory = path.parent if path.is_file() else path
+        control = path if path.is_file() else _one_of(directory, CONTROL_FILES, "control module file")
+        if control is None:
+            raise ConfigError(f"{directory} has no ControlNeXt control module ({' or '.join(CONTROL_FILES)}); "
+                              f"expected {self.weights_layout}")
+        state = _read(control)
+        check_state(state, self.branch.state_dict(), f"{control} is not a ControlNeXt control module for this base",
+                    strict=True)
+        self.branch.load_state_dict(state)
+        unet_file = None if path.is_file() else _one_of(directory, UNET_FILES, "UNet weights file")
+        if unet_file is not None:
+            self._load_unet(unet_file, UNET_FILES[unet_file.name])
+
+    def _load_unet(self, path: Path, deltas: bool | None) -> None:
+        state = _read(path)
+        if any(k.startswith("input_blocks") for k in state):
+            raise ConfigError(f"{path} uses the original SD key names (input_blocks.*); convert it to diffusers names "
+                              f"(ControlNeXt-SDXL/utils/utils.py convert_sdxl_unet_state_dict_to_diffusers)")
+        shared = dict(self._shared_unet[0].named_parameters())
+        check_state(state, shared, f"{path} does not fit this base's UNet", strict=False)
+        if deltas is None:
+            deltas = self.base.is_sdxl
+        self._private_unet()
+        params = dict(self.base.unet.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                value = value.to(shared[name].device, shared[name].dtype)
+                params[name].copy_(value + shared[name] if deltas else value)
+
+    def save_weights(self, directory: Path) -> None:
+        """controlnet.safetensors and, when UNet weights are tuned, unet.safetensors in the form the official
+        loader reads for this base (absolute on SD1.5, deltas on SDXL; see UNET_FILES)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.branch.state_dict().items()},
+                  str(directory / CONTROL_FILES[0]))
+        if not self.tuned_names:
+            return
+        shared, params = dict(self._shared_unet[0].named_parameters()), dict(self.base.unet.named_parameters())
+        tuned = {n: params[n].detach() - shared[n].detach() if self.base.is_sdxl else params[n].detach()
+                 for n in self.tuned_names}
+        save_file({n: v.cpu().contiguous() for n, v in tuned.items()}, str(directory / "unet.safetensors"))

@@ -138,6 +138,39 @@ def test_controlnext_leaves_the_stored_skip_unchanged(proxy, smoke_budget):
     assert not torch.allclose(injected, plain_next)
 
 
+def test_controlnext_on_sdxl_adds_after_conv_in_and_keeps_its_skip(tiny_sdxl_dir, smoke_budget):
+    """The official SDXL UNet (ControlNeXt-SDXL/models/unet.py) stores `down_block_res_samples = (sample,)` after
+    conv_in, then adds scale x pooled(cross_normalize(control)) to the sample entering down_blocks[0]."""
+    base = BaseModel.load(str(tiny_sdxl_dir))
+    method = METHODS.get("controlnext")(base, "canny", smoke_budget, {}).eval()
+    unet = method.base.unet
+    batch = _batch(2)
+    x, t = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([300, 700])
+    embeds = base.encode_prompt(batch.prompts, (32, 32))
+    state = method.prepare(batch, embeds, cfg=False)
+
+    def run(call):
+        skips, entering = [], []
+        hooks = [unet.up_blocks[-1].register_forward_pre_hook(
+                     lambda m, a, kw: skips.append(kw["res_hidden_states_tuple"]), with_kwargs=True),
+                 unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: entering.append(a[0]))]
+        try:
+            with torch.no_grad():
+                call()
+        finally:
+            for h in hooks:
+                h.remove()
+        return skips[0][0], entering[0]  # the up path's last skip is conv_in's output
+
+    plain_skip, plain_in = run(lambda: unet(x, t, **embeds.unet_inputs()))
+    skip, injected = run(lambda: method.denoise(x, t, embeds, state))
+    assert torch.equal(skip, plain_skip) and torch.equal(plain_in, plain_skip)
+    with torch.no_grad():
+        control = method.branch(state, t)
+    expected = plain_in + 0.35 * torch.nn.functional.adaptive_avg_pool2d(cross_normalize(control, plain_in), (16, 16))
+    assert torch.allclose(injected, expected, atol=1e-5) and not torch.allclose(injected, plain_in)
+
+
 def test_t2i_adapter_reads_canny_as_one_grey_channel(proxy, smoke_budget):
     method = METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {})
     seg = METHODS.get("t2i_adapter")(proxy, "seg", smoke_budget, {})
