@@ -145,9 +145,11 @@ class PhotoMaker(Method):
         # and attn2, on to_q/to_k/to_v/to_out (pipeline.py `load_photomaker_adapter` ->
         # `load_lora_weights(state_dict["lora_weights"], adapter_name="photomaker")`), trained with
         # the ID encoder (training code unreleased). Rank 64 is our reading of the paper's
-        # implementation details, not confirmed from code: the released file's LoRA shapes decide it.
-        # 0: no LoRA (the v2 trainable subset, for ablations). At proxy widths (<= 64) rank 64 is
-        # full rank, so the LoRA there amounts to tuning the attention projections.
+        # implementation details, not confirmed: the release's rank is the row count of its `down`
+        # weights, which `load_weights` reads and compares with this field (no copy of the file was
+        # at hand to establish it here). 0: no LoRA (the v2 trainable subset, for ablations). At
+        # proxy widths (<= 64) rank 64 is full rank, so the LoRA there amounts to tuning the
+        # attention projections.
         lora_rank: int = 64
 
         def __post_init__(self):
@@ -298,7 +300,8 @@ class PhotoMaker(Method):
                               "use an identity dataset")
         refs = reference_stack(batch)
         stripped = [strip_trigger(p) for p in batch.prompts]
-        found = [self._class_positions(p, refs.shape[1], trigger_class or w) for (p, trigger_class), w in zip(stripped, words)]
+        found = [self._class_positions(p, refs.shape[1], trigger_class or w)
+                 for (p, trigger_class), w in zip(stripped, words)]
         rows = [i for i, f in enumerate(found) if f is not None]
         if not rows:
             return embeds

@@ -296,9 +296,10 @@ def _photomaker_release(method, unet, rank, g) -> dict:
     c = unet.config.cross_attention_dim
     fuse = {}
     for mlp, din in (("mlp1", 2 * c), ("mlp2", c)):
-        fuse.update({f"fuse_module.{mlp}.layernorm.weight": 1 + _rand(din, g=g), f"fuse_module.{mlp}.layernorm.bias": _rand(din, g=g),
-                     f"fuse_module.{mlp}.fc1.weight": _rand(c, din, g=g), f"fuse_module.{mlp}.fc1.bias": _rand(c, g=g),
-                     f"fuse_module.{mlp}.fc2.weight": _rand(c, c, g=g), f"fuse_module.{mlp}.fc2.bias": _rand(c, g=g)})
+        p = f"fuse_module.{mlp}."
+        fuse.update({p + "layernorm.weight": 1 + _rand(din, g=g), p + "layernorm.bias": _rand(din, g=g),
+                     p + "fc1.weight": _rand(c, din, g=g), p + "fc1.bias": _rand(c, g=g),
+                     p + "fc2.weight": _rand(c, c, g=g), p + "fc2.bias": _rand(c, g=g)})
     fuse.update({"fuse_module.layer_norm.weight": 1 + _rand(c, g=g), "fuse_module.layer_norm.bias": _rand(c, g=g)})
     return {"id_encoder": fuse, "lora_weights": official_lora(unet, rank, g)}
 
@@ -350,7 +351,8 @@ def test_photomaker_full_scale_id_encoder_is_clip_plus_a_second_projection(tiny_
     refs = torch.stack(_batch(2, "identity_multi").refs["reference_images"])
     clip.load_state_dict({k: written["id_encoder"][k] for k in clip.state_dict()})
     pooled = clip.vision_model(method.encoder.pixel_values(refs.flatten(0, 1)))[1]
-    expected = torch.cat([clip.visual_projection(pooled), pooled @ written["id_encoder"]["visual_projection_2.weight"].T], -1)
+    second = pooled @ written["id_encoder"]["visual_projection_2.weight"].T
+    expected = torch.cat([clip.visual_projection(pooled), second], -1)
     assert torch.allclose(method.id_embeds(refs, torch.float32).flatten(0, 1), expected, atol=1e-5)
 
 
