@@ -20,8 +20,9 @@ Checkpoints: the release's `checkpoints/` directory (InstantID README, infer.py)
 `set_image_proj_model` / `set_ip_adapter`: `ModuleList(unet.attn_processors.values())` keys),
 and `ControlNetModel/`, IdentityNet as a diffusers ControlNet directory.
 
-Not ported yet: the antelopev2 insightface ID encoder. At full scale this method refuses to
-build instead of silently encoding faces with the proxy recognizer.
+At full scale the recognizer is the antelopev2 insightface pack of the `insightface-antelopev2`
+weight, run with onnxruntime (methods/encoders.py `AntelopeEncoder`; `draw_kps` there draws its
+keypoints as InstantID does).
 """
 from __future__ import annotations
 
@@ -126,13 +127,16 @@ class InstantID(IPAdapter):
 
     def load_encoder(self) -> nn.Module:
         if encoders.full_scale(self.base):
-            raise ConfigError("instantid at full scale needs the antelopev2 insightface ID encoder, which is not "
-                              "ported yet; run it on the proxy base")
+            return encoders.AntelopeEncoder.from_weight(encoders.ANTELOPEV2.name)
         return self.encoder_spec().load()
+
+    def embedding_dim(self) -> int:
+        # the ONNX encoder has no parameters to probe a device with; its output width is known
+        return self.encoder.dim if isinstance(self.encoder, encoders.AntelopeEncoder) else super().embedding_dim()
 
     @classmethod
     def reward_model_ids(cls, condition, hparams):
-        return (cls.encoder_spec().model_id,)
+        return (cls.encoder_spec().model_id, encoders.ANTELOPEV2.name)
 
     def proj_to_official(self, state):
         return resampler_to_official(state)

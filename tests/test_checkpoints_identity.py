@@ -394,3 +394,94 @@ def test_trained_weights_saved_and_loaded_regenerate_the_same_images(name, proxy
     assert (a - b).abs().max().item() <= 1e-5
     untrained = generate(proxy_base, cls(proxy_base, "keypoints", smoke_budget, {}).eval(), batch, **kw)
     assert (a - untrained).abs().max().item() > 1e-4, "training must have changed the images"
+
+
+# ---- InstantID's antelopev2 encoder ------------------------------------------------------
+
+KPS_OFFSETS = [(0.5, 0.5), (1.5, 0.5), (1.0, 1.0), (0.6, 1.6), (1.4, 1.6)]  # in stride units, from the anchor centre
+
+
+def _onnx(path, nodes, inits, inputs, outputs):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def tiny_antelope_pack(directory):
+    """A 9-output SCRFD (strides 8/16/32, 2 anchors; scores, then distances, then keypoints, as
+    scrfd.py reads them) whose stride-8 score is high on bright 8x8 cells only, with constant
+    box distances and keypoint offsets; and a random ArcFace-shaped recognizer (3x112x112 -> 8)."""
+    import numpy as np
+    from onnx import helper
+
+    directory.mkdir(parents=True)
+    nodes, inits, outs = [], {}, {"score": [], "bbox": [], "kps": []}
+    for s in (8, 16, 32):
+        for kind, k, weight, bias in (("score", 1, 20 / (3 * s * s) if s == 8 else 0.0, 0.0 if s == 8 else -50.0),
+                                      ("bbox", 4, 0.0, [1.0] * 4), ("kps", 10, 0.0, sum(map(list, KPS_OFFSETS), []))):
+            name = f"{kind}{s}"
+            inits[f"{name}_w"] = np.full((2 * k, 3, s, s), weight, dtype=np.float32)
+            inits[f"{name}_b"] = np.tile(np.asarray(bias, dtype=np.float32).reshape(-1), 2).reshape(2 * k)
+            inits[f"{name}_shape"] = np.array([-1, k], dtype=np.int64)
+            conv = [helper.make_node("Conv", ["input.1", f"{name}_w", f"{name}_b"], [f"{name}_c"], strides=[s, s])]
+            act = [helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_a"])] if kind == "score" else []
+            src = f"{name}_a" if act else f"{name}_c"
+            nodes += conv + act + [helper.make_node("Transpose", [src], [f"{name}_t"], perm=[0, 2, 3, 1]),
+                                   helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [name])]
+            outs[kind].append(name)
+    _onnx(directory / "scrfd_10g_bnkps.onnx", nodes, inits, [("input.1", [1, 3, "h", "w"])],
+          outs["score"] + outs["bbox"] + outs["kps"])
+    g = np.random.default_rng(0)
+    rec = {"w": g.normal(size=(4, 3, 16, 16)).astype(np.float32) * 0.05,
+           "m": g.normal(size=(196, 8)).astype(np.float32)}
+    _onnx(directory / "glintr100.onnx", [helper.make_node("Conv", ["data", "w"], ["c"], strides=[16, 16]),
+                                         helper.make_node("Flatten", ["c"], ["f"]),
+                                         helper.make_node("MatMul", ["f", "m"], ["fc1"])],
+          rec, [("data", [1, 3, 112, 112])], ["fc1"])
+    return directory
+
+
+def test_antelope_encoder_detects_the_face_and_embeds_its_aligned_crop(monkeypatch, tmp_path):
+    import numpy as np
+
+    from bench.face_align import arcface_crop
+
+    monkeypatch.setattr(encoders, "DET_SIZE", (64, 64))
+    enc = encoders.AntelopeEncoder.from_dir(tiny_antelope_pack(tmp_path / "antelopev2"), "antelopev2")
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[12:16, 8:12] = 255  # letterboxed 2x into 64x64: the stride-8 cell at x 16..24, y 24..32
+    dets, kps = enc.detect(image)
+    assert len(dets) == 1, "the two anchors of one cell decode to one box after NMS"
+    center = np.array([16.0, 24.0])  # scrfd.py anchor centres: the cell's top-left corner, x then y
+    np.testing.assert_allclose(dets[0, :4], np.r_[center - 8, center + 8] / 2, atol=1e-4)
+    np.testing.assert_allclose(kps[0], (center + 8 * np.array(KPS_OFFSETS)) / 2, atol=1e-4)
+    crop = arcface_crop(image, kps[0]).astype(np.float32)
+    expected = enc.recognizer.run(None, {"data": ((crop - 127.5) / 127.5).transpose(2, 0, 1)[None]})[0][0]
+    emb = enc(torch.from_numpy(np.stack([image, np.zeros_like(image)])).permute(0, 3, 1, 2).float() / 255)
+    assert torch.allclose(emb[0], torch.from_numpy(expected), atol=1e-5) and emb[0].abs().sum() > 0
+    assert torch.equal(emb[1], torch.zeros(8)), "no face: the zero (unconditional) embedding"
+
+
+def test_instantid_at_full_scale_encodes_with_the_antelope_pack(tiny_sd_dir, monkeypatch, tmp_path, smoke_budget):
+    monkeypatch.setattr(encoders, "SD_TEXT_WIDTHS", (32,))
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
+    base = BaseModel.load(str(tiny_sd_dir))
+    with pytest.raises(ConfigError, match="missing weight 'insightface-antelopev2'"):
+        METHODS.get("instantid")(base, "keypoints", smoke_budget, {})
+    tiny_antelope_pack(tmp_path / encoders.ANTELOPEV2.relpath)
+    method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {})
+    assert isinstance(method.encoder, encoders.AntelopeEncoder) and method.proj.proj_in.in_features == 8
+    assert encoders.ANTELOPEV2.name in method.reward_model_ids("keypoints", {})
+
+
+def test_draw_kps_draws_instantids_limbs_and_points():
+    kps = [(30, 30), (98, 30), (64, 64), (40, 100), (88, 100)]
+    out = encoders.draw_kps((128, 128), kps)
+    assert out.shape == (128, 128, 3) and out.dtype.name == "uint8"
+    assert tuple(out[30, 30]) == (255, 0, 0) and tuple(out[64, 64]) == (0, 0, 255)  # discs at full colour
+    assert tuple(out[43, 43]) == (153, 0, 0)  # the limb from point 0 to the nose, 60% of point 0's colour
+    assert tuple(out[5, 64]) == (0, 0, 0)
