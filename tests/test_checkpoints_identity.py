@@ -1,4 +1,5 @@
-"""Released checkpoints of IP-Adapter, InstantID and PhotoMaker load through `load_weights`.
+"""Released checkpoints of IP-Adapter, InstantID and PhotoMaker load through `load_weights`, and
+their full-scale encoders (CLIP vision towers, the antelopev2 insightface pack) load from local dirs.
 
 Each file is written here from the key structure of the official code (cited per test), with
 random non-zero values, never from our own modules' names; IP-Adapter's loaded weights then
