@@ -14,16 +14,30 @@ the zero image embedding of a drop, the to_k_ip/to_v_ip initialisation and the t
 of 1.0 come from IP-Adapter's `tutorial_train.py`, which InstantID's adapter builds on.
 
 The identity metric scores with `id_evaluator`, another architecture and seed.
+
+Checkpoints: the release's `checkpoints/` directory (InstantID README, infer.py):
+`ip-adapter.bin`, IP-Adapter's layout with the Resampler as `image_proj` (pipeline
+`set_image_proj_model` / `set_ip_adapter`: `ModuleList(unet.attn_processors.values())` keys),
+and `ControlNetModel/`, IdentityNet as a diffusers ControlNet directory.
+
+At full scale the recognizer is the antelopev2 insightface pack of the `insightface-antelopev2`
+weight, run with onnxruntime (methods/encoders.py `AntelopeEncoder`; `draw_kps` there draws its
+keypoints as InstantID does).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.errors import ConfigError
+from bench.methods import encoders
 from bench.methods.controlnet import make_controlnet
 from bench.methods.ip_adapter import IPAdapter
+from bench.methods.release import load_exact, weight_file
 from bench.registry import METHODS
 
 # pipeline_stable_diffusion_xl_instantid.py `set_image_proj_model`: Resampler(dim=1280, depth=4,
@@ -42,12 +56,54 @@ def resampler_width(unet_config) -> tuple[int, int]:
     return dim, max(1, dim // RESAMPLER_DIM_HEAD)
 
 
+# diffusers' IPAdapterPlusImageProjectionBlock names -> the official Resampler's (ip_adapter/resampler.py:
+# `layers[i] = ModuleList([PerceiverAttention(norm1, norm2, to_q, to_kv, to_out), FeedForward =
+# Sequential(LayerNorm, Linear, GELU, Linear)])`); to_k/to_v are one `to_kv`, handled apart.
+RESAMPLER_NAMES = (("ln0.", "0.norm1."), ("ln1.", "0.norm2."), ("attn.to_q.", "0.to_q."),
+                   ("attn.to_out.0.", "0.to_out."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
+                   ("ff.1.net.2.", "1.3."))
+_LAYER = re.compile(r"^(layers\.\d+\.)(.*)$")
+
+
+def _rename(key: str, pairs) -> str:
+    m = _LAYER.match(key)
+    if m is None:  # latents, proj_in, proj_out, norm_out: the same names
+        return key
+    for ours, theirs in pairs:
+        if m.group(2).startswith(ours):
+            return m.group(1) + theirs + m.group(2)[len(ours):]
+    return key
+
+
+def resampler_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if ".attn.to_k." in k:  # to_kv = cat(to_k, to_v): PerceiverAttention `self.to_kv(...).chunk(2, dim=-1)`
+            out[k.replace("attn.to_k.", "0.to_kv.")] = torch.cat([v, state[k.replace(".to_k.", ".to_v.")]])
+        elif ".attn.to_v." not in k:
+            out[_rename(k, RESAMPLER_NAMES)] = v
+    return out
+
+
+def resampler_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if ".0.to_kv." in k:
+            out[k.replace("0.to_kv.", "attn.to_k.")], out[k.replace("0.to_kv.", "attn.to_v.")] = v.chunk(2)
+        else:
+            out[_rename(k, [(b, a) for a, b in RESAMPLER_NAMES])] = v
+    return out
+
+
 @METHODS.register("instantid")
 class InstantID(IPAdapter):
     # v2: the official Resampler (16 tokens) instead of a 4-token ImageProjection; the raw (not
     # unit) ID embedding; inference scales 0.8; IP-Adapter's exclusive drops; attn2 only.
     version = "instantid-v2"
     conditions = ("keypoints",)
+    weights_layout = ("an InstantID checkpoints directory: ip-adapter.bin (or ip-adapter.safetensors) = {image_proj: "
+                      "Resampler latents, proj_in, layers.<d>.0.to_kv, ..., norm_out; ip_adapter: '<i>.to_k_ip.weight', "
+                      "'<i>.to_v_ip.weight'} + ControlNetModel/ (IdentityNet, a diffusers ControlNet directory)")
 
     @dataclass(frozen=True)
     class Recipe(IPAdapter.Recipe):
@@ -68,6 +124,44 @@ class InstantID(IPAdapter):
         from bench.proxy.recognizers import INSTANCE_EMBED
 
         return INSTANCE_EMBED
+
+    def load_encoder(self) -> nn.Module:
+        if encoders.full_scale(self.base):
+            return encoders.AntelopeEncoder.from_weight(encoders.ANTELOPEV2.name)
+        return self.encoder_spec().load()
+
+    def embedding_dim(self) -> int:
+        # the ONNX encoder has no parameters to probe a device with; its output width is known
+        return self.encoder.dim if isinstance(self.encoder, encoders.AntelopeEncoder) else super().embedding_dim()
+
+    @classmethod
+    def reward_model_ids(cls, condition, hparams):
+        return (cls.encoder_spec().model_id, encoders.ANTELOPEV2.name)
+
+    def proj_to_official(self, state):
+        return resampler_to_official(state)
+
+    def proj_from_official(self, state):
+        return resampler_from_official(state)
+
+    def load_weights(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"{path}: expected {self.weights_layout}")
+        self.load_adapter(weight_file(path, (self.weights_file, "ip-adapter.bin"), self.weights_layout))
+        self.load_identitynet(path / "ControlNetModel")
+
+    def load_identitynet(self, directory: Path) -> None:
+        from diffusers import ControlNetModel
+
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"{directory}: no config.json; expected {self.weights_layout}")
+        released = ControlNetModel.from_pretrained(str(directory), local_files_only=True)
+        load_exact(self.identitynet, released.state_dict(), str(directory), "IdentityNet for this base's UNet")
+
+    def save_weights(self, directory: Path) -> None:
+        super().save_weights(directory)
+        self.identitynet.save_pretrained(str(Path(directory) / "ControlNetModel"), safe_serialization=True)
 
     def make_projection(self, embedding_dim: int, unet_config) -> nn.Module:
         """InstantID's Resampler as diffusers' `IPAdapterPlusImageProjection` (the same blocks;

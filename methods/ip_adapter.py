@@ -5,13 +5,21 @@ tokens; every attn2 (cross-attention) layer gets new `to_k_ip`/`to_v_ip` that at
 tokens, and the result is added to the text attention. The UNet stays frozen. Several references
 contribute their tokens side by side, as diffusers does for a list of images.
 
-The encoder is the proxy's generic image encoder (`image_encoder`, the stand-in for CLIP's
-image tower); the `id_evaluator` that scores identity is a different network.
+At proxy scale the encoder is the proxy's generic image encoder (`image_encoder`, the stand-in
+for CLIP's image tower); at full scale it is the CLIP vision tower of the `clip-vision-ip-adapter`
+weight (methods/encoders.py). The `id_evaluator` that scores identity is a different network.
+
+Checkpoints: the official `ip-adapter_sd15.bin` layout (tencent-ailab/IP-Adapter ip_adapter.py
+`load_ip_adapter`): `image_proj` (ImageProjModel: `proj`, `norm`) and `ip_adapter`, the state
+dict of `torch.nn.ModuleList(unet.attn_processors.values())`, so its keys are
+`"<i>.to_k_ip.weight"`/`"<i>.to_v_ip.weight"` with i the processor's position in
+`unet.attn_processors` (attn1 processors hold no weights: 1, 3, 5, ... on SD1.5).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +27,8 @@ from torch import nn
 
 from bench.errors import ConfigError
 from bench.method import Drops, Method
+from bench.methods import encoders
+from bench.methods.release import check_keys, load_exact, read_groups, weight_file, write_groups
 from bench.registry import METHODS
 from bench.types import Batch, PromptEmbeds
 
@@ -107,6 +117,18 @@ class DecoupledCrossAttention(nn.Module):
                 out[name] = original
         return out
 
+    def official_weights(self, unet) -> dict[str, torch.Tensor]:
+        """Our K/V weights under the official keys: `"<i>.to_k_ip.weight"`, i the position of the
+        processor in `unet.attn_processors` (ip_adapter.py `load_ip_adapter`: `ip_layers =
+        torch.nn.ModuleList(self.pipe.unet.attn_processors.values())`)."""
+        out = {}
+        for i, name in enumerate(unet.attn_processors):
+            proc = self.procs[name.replace(".", "/")] if name.replace(".", "/") in self.procs else None
+            if proc is not None:
+                out[f"{i}.to_k_ip.weight"] = proc.to_k_ip[0].weight
+                out[f"{i}.to_v_ip.weight"] = proc.to_v_ip[0].weight
+        return out
+
     @contextmanager
     def installed(self, unet, scale: float):
         original = unet.attn_processors
@@ -129,6 +151,10 @@ class IPAdapter(Method):
     # tutorial_train.py's mutually exclusive image/text/both drops instead of independent ones.
     version = "ip_adapter-v2"
     sample_dataset = "identity"
+    weights_layout = ("ip-adapter_sd15.bin (or .safetensors with image_proj./ip_adapter. prefixes, or a directory "
+                      "holding ip-adapter.safetensors): {image_proj: proj.weight, proj.bias, norm.weight, norm.bias; "
+                      "ip_adapter: '<i>.to_k_ip.weight', '<i>.to_v_ip.weight', i indexing unet.attn_processors}")
+    weights_file = "ip-adapter.safetensors"  # what save_weights writes
 
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
@@ -182,13 +208,50 @@ class IPAdapter(Method):
 
         return IMAGE_ENCODER
 
+    # The CLIP vision tower the method encodes with at full scale (methods/encoders.py).
+    clip_weight = encoders.CLIP_IP_ADAPTER
+
     def load_encoder(self) -> nn.Module:
+        if encoders.full_scale(self.base):
+            return encoders.ClipVisionEncoder.from_weight(self.clip_weight.name)
         return self.encoder_spec().load()
 
     @classmethod
     def reward_model_ids(cls, condition, hparams):
-        # A metric scoring with this method's own encoder would grade its homework: the spec refuses it.
-        return (cls.encoder_spec().model_id,)
+        # A metric scoring with this method's own encoder would grade its homework: the spec refuses
+        # it. The base is not known here, so both scales' encoders are named.
+        return (cls.encoder_spec().model_id, cls.clip_weight.name)
+
+    # ---- checkpoints: the official ip-adapter.bin layout ------------------------------
+    def proj_to_official(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' `ImageProjection` keys -> ImageProjModel's (`image_embeds` is `proj`, as
+        diffusers' `_convert_ip_adapter_image_proj_to_diffusers` maps it)."""
+        return {k.replace("image_embeds.", "proj.", 1): v for k, v in state.items()}
+
+    def proj_from_official(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.replace("proj.", "image_embeds.", 1): v for k, v in state.items()}
+
+    def adapter_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"image_proj": self.proj_to_official(self.proj.state_dict()),
+                "ip_adapter": self.ip_attn.official_weights(self.base.unet)}
+
+    def load_adapter(self, path: Path) -> None:
+        """`image_proj` and `ip_adapter` of an official-layout file, checked key by key."""
+        groups = read_groups(path, ("image_proj", "ip_adapter"), self.weights_layout)
+        expected = self.adapter_groups()
+        for name in ("image_proj", "ip_adapter"):
+            check_keys(groups[name], {k: v.shape for k, v in expected[name].items()}, f"{path} [{name}]",
+                       self.weights_layout)
+        load_exact(self.proj, self.proj_from_official(groups["image_proj"]), f"{path} [image_proj]", self.weights_layout)
+        with torch.no_grad():
+            for k, v in expected["ip_adapter"].items():
+                v.copy_(groups["ip_adapter"][k])
+
+    def load_weights(self, path: Path) -> None:
+        self.load_adapter(weight_file(Path(path), (self.weights_file, "ip-adapter.bin"), self.weights_layout))
+
+    def save_weights(self, directory: Path) -> None:
+        write_groups(Path(directory) / self.weights_file, self.adapter_groups())
 
     def encode_references(self, refs: torch.Tensor) -> torch.Tensor:
         """[B, N, 3, H, W] -> per-reference embeddings [B, N, D]."""

@@ -9,19 +9,41 @@ prompt embedding. Prompts without the class word (the empty prompt of classifier
 are left unchanged. Sampling uses the text-only prompt for the first steps (`start_merge_step`)
 and the ID-fused one after. The UNet's attention layers (self- and cross-attention q, k, v, out)
 train a LoRA alongside, as the released `lora_weights` show.
+
+At full scale the encoder is the CLIP ViT-L/14 vision tower of the `clip-vision-photomaker`
+weight, and the ID embedding is official model.py `PhotoMakerIDEncoder`'s: the tower's pooled
+output through CLIP's own `visual_projection` (frozen with the tower) concatenated with a new
+bias-free `visual_projection_2` to the rest of the text width (SDXL: 768 + 1280 = 2048).
+
+Checkpoints: `photomaker-v1.bin` (pipeline.py `load_photomaker_adapter`): `id_encoder`, the
+state dict of `PhotoMakerIDEncoder` (`vision_model.*`, `visual_projection.weight`,
+`visual_projection_2.weight`, `fuse_module.*`), and `lora_weights`, the UNet LoRA in diffusers'
+attention-processor names (`unet.<attention>.processor.to_q_lora.down.weight`, `.up.`; to_q, to_k,
+to_v, to_out), which the pipeline hands to `load_lora_weights`. At proxy scale `id_encoder` holds
+only `visual_projection.weight` (the trained projection) and `fuse_module.*`: the proxy encoder
+ships with the repo. Prompts may carry the trigger word after the class word ("a man img"), as
+the pipeline expects; it is removed and the word before it is the class word.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from bench.errors import ConfigError
 from bench.method import Method
+from bench.methods import encoders
 from bench.methods.ip_adapter import IPAdapter, encode_each, feature_dim, frozen_encoder, reference_stack
+from bench.methods.release import check_keys, read_groups, weight_file, write_groups
 from bench.registry import METHODS
+
+TRIGGER_WORD = "img"  # pipeline.py load_photomaker_adapter(trigger_word="img")
+ADAPTER = "photomaker"  # pipeline.py load_lora_weights(..., adapter_name="photomaker")
+_PEFT_LORA = re.compile(rf"^(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.{ADAPTER}\.weight$")
 from bench.types import Batch, PromptEmbeds
 
 
@@ -57,6 +79,22 @@ class FuseModule(nn.Module):
         return self.layer_norm(self.mlp2(stacked))
 
 
+def strip_trigger(prompt: str) -> tuple[str, str | None]:
+    """(the prompt without the trigger word, the class word before it or None); more than one
+    trigger word is refused, as pipeline.py `encode_prompt_with_trigger_word` does."""
+    words = prompt.split(" ")
+    hits = [i for i, w in enumerate(words) if w.strip(",.") == TRIGGER_WORD]
+    if not hits:
+        return prompt, None
+    if len(hits) > 1 or hits[0] == 0:
+        raise ConfigError(f"photomaker: put the trigger word {TRIGGER_WORD!r} once, right after the class word "
+                          f"(e.g. 'a man {TRIGGER_WORD}'), got {prompt!r}")
+    i = hits[0]
+    tail = words[i][len(TRIGGER_WORD):] if words[i].startswith(TRIGGER_WORD) else ""
+    kept = words[:i - 1] + [words[i - 1] + tail] + words[i + 1:]
+    return " ".join(kept), words[i - 1].strip(",.")
+
+
 def expand_class_word(prompt: str, word: str, copies: int) -> str | None:
     """The prompt with the first whole-word occurrence of `word` repeated `copies` times, or None."""
     words = prompt.split(" ")
@@ -86,7 +124,13 @@ class PhotoMaker(Method):
     sample_dataset = "identity"
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
+    clip_weight = encoders.CLIP_PHOTOMAKER
     reward_model_ids = classmethod(IPAdapter.reward_model_ids.__func__)
+    weights_layout = ("photomaker-v1.bin (or .safetensors with id_encoder./lora_weights. prefixes, or a directory "
+                      "holding photomaker.safetensors): {id_encoder: vision_model.*, visual_projection.weight, "
+                      "visual_projection_2.weight, fuse_module.*; lora_weights: "
+                      "'unet.<attention>.processor.to_q_lora.down.weight', ... (to_q/to_k/to_v/to_out, down/up)}")
+    weights_file = "photomaker.safetensors"  # what save_weights writes
 
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
@@ -101,9 +145,11 @@ class PhotoMaker(Method):
         # and attn2, on to_q/to_k/to_v/to_out (pipeline.py `load_photomaker_adapter` ->
         # `load_lora_weights(state_dict["lora_weights"], adapter_name="photomaker")`), trained with
         # the ID encoder (training code unreleased). Rank 64 is our reading of the paper's
-        # implementation details, not confirmed from code: the released file's LoRA shapes decide it.
-        # 0: no LoRA (the v2 trainable subset, for ablations). At proxy widths (<= 64) rank 64 is
-        # full rank, so the LoRA there amounts to tuning the attention projections.
+        # implementation details, not confirmed: the release's rank is the row count of its `down`
+        # weights, which `load_weights` reads and compares with this field (no copy of the file was
+        # at hand to establish it here). 0: no LoRA (the v2 trainable subset, for ablations). At
+        # proxy widths (<= 64) rank 64 is full rank, so the LoRA there amounts to tuning the
+        # attention projections.
         lora_rank: int = 64
 
         def __post_init__(self):
@@ -115,15 +161,46 @@ class PhotoMaker(Method):
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
-        self.encoder = frozen_encoder(self.encoder_spec().load())
         width = base.unet.config.cross_attention_dim
-        # model.py PhotoMakerIDEncoder: pooled CLIP features -> visual_projection (768, CLIP's own)
-        # and visual_projection_2 (1280, new), concatenated to SDXL's two text widths (2048). The
-        # proxy has one text encoder, so one bias-free projection to its width, trained: the proxy
-        # encoder has no pretrained text-aligned projection to reuse.
-        self.visual_projection = nn.Linear(feature_dim(self.encoder), width, bias=False)
+        if encoders.full_scale(base):
+            self.encoder = frozen_encoder(encoders.ClipVisionEncoder.from_weight(self.clip_weight.name))
+            self.visual_projection = None  # CLIP's own, inside the frozen encoder
+            self.visual_projection_2 = self._second_projection(self.encoder.model.config, width)
+        else:
+            self.encoder = frozen_encoder(self.encoder_spec().load())
+            # model.py PhotoMakerIDEncoder: pooled CLIP features -> visual_projection (768, CLIP's
+            # own) and visual_projection_2 (1280, new), concatenated to SDXL's two text widths
+            # (2048). The proxy encoder has no pretrained text-aligned projection to reuse, so one
+            # bias-free projection to the text width, trained.
+            self.visual_projection = nn.Linear(feature_dim(self.encoder), width, bias=False)
+            self.visual_projection_2 = None
         self.fuse_module = FuseModule(width)
         self.lora = self._add_unet_lora(self.recipe.lora_rank) if self.recipe.lora_rank else []
+
+    @staticmethod
+    def _second_projection(config, width: int) -> nn.Linear | None:
+        """model.py `visual_projection_2 = nn.Linear(1024, 1280, bias=False)`: the tower's width to
+        what CLIP's projection leaves of the text width (none where CLIP's alone fills it: SD1.5)."""
+        rest = width - config.projection_dim
+        if rest < 0:
+            raise ConfigError(f"photomaker: the CLIP tower projects to {config.projection_dim}, wider than the "
+                              f"base's text width {width}; use a CLIP vision encoder that fits the base")
+        return nn.Linear(config.hidden_size, rest, bias=False) if rest else None
+
+    @torch.no_grad()
+    def _pooled(self, refs: torch.Tensor) -> torch.Tensor:
+        return self.encoder.pooled(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
+
+    def id_embeds(self, refs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, N, 3, H, W] references -> [B, N, text width] ID embeddings (model.py `forward`)."""
+        if self.visual_projection is not None:  # the proxy encoder
+            return self.visual_projection(encode_each(self.encoder, refs).to(dtype))
+        pooled = self._pooled(refs).to(dtype)
+        with torch.no_grad():
+            clip = self.encoder.model.visual_projection(pooled)
+        if self.visual_projection_2 is None:
+            return clip
+        return torch.cat([clip, self.visual_projection_2(pooled)], dim=-1)
 
     def _add_unet_lora(self, rank: int) -> list[nn.Parameter]:
         """A LoRA (peft, through diffusers' `add_adapter`, as diffusers' LoRA training scripts do)
@@ -133,11 +210,61 @@ class PhotoMaker(Method):
         self.base = self.base.with_unet(copy.deepcopy(self.base.unet))
         self.base.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                                   adapter_name="photomaker")
+                                   adapter_name=ADAPTER)
         params = [p for n, p in self.base.unet.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         return params
+
+    # ---- checkpoints: the official photomaker-v1.bin layout -----------------------------
+    def id_encoder_parts(self) -> dict[str, nn.Module]:
+        """Key prefix -> module of the `id_encoder` group (model.py PhotoMakerIDEncoder's names)."""
+        if self.visual_projection is not None:  # proxy: the shipped encoder is not part of a checkpoint
+            return {"visual_projection.": self.visual_projection, "fuse_module.": self.fuse_module}
+        parts = {"": self.encoder.model}  # CLIPVisionModelWithProjection: vision_model.*, visual_projection.weight
+        if self.visual_projection_2 is not None:
+            parts["visual_projection_2."] = self.visual_projection_2
+        return {**parts, "fuse_module.": self.fuse_module}
+
+    def id_encoder_state(self) -> dict[str, torch.Tensor]:
+        return {prefix + k: v for prefix, m in self.id_encoder_parts().items() for k, v in m.state_dict().items()}
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The UNet LoRA under the released names: peft's `<attention>.to_q.lora_A.photomaker.weight`
+        is `unet.<attention>.processor.to_q_lora.down.weight` (lora_B: `up`; `to_out.0`: `to_out_lora`),
+        the attention-processor format diffusers' `load_lora_weights` converts from."""
+        out = {}
+        for name, p in self.base.unet.named_parameters():
+            m = _PEFT_LORA.match(name)
+            if m:
+                proj = m.group(2).removesuffix(".0")
+                out[f"unet.{m.group(1)}.processor.{proj}_lora.{'down' if m.group(3) == 'A' else 'up'}.weight"] = p
+        return out
+
+    def checkpoint_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"id_encoder": self.id_encoder_state(), "lora_weights": self.lora_state()}
+
+    def load_weights(self, path: Path) -> None:
+        path = weight_file(Path(path), (self.weights_file, "photomaker-v1.bin"), self.weights_layout)
+        groups = read_groups(path, ("id_encoder", "lora_weights"), self.weights_layout)
+        self._check_lora_rank(groups["lora_weights"], path)
+        expected = self.checkpoint_groups()
+        for name, own in expected.items():
+            check_keys(groups[name], {k: v.shape for k, v in own.items()}, f"{path} [{name}]", self.weights_layout)
+        with torch.no_grad():  # state_dict tensors and parameters share storage with the modules
+            for name, own in expected.items():
+                for k, v in own.items():
+                    v.copy_(groups[name][k])
+
+    def _check_lora_rank(self, lora: dict[str, torch.Tensor], path: Path) -> None:
+        """The file's LoRA rank (the rows of any `down` weight) must be the recipe's `lora_rank`."""
+        ranks = {v.shape[0] for k, v in lora.items() if k.endswith("_lora.down.weight")}
+        if len(ranks) > 1 or (ranks or {0}) != {self.recipe.lora_rank}:
+            raise ConfigError(f"{path}: its UNet LoRA has rank {sorted(ranks) or 0}, the recipe {self.recipe.lora_rank}; "
+                              f"set hparams.photomaker.lora_rank={min(ranks or {0})}")
+
+    def save_weights(self, directory: Path) -> None:
+        write_groups(Path(directory) / self.weights_file, self.checkpoint_groups())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return super().trainable_parameters() + self.lora
@@ -172,13 +299,15 @@ class PhotoMaker(Method):
             raise ConfigError("photomaker needs batch.refs['class_word'] (the word its ID embedding replaces); "
                               "use an identity dataset")
         refs = reference_stack(batch)
-        found = [self._class_positions(p, refs.shape[1], w) for p, w in zip(batch.prompts, words)]
+        stripped = [strip_trigger(p) for p in batch.prompts]
+        found = [self._class_positions(p, refs.shape[1], trigger_class or w)
+                 for (p, trigger_class), w in zip(stripped, words)]
         rows = [i for i, f in enumerate(found) if f is not None]
         if not rows:
             return embeds
-        prompts = [found[i][0] if found[i] else p for i, p in enumerate(batch.prompts)]
+        prompts = [found[i][0] if found[i] else p for i, (p, _) in enumerate(stripped)]
         expanded = self.base.encode_prompt(prompts, tuple(batch.image.shape[-2:]))
-        id_embeds = self.visual_projection(encode_each(self.encoder, refs).to(expanded.hidden.dtype))  # [B, N, C]
+        id_embeds = self.id_embeds(refs, expanded.hidden.dtype)  # [B, N, C]
         hidden = expanded.hidden.clone()
         for i in rows:
             pos = torch.tensor(found[i][1], device=hidden.device)
@@ -190,7 +319,7 @@ class PhotoMaker(Method):
         pipeline.py encodes `prompt_text_only` (the trigger word removed); the CFG half is kept."""
         if self.training:
             return PhotoMakerState(None)
-        text = self.base.encode_prompt(batch.prompts, tuple(batch.image.shape[-2:]))
+        text = self.base.encode_prompt([strip_trigger(p)[0] for p in batch.prompts], tuple(batch.image.shape[-2:]))
         if cfg:
             n = len(batch)
             added = None if embeds.added is None else {k: v[:n] for k, v in embeds.added.items()}

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from bench.datasets.conditions import to_uint8
 from bench.errors import ConfigError
+from bench.face_align import ARCFACE_DST, arcface_crop, similarity_transform  # noqa: F401  (re-exported)
 from bench.metrics.base import BenchMetric
 from bench.metrics.fid import fingerprint
 from bench.proxy.recognizers import ID_EVALUATOR
@@ -43,8 +44,6 @@ register_weight(WeightSpec("insightface-buffalo_l", "insightface/models/buffalo_
                            how="download https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "
                                "and unzip its .onnx files into that directory (or copy ~/.insightface/models/buffalo_l)"))
 
-ARCFACE_DST = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 HOG_UPSAMPLE, HOG_MIN_SCORE = 1, 0.5  # score > 0 is dlib's boundary; the margin drops HOG false positives
 
 
@@ -159,21 +158,6 @@ class DlibBackend(FaceBackend):
                                            [dlib.point(int(x), int(y)) for x, y in face.landmarks])
         chip = dlib.get_face_chip(np.ascontiguousarray(image), shape, size=150, padding=0.25)
         return _unit(_dlib_model("resnet").compute_face_descriptor(chip))
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """[2,3] least-squares rotation+scale+translation mapping src points onto dst (Umeyama, no reflection)."""
-    x, y = src[:, 0].astype(np.float64), src[:, 1].astype(np.float64)
-    one, zero = np.ones_like(x), np.zeros_like(x)
-    a = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
-    (s, r, tx, ty), *_ = np.linalg.lstsq(a, np.concatenate([dst[:, 0], dst[:, 1]]).astype(np.float64), rcond=None)
-    return np.array([[s, -r, tx], [r, s, ty]])
-
-
-def arcface_crop(image: np.ndarray, kps5: np.ndarray, size: int = 112) -> np.ndarray:
-    import cv2
-
-    return cv2.warpAffine(image, similarity_transform(kps5, ARCFACE_DST * size / 112), (size, size), borderValue=0.0)
 
 
 @FACE_BACKENDS.register("insightface")
