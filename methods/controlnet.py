@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from bench.errors import ConfigError
 from bench.method import Method
+from bench.methods.release import load_exact, names, one_line, read_state_dict
 from bench.registry import METHODS
 
 
@@ -32,15 +31,6 @@ def make_controlnet(base, conditioning_channels: int = 3):
 
 
 # ---- checkpoint helpers (shared by the spatial methods) ----------------------------------
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
-def _examples(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def load_pretrained(cls, path: Path, layout: str):
     """A diffusers model directory as its own config.json describes it (local files only; a .bin
     is read with torch.load(weights_only=True), diffusers' model_loading_utils.load_state_dict);
@@ -51,13 +41,13 @@ def load_pretrained(cls, path: Path, layout: str):
     try:
         kind = cls.load_config(path).get("_class_name")
     except (OSError, ValueError) as e:  # unreadable JSON
-        raise ConfigError(f"{config}: {_one_line(e)}; expected {layout}") from None
+        raise ConfigError(f"{config}: {one_line(e)}; expected {layout}") from None
     if kind != cls.__name__:
         raise ConfigError(f"{config} describes a {kind}, not a {cls.__name__}; expected {layout}")
     try:
         return cls.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # weights missing or not fitting their config
-        raise ConfigError(f"{path}: {_one_line(e)}; expected {layout}") from None
+        raise ConfigError(f"{path}: {one_line(e)}; expected {layout}") from None
 
 
 def load_fitting(cls, path: Path, built, fit, layout: str):
@@ -70,43 +60,6 @@ def load_fitting(cls, path: Path, built, fit, layout: str):
     if wrong:
         raise ConfigError(f"{path} does not fit this base model's {cls.__name__}: {'; '.join(wrong)}")
     return loaded.to(dtype=next(built.parameters()).dtype).train(built.training)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A single checkpoint file's tensors: safetensors, or a torch file read with
-    `weights_only=True` (plain tensors only, never arbitrary pickled objects). A checkpoint
-    nested under "state_dict" is unwrapped, as ControlNet's cldm/model.py `get_state_dict` does."""
-    from safetensors.torch import load_file
-
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # SafetensorError, UnpicklingError, zip errors: the file is at fault
-        raise ConfigError(f"cannot read {path} as safetensors or a weights-only torch file: {_one_line(e)}") from None
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{path} is not a state dict of tensors")
-    return state
-
-
-def load_state_checked(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
-    """`module.load_state_dict(state)` after naming, in one line, the keys it would miss, the keys
-    it does not have and the shapes that differ (diffusers key names)."""
-    expected = module.state_dict()
-    present = {k: v for k, v in state.items() if v is not None}  # diffusers' converters map absent keys to None
-    missing = [k for k in expected if k not in present]
-    unexpected = [k for k in present if k not in expected]
-    shapes = [f"{k} {tuple(present[k].shape)} (expected {tuple(v.shape)})"
-              for k, v in expected.items() if k in present and present[k].shape != v.shape]
-    problems = ([f"missing {len(missing)} keys: {_examples(missing)}"] if missing else []) + \
-               ([f"unexpected {len(unexpected)} keys: {_examples(unexpected)}"] if unexpected else []) + \
-               ([f"wrong shapes: {_examples(shapes, 2)}"] if shapes else [])
-    if problems:
-        raise ConfigError(f"{path} does not fit this base model's {what}: {'; '.join(problems)}")
-    module.load_state_dict(present)
 
 
 def save_pretrained(module, directory: Path) -> None:
@@ -149,11 +102,13 @@ def load_original_controlnet(path: Path, built) -> None:
     if tuple(built.config.conditioning_embedding_out_channels) != ORIGINAL_HINT_CHANNELS:
         raise ConfigError(f"{path}: an original single-file ControlNet encodes the condition 8x down (cldm.py "
                           f"input_hint_block), this base model {scale}x; use a diffusers ControlNetModel directory")
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, CONTROLNET_LAYOUT)
     if not any(k in raw for k in CONTROLNET_MARKERS):
         raise ConfigError(f"{path} holds no ControlNet: expected {CONTROLNET_LAYOUT} "
-                          f"(e.g. {CONTROLNET_MARKERS[0]}); found e.g. {_examples(sorted(raw))}")
-    load_state_checked(built, convert_controlnet_checkpoint(raw, built.config), path, "ControlNet")
+                          f"(e.g. {CONTROLNET_MARKERS[0]}); found e.g. {names(raw)}")
+    converted = convert_controlnet_checkpoint(raw, built.config)
+    present = {k: v for k, v in converted.items() if v is not None}  # the converter maps absent keys to None
+    load_exact(built, present, f"{path} does not fit this base model's ControlNet")
 
 
 def load_controlnet(path: Path, built):

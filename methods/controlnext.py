@@ -38,6 +38,7 @@ from torch import nn
 from bench.errors import ConfigError
 from bench.method import Method, ParamGroup
 from bench.methods.controlnet import IMAGE_CONDITIONS
+from bench.methods.release import check_state, load_exact, read_state_dict
 from bench.registry import METHODS
 
 
@@ -143,40 +144,6 @@ CONTROL_FILES = ("controlnet.safetensors", "controlnext.bin")
 # `unet_weight_increasements.safetensors`. Value: whether the file holds deltas (None: by the base, as above).
 UNET_FILES = {"unet.safetensors": None, "unet.bin": False,
               "unet_weight_increasements.safetensors": True, "unet_weight_increasements.bin": True}
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file without unpickling code (weights_only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from bench.weights import safetensors_shapes
-
-        safetensors_shapes(path)  # a corrupt file: one-line ConfigError
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors: the file is at fault
-        raise ConfigError(f"cannot read {path} as a weights-only torch state dict: {type(e).__name__}") from None
-
-
-def _names(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_state(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, strict: bool) -> None:
-    """One-line ConfigError naming missing (when `strict`) or unexpected keys and shape mismatches."""
-    problems = []
-    if strict and (missing := expected.keys() - found.keys()):
-        problems.append(f"missing keys {_names(missing)}")
-    if unexpected := found.keys() - expected.keys():
-        problems.append(f"unexpected keys {_names(unexpected)}")
-    if shapes := [f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
-                  for k in sorted(found.keys() & expected.keys()) if found[k].shape != expected[k].shape]:
-        problems.append(f"shape mismatches {', '.join(shapes[:4])}")
-    if problems:
-        raise ConfigError(f"{what}: {'; '.join(problems)}")
 
 
 def _one_of(directory: Path, names, what: str) -> Path | None:
@@ -291,16 +258,14 @@ class ControlNeXt(Method):
         if control is None:
             raise ConfigError(f"{directory} has no ControlNeXt control module ({' or '.join(CONTROL_FILES)}); "
                               f"expected {self.weights_layout}")
-        state = _read(control)
-        check_state(state, self.branch.state_dict(), f"{control} is not a ControlNeXt control module for this base",
-                    strict=True)
-        self.branch.load_state_dict(state)
+        state = read_state_dict(control, self.weights_layout)
+        load_exact(self.branch, state, f"{control} is not a ControlNeXt control module for this base")
         unet_file = None if path.is_file() else _one_of(directory, UNET_FILES, "UNet weights file")
         if unet_file is not None:
             self._load_unet(unet_file, UNET_FILES[unet_file.name])
 
     def _load_unet(self, path: Path, deltas: bool | None) -> None:
-        state = _read(path)
+        state = read_state_dict(path, self.weights_layout)
         if any(k.startswith("input_blocks") for k in state):
             raise ConfigError(f"{path} uses the original SD key names (input_blocks.*); convert it to diffusers names "
                               f"(ControlNeXt-SDXL/utils/utils.py convert_sdxl_unet_state_dict_to_diffusers)")

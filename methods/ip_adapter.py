@@ -28,7 +28,7 @@ from torch import nn
 from bench.errors import ConfigError
 from bench.method import Drops, Method
 from bench.methods import encoders
-from bench.methods.release import check_keys, load_exact, read_groups, weight_file, write_groups
+from bench.methods.release import check_state, load_exact, read_groups, weight_file, write_groups
 from bench.registry import METHODS
 from bench.types import Batch, PromptEmbeds
 
@@ -240,7 +240,7 @@ class IPAdapter(Method):
         groups = read_groups(path, ("image_proj", "ip_adapter"), self.weights_layout)
         expected = self.adapter_groups()
         for name in ("image_proj", "ip_adapter"):
-            check_keys(groups[name], {k: v.shape for k, v in expected[name].items()}, f"{path} [{name}]",
+            check_state(groups[name], expected[name], f"{path} [{name}]",
                        self.weights_layout)
         load_exact(self.proj, self.proj_from_official(groups["image_proj"]), f"{path} [image_proj]", self.weights_layout)
         with torch.no_grad():

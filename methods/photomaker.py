@@ -38,7 +38,7 @@ from bench.errors import ConfigError
 from bench.method import Method
 from bench.methods import encoders
 from bench.methods.ip_adapter import IPAdapter, encode_each, feature_dim, frozen_encoder, reference_stack
-from bench.methods.release import check_keys, read_groups, weight_file, write_groups
+from bench.methods.release import check_state, read_groups, weight_file, write_groups
 from bench.registry import METHODS
 
 TRIGGER_WORD = "img"  # pipeline.py load_photomaker_adapter(trigger_word="img")
@@ -250,7 +250,7 @@ class PhotoMaker(Method):
         self._check_lora_rank(groups["lora_weights"], path)
         expected = self.checkpoint_groups()
         for name, own in expected.items():
-            check_keys(groups[name], {k: v.shape for k, v in own.items()}, f"{path} [{name}]", self.weights_layout)
+            check_state(groups[name], own, f"{path} [{name}]", self.weights_layout)
         with torch.no_grad():  # state_dict tensors and parameters share storage with the modules
             for name, own in expected.items():
                 for k, v in own.items():

@@ -1,6 +1,7 @@
-"""Released checkpoint files of the identity methods: grouped state dicts in and out.
+"""Released checkpoint files: reading them safely, and checking their keys against a module.
 
-The official releases are torch pickles of `{group: {key: tensor}}` (IP-Adapter's `image_proj` /
+Single state dicts (ControlNet's original file, ControlNeXt's control module and UNet weights) and
+grouped ones: the identity methods' official releases are torch pickles of `{group: {key: tensor}}` (IP-Adapter's `image_proj` /
 `ip_adapter`, PhotoMaker's `id_encoder` / `lora_weights`); their `.safetensors` variants are flat,
 each key prefixed with its group and a dot (ip_adapter.py `load_ip_adapter`, PhotoMaker
 pipeline.py `load_photomaker_adapter`). Pickles load with `weights_only=True` only.
@@ -18,21 +19,54 @@ from bench.errors import ConfigError
 Groups = dict[str, dict[str, torch.Tensor]]
 
 
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors span many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def names(keys: Iterable[str], limit: int = 4) -> str:
+    """A few sorted key names for a one-line error, and how many there are in all."""
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _torch_load(path: Path, layout: str):
+    """A torch file read without unpickling code (`weights_only=True`): tensors and containers only."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, zip errors: the file is at fault
+        raise ConfigError(f"cannot read {path} as a weights-only torch file ({one_line(e)}); expected {layout}") from None
+
+
+def read_state_dict(path: Path, layout: str) -> dict[str, torch.Tensor]:
+    """A single checkpoint file's tensors: safetensors (its header checked first), or a torch file
+    read with `weights_only=True`. A checkpoint nested under "state_dict" is unwrapped, as
+    ControlNet's cldm/model.py `get_state_dict` does."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        from bench.weights import safetensors_shapes
+
+        safetensors_shapes(path)  # a corrupt or truncated file: one-line ConfigError
+        return load_file(str(path))
+    state = _torch_load(path, layout)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} is not a state dict of tensors; expected {layout}")
+    return state
+
+
 def read_groups(path: Path, groups: Iterable[str], layout: str) -> Groups:
     """`{group: state dict}` from a `.bin`/`.pt` pickle or a flat prefixed `.safetensors` file."""
     groups = tuple(groups)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        flat = load_file(str(path))
+        flat = read_state_dict(path, layout)
         nested = {g: {k[len(g) + 1:]: v for k, v in flat.items() if k.startswith(g + ".")} for g in groups}
         nested = {g: sd for g, sd in nested.items() if sd}
     else:
-        try:
-            nested = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for anything but tensors and containers
-            raise ConfigError(f"{path}: not loadable as tensors only (torch.load weights_only=True: "
-                              f"{str(e).strip().splitlines()[0]}); expected {layout}") from None
+        nested = _torch_load(path, layout)
     missing = [g for g in groups if not isinstance(nested, Mapping) or g not in nested]
     if missing:
         found = sorted(nested)[:6] if isinstance(nested, Mapping) else type(nested).__name__
@@ -49,31 +83,27 @@ def write_groups(path: Path, groups: Mapping[str, Mapping[str, torch.Tensor]]) -
     return path
 
 
-def _some(keys: Iterable[str], n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+def check_state(found: Mapping[str, torch.Tensor], expected: Mapping, where: str, layout: str = "",
+                strict: bool = True) -> None:
+    """One-line ConfigError naming the missing keys (when `strict`), the unexpected keys and the
+    shape mismatches of `found` against `expected` (key -> tensor or shape)."""
+    shape = {k: tuple(getattr(v, "shape", v)) for k, v in expected.items()}
+    problems = []
+    if strict and (missing := shape.keys() - found.keys()):
+        problems.append(f"missing keys {names(missing)}")
+    if unexpected := found.keys() - shape.keys():
+        problems.append(f"unexpected keys {names(unexpected)}")
+    if wrong := [f"{k} {tuple(found[k].shape)} (expected {shape[k]})"
+                 for k in sorted(found.keys() & shape.keys()) if tuple(found[k].shape) != shape[k]]:
+        problems.append(f"shape mismatches {names(wrong, 2)}")
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}" + (f" (expected {layout})" if layout else ""))
 
 
-def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], where: str, layout: str) -> None:
-    """One-line ConfigError unless `state` has exactly the expected keys with the expected shapes."""
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise ConfigError(f"{where}: expected {layout} ({len(expected)} keys, e.g. {_some(expected, 2)}); "
-                          f"missing: {_some(missing) or 'none'}; unexpected: {_some(unexpected) or 'none'}")
-    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k])]
-    if wrong:
-        k = wrong[0]
-        raise ConfigError(f"{where}: {len(wrong)} tensors of the wrong shape for this base, e.g. {k} "
-                          f"{tuple(state[k].shape)} where {tuple(expected[k])} is expected ({layout})")
-
-
-def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], where: str, layout: str) -> None:
-    """Copy `state` into `module` after `check_keys` against the module's own state dict."""
-    own = module.state_dict()
-    check_keys(state, {k: v.shape for k, v in own.items()}, where, layout)
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])
+def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], where: str, layout: str = "") -> None:
+    """`state` into `module` after `check_state` against the module's own state dict."""
+    check_state(state, module.state_dict(), where, layout)
+    module.load_state_dict(dict(state))
 
 
 def weight_file(path: Path, names: Iterable[str], layout: str) -> Path:
