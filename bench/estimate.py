@@ -166,6 +166,7 @@ class StepCount:
     peak_bytes: int
     split: dict[str, int]  # CATEGORIES -> bytes at the peak
     flops: int
+    start: dict[str, int]  # CATEGORIES -> bytes live when the step starts (weights, state, batch)
 
 
 def measure_step(rig, batch) -> StepCount:
@@ -173,6 +174,7 @@ def measure_step(rig, batch) -> StepCount:
     real or fake tensors alike."""
     tracker = StorageTracker()
     tracker.add_all(live_state(rig, batch))
+    start = dict(tracker.totals)
     params = rig.method.trainable_parameters()
     # a gradient is created by the op that computes it (counted as an activation); its leaf's
     # accumulation hook names it a gradient
@@ -185,7 +187,7 @@ def measure_step(rig, batch) -> StepCount:
     finally:
         for h in hooks:
             h.remove()
-    return StepCount(tracker.peak, tracker.at_peak, flops.get_total_flops())
+    return StepCount(tracker.peak, tracker.at_peak, flops.get_total_flops(), start)
 
 
 def live_state(rig, batch) -> list[tuple[torch.Tensor, str]]:
