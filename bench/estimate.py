@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.errors import ConfigError
-from bench.profile import PRECISIONS, ProfileSetup, build_rig, parameter_counts, train_step
+from bench.profile import PRECISIONS, ProfileSetup, build_rig, convert_input, parameter_counts, train_step
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 GIB = 2**30
@@ -254,7 +254,8 @@ def sample_batch(rig, setup: ProfileSetup, b: int):
     shapes, not values, so one rendered sample (rendering at 512 px takes seconds) is repeated."""
     from bench.types import collate
 
-    return collate([_one_sample(type(rig.method).sample_dataset, setup.resolution, rig.condition)] * b)
+    return convert_input(collate([_one_sample(type(rig.method).sample_dataset, setup.resolution, rig.condition)] * b),
+                         setup.precision)
 
 
 def fakeify(module: torch.nn.Module, device: str, dtype: torch.dtype | None, mode) -> torch.nn.Module:
