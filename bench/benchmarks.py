@@ -157,9 +157,11 @@ Why RSS differs from the estimate (each part measured by this command):
 - kernel workspaces: oneDNN's convolutions reorder the weight into a blocked layout, a copy made
   inside the kernel, where no dispatch mode sees it (the CPU's counterpart of cuDNN workspace; the
   probe below: a 1280x1280 3x3 conv's steady RSS rise is twice the live bytes with oneDNN, equal
-  without). At SD1.5 scale, where one conv weight is up to 56 MiB, this is the steady step's gap.
+  without). It adds to the peak only where a conv runs at the peak: SD1.5 at 64 px peaks in the
+  AdamW step, and its steady gap is a few MiB.
 - one-time costs of the first step (lazy library initialisation, oneDNN's primitive cache and JIT
-  code, Python objects of code run for the first time): step 1 and 'kept' above the estimate.
+  code, Python objects of code run for the first time): step 1 and 'kept' above the estimate by
+  tens of MiB, whatever the model's size.
 - per-step bookkeeping (autograd graph nodes, Python objects of the step): bounded by the steady
   step's gap on the proxy, where no large conv weight is reordered.
 The interpreter, torch and the loaded model are in the baseline; a GPU's max_memory_allocated has

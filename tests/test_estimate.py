@@ -268,3 +268,54 @@ def test_profile_estimate_help_explains_every_option(capsys):
         assert action.option_strings[-1] in text
     for words in ("gradient checkpointing", "math", "efficient", "bf16-true", "fake tensors", "24GiB", "1,4,8"):
         assert words in text, words
+
+
+def _estimate_rows(evil: str) -> list[dict]:
+    """Estimate rows as `bench profile --estimate` makes them, with made-up figures: peak memory
+    (MiB) and FLOPs per method grow linearly in the batch; one variant carries markup."""
+    cost = {"finetune": (9000, 300, 30), "frozen": (3000, 200, 20), "controlnet": (4500, 260, 24),
+            f"t2i_adapter:q={evil}": (3400, 230, 21)}
+    rows = []
+    for variant, (fixed, per_sample, tflop) in cost.items():
+        method, _, rest = variant.partition(":")
+        for b in (1, 2, 4):
+            rows.append(dict(variant=variant, method=method, hparams={"q": evil} if rest else {}, device="cpu-fake",
+                             batch=b, resolution=512, precision="bf16", params_total=1e9, params_trainable=3e8,
+                             params_added=3e8, est_peak_mem_mb=fixed + per_sample * b, est_weights_mb=fixed,
+                             est_gradients_mb=0.0, est_optimizer_mb=0.0, est_activations_mb=per_sample * b,
+                             flops_per_step=tflop * 1e12 * b))
+    return rows
+
+
+def test_html_report_shows_the_estimate_curves_escaped(tmp_path):
+    """The HTML report's estimate section: the table with the ratios to finetune and frozen, the
+    ratio-vs-batch figure written as a PNG beside the Markdown (which links it) and inlined in the
+    HTML, every record string escaped."""
+    import re
+
+    import cv2
+
+    from bench.profile import ProfileSetup, to_records
+    from bench.report import write_report
+
+    evil = "<script>alert(1)</script>"
+    setup = ProfileSetup(f"base<b>{evil}", 512, 1, "bf16", 1)
+    records = to_records(_estimate_rows(evil), setup, kind="estimate")
+    out = tmp_path / "report"
+    md = write_report(records, out, {"git_sha": "abc"}, plots=True, html=True).read_text()
+    html_text = (out / "leaderboard.html").read_text()
+    png = out / "figures" / "estimate_curves_0.png"
+    assert png.stat().st_size > 0 and cv2.imread(str(png)).shape[0] > 300
+    assert "(figures/estimate_curves_0.png)" in md and "estimate_curves_1" not in md
+    section = html_text.split("<h2>Training cost estimates (kind: estimate)</h2>", 1)[1]
+    assert section.count('<img class="" src="data:image/png;base64,') == 1
+    assert "alert(1)</script>" not in html_text and html_text.count("<script") == 1
+    assert "Training cost vs batch (estimate) · base&lt;b&gt;&lt;script&gt;" in section
+    # controlnet at batch 4: memory (4500 + 4 * 260) / (9000 + 4 * 300) vs finetune, / (3000 + 4 * 200) vs frozen
+    row = re.search(r"<tr><td>controlnet</td><td>512px, bf16</td>(.*?)</tr>.*?<tr><td>controlnet</td><td>512px, "
+                    r"bf16</td>(.*?)</tr>.*?<tr><td>controlnet</td><td>512px, bf16</td>(.*?)</tr>", section).group(3)
+    cells = re.findall(r">([^<]*)</td>", row)
+    assert cells[0] == "4" and cells[-4:] == [f"{5540 / 10200:.3f}", f"{5540 / 3800:.3f}", f"{24 / 30:.3f}",
+                                              f"{24 / 20:.3f}"]
+    assert "t2i_adapter:q=&lt;script&gt;alert(1)&lt;/script&gt;" in section
+    assert "controlnet-memory-vs-frozen" in section and "bs 4, 512px, bf16" in section
