@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every diffusers model")
     pf.add_argument("--attention", default="default", help="SDPA kernel: default, math, or efficient (CUDA's "
                     "memory-efficient kernel; the CPU's flash kernel on the CPU)")
-    pf.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
+    pf.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps (not used by --estimate, "
+                    "which counts one steady-state step)")
     pf.add_argument("--condition", default="canny", help="control condition for the methods that need one")
     pf.add_argument("--store", help="also write one record per method to this SQLite store")
     pf.add_argument("--quiet", action="store_true", help="no progress bar")

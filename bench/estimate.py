@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.errors import ConfigError
-from bench.profile import PRECISIONS, ProfileSetup, build_rig, parameter_counts, train_step
+from bench.profile import PRECISIONS, ProfileSetup, build_rig, convert_input, parameter_counts, train_step
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 GIB = 2**30
@@ -166,6 +166,7 @@ class StepCount:
     peak_bytes: int
     split: dict[str, int]  # CATEGORIES -> bytes at the peak
     flops: int
+    start: dict[str, int]  # CATEGORIES -> bytes live when the step starts (weights, state, batch)
 
 
 def measure_step(rig, batch) -> StepCount:
@@ -173,6 +174,7 @@ def measure_step(rig, batch) -> StepCount:
     real or fake tensors alike."""
     tracker = StorageTracker()
     tracker.add_all(live_state(rig, batch))
+    start = dict(tracker.totals)
     params = rig.method.trainable_parameters()
     # a gradient is created by the op that computes it (counted as an activation); its leaf's
     # accumulation hook names it a gradient
@@ -185,7 +187,7 @@ def measure_step(rig, batch) -> StepCount:
     finally:
         for h in hooks:
             h.remove()
-    return StepCount(tracker.peak, tracker.at_peak, flops.get_total_flops())
+    return StepCount(tracker.peak, tracker.at_peak, flops.get_total_flops(), start)
 
 
 def live_state(rig, batch) -> list[tuple[torch.Tensor, str]]:
@@ -252,7 +254,8 @@ def sample_batch(rig, setup: ProfileSetup, b: int):
     shapes, not values, so one rendered sample (rendering at 512 px takes seconds) is repeated."""
     from bench.types import collate
 
-    return collate([_one_sample(type(rig.method).sample_dataset, setup.resolution, rig.condition)] * b)
+    return convert_input(collate([_one_sample(type(rig.method).sample_dataset, setup.resolution, rig.condition)] * b),
+                         setup.precision)
 
 
 def fakeify(module: torch.nn.Module, device: str, dtype: torch.dtype | None, mode) -> torch.nn.Module:
@@ -441,7 +444,8 @@ NOTE = ("kind: estimate (fake tensors on the CPU; peak = live tensor storage at 
 
 
 def _setting(r: dict) -> tuple:
-    return (r["resolution"], r["precision"], r["checkpointing"], r["attention"])
+    # rows of one `bench profile --estimate` share a base (no key); stored ones name theirs
+    return (r.get("base_model"), r["resolution"], r["precision"], r["checkpointing"], r["attention"])
 
 
 def _setting_label(r: dict) -> str:
@@ -462,22 +466,31 @@ def _fmt(x: float | None, width: int) -> str:
     return f"{x:{width}.3f}" if x is not None else f"{'-':>{width}s}"
 
 
+# (header, text width, format) of the estimate table; the HTML report renders the same columns
+ESTIMATE_COLUMNS = (("variant", 16, "s"), ("setting", 30, "s"), ("bs", 3, "d"), ("train M", 8, ".1f"),
+                    ("peak GiB", 8, ".2f"), ("weights", 7, ".2f"), ("grads", 7, ".2f"), ("optim", 7, ".2f"),
+                    ("activ", 7, ".2f"), ("TFLOP", 7, ".2f"), ("mem/ft", 6, ".3f"), ("mem/fz", 6, ".3f"),
+                    ("flop/ft", 7, ".3f"), ("flop/fz", 7, ".3f"))
+
+
+def estimate_values(rows: list[dict], r: dict) -> list:
+    """One row of ESTIMATE_COLUMNS: parameters, the peak and its split (GiB), FLOPs, and the
+    ratios against finetune (ft) and frozen (fz) at the same setting and batch (None: no reference)."""
+    return ([r["variant"], _setting_label(r), r["batch"], r["params_trainable"] / 1e6, r["est_peak_mem_mb"] / 1024]
+            + [r[f"est_{c}_mb"] / 1024 for c in CATEGORIES] + [r["flops_per_step"] / 1e12]
+            + [_ratio(rows, r, k, ref) for k in ("est_peak_mem_mb", "flops_per_step") for ref in ("finetune", "frozen")])
+
+
+def format_value(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def format_estimate(rows: list[dict]) -> str:
-    """Per setting and method: parameters, the peak and its split, FLOPs, and the ratios against
-    finetune (ft) and frozen (fz) at the same setting and batch."""
-    lines = [NOTE, f"{'variant':16s} {'setting':30s} {'bs':>3s} {'train M':>8s} {'peak GiB':>8s} {'weights':>7s} "
-                   f"{'grads':>7s} {'optim':>7s} {'activ':>7s} {'TFLOP':>7s} {'mem/ft':>6s} {'mem/fz':>6s} "
-                   f"{'flop/ft':>7s} {'flop/fz':>7s}"]
-    for r in rows:
-        if "error" in r:
-            continue
-        lines.append(f"{r['variant'][:16]:16s} {_setting_label(r)[:30]:30s} {r['batch']:3d} "
-                     f"{r['params_trainable'] / 1e6:8.1f} {r['est_peak_mem_mb'] / 1024:8.2f} "
-                     + " ".join(f"{r[f'est_{c}_mb'] / 1024:7.2f}" for c in CATEGORIES)
-                     + f" {r['flops_per_step'] / 1e12:7.2f}"
-                     + "".join(f" {_fmt(_ratio(rows, r, k, ref), w)}" for k, w in (("est_peak_mem_mb", 6),)
-                               for ref in ("finetune", "frozen"))
-                     + "".join(f" {_fmt(_ratio(rows, r, 'flops_per_step', ref), 7)}" for ref in ("finetune", "frozen")))
+    """The estimate table (ESTIMATE_COLUMNS) as text, then the variants that could not be estimated."""
+    cell = lambda v, w, f: f"{v[:w]:{w}s}" if f == "s" else f"{format_value(v, f):>{w}s}"  # noqa: E731
+    lines = [NOTE, " ".join(cell(h, w, "s") if f == "s" else f"{h:>{w}s}" for h, w, f in ESTIMATE_COLUMNS)]
+    lines += [" ".join(cell(v, w, f) for v, (_, w, f) in zip(estimate_values(rows, r), ESTIMATE_COLUMNS))
+              for r in rows if "error" not in r]
     lines += [f"{r['variant']}: not estimated: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines)
 
@@ -595,28 +608,59 @@ def rows_from_records(records: list) -> list[dict]:
         f = r.spec["budget_fields"]
         hp = r.spec.get("hparams") or {}
         rows.append(dict(variant=r.method + (":" + ",".join(f"{k}={v}" for k, v in sorted(hp.items())) if hp else ""),
-                         method=r.method, hparams=hp, batch=f["batch_size"], resolution=f["resolution"],
+                         method=r.method, hparams=hp, base_model=r.spec.get("base_model"), batch=f["batch_size"], resolution=f["resolution"],
                          precision=next((k for k, p in PRECISIONS.items() if p.lightning == f["precision"]),
                                         f["precision"]),
                          checkpointing=bool(r.spec.get("checkpointing")), attention=r.spec.get("attention", "default"),
                          **r.compute))
-    return sorted(rows, key=lambda x: (_setting(x), x["variant"], x["batch"]))
+    return sorted(rows, key=lambda x: (str(x["base_model"]), *_setting(x)[1:], x["variant"], x["batch"]))
 
 
-def report_section(records: list) -> list[str]:
-    """Markdown lines for the report: the estimate tables, the batch-size curves and the ControlNet
-    claims read on the estimate; [] when the store holds no estimate."""
+ESTIMATE_INTRO = ("From `bench profile --estimate`: one training step on fake tensors, peak live memory split into "
+                  "weights, gradients, AdamW state and activations, and FLOPs. These are estimates, never mixed "
+                  "with measured runs. FLOP ratios are the hardware-independent reading of step time.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateSection:
+    """What the Markdown and HTML reports show of the store's estimate records."""
+
+    rows: list[dict]  # rows_from_records
+    verdicts: list[ClaimOnEstimate]
+    figures: list  # bench.plots.Figure: ratio curves vs batch size, one per setting
+
+    @property
+    def has_curves(self) -> bool:
+        return any(len({r["batch"] for r in self.rows if _setting(r) == _setting(x)}) > 1 for x in self.rows)
+
+
+def estimate_section(records: list, fig_dir=None) -> EstimateSection | None:
+    """The report's estimate section, with its figures written under `fig_dir` when given; None
+    when the store holds no finished estimate."""
     rows = rows_from_records(records)
     if not rows:
+        return None
+    from bench.plots import estimate_curves
+
+    return EstimateSection(rows, claim_verdicts(records), estimate_curves(rows, fig_dir) if fig_dir else [])
+
+
+def report_section(section: EstimateSection | None, base=None) -> list[str]:
+    """Markdown lines for the report: the estimate table, the batch-size curves (text, and the
+    figures with links relative to `base`), and the ControlNet claims read on the estimate."""
+    from pathlib import Path
+
+    from bench.report import _esc
+
+    if section is None:
         return []
-    out = ["## Training cost estimates (kind: estimate)", "",
-           "From `bench profile --estimate`: one training step on fake tensors, peak live memory split into "
-           "weights, gradients, AdamW state and activations, and FLOPs. These are estimates, never mixed with "
-           "measured runs. FLOP ratios are the hardware-independent reading of step time.", "",
-           "```text", format_estimate(rows), "```", ""]
-    if any(len({r["batch"] for r in rows if _setting(r) == _setting(x)}) > 1 for x in rows):
-        out += ["```text", format_curves(rows), "```", ""]
-    verdicts = claim_verdicts(records)
-    if verdicts:
-        out += ["```text", format_claims(verdicts), "```", ""]
+    out = ["## Training cost estimates (kind: estimate)", "", ESTIMATE_INTRO, "",
+           "```text", format_estimate(section.rows), "```", ""]
+    if section.has_curves:
+        out += ["```text", format_curves(section.rows), "```", ""]
+    for f in section.figures:
+        rel = Path(f.path).relative_to(base) if base else Path(f.path)
+        out += [f"### {_esc(f.title)}", "", f"![{_esc(f.title)}]({rel.as_posix()})", "", f"_{_esc(f.note)}_", ""]
+    if section.verdicts:
+        out += ["```text", format_claims(section.verdicts), "```", ""]
     return out

@@ -174,45 +174,54 @@ def write_plots(tables: list[Table], records: list[RunRecord], out_dir: Path) ->
         members = _members(table, by_id)
         figures.append(compute_scatter(table, members, out_dir / f"compute_{n}.png"))
         figures.append(params_bars(table, members, out_dir / f"params_{n}.png"))
-    return figures + consistency_curves(records, out_dir) + estimate_curves(records, out_dir)
+    return figures + consistency_curves(records, out_dir)  # estimate_curves: the report's estimate section
 
 
-def estimate_curves(records: list[RunRecord], out_dir: Path) -> list[Figure]:
-    """`bench profile --estimate` records: per setting (resolution, precision, checkpointing,
-    attention, base), each method's peak-memory and FLOP ratios against finetune and frozen at
-    the same batch, as the batch grows. Estimates only: measured runs never enter."""
-    by_setting: dict[tuple, dict[str, dict[int, RunRecord]]] = defaultdict(lambda: defaultdict(dict))
-    for r in records:
-        if r.finished and r.spec.get("kind") == "estimate":
-            f = r.spec["budget_fields"]
-            key = (r.spec.get("base_model"), f["resolution"], f["precision"], r.spec.get("dataset_version"))
-            by_setting[key][r.method][int(f["batch_size"])] = r
+def estimate_curves(rows: list[dict], out_dir: Path) -> list[Figure]:
+    """`bench profile --estimate` rows (bench.estimate.rows_from_records: estimates only, measured
+    runs never enter): per setting (base, resolution, precision, checkpointing, attention), each
+    variant's peak-memory (top) and FLOP (bottom) ratio against finetune and frozen (columns) at
+    the same batch, as the batch grows. A setting needs a reference and two batch sizes."""
+    by_setting: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        key = (str(r.get("base_model")), r["resolution"], r["precision"], r["checkpointing"], r["attention"])
+        by_setting[key][r["variant"]][int(r["batch"])] = r
     figures = []
-    for n, (key, methods) in enumerate(sorted(by_setting.items(), key=lambda kv: str(kv[0]))):
-        refs = [m for m in ("finetune", "frozen") if m in methods]
-        if not refs or max(len(b) for b in methods.values()) < 2:
-            continue  # a curve needs a reference and two batch sizes
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (figure, label) in zip(axes, (("est_peak_mem_mb", "peak memory"), ("flops_per_step", "FLOPs"))):
-            for i, (method, runs) in enumerate(sorted(methods.items())):
-                for ref, style in zip(refs, ("-", "--")):
-                    if method == ref:
-                        continue
-                    pts = [(b, runs[b].compute[figure] / methods[ref][b].compute[figure]) for b in sorted(runs)
-                           if b in methods[ref] and methods[ref][b].compute.get(figure)]
-                    if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{method} / {ref}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(f"{label} ratio")
-            ax.set_title(f"{label} ratio (estimate)")
-            ax.axhline(1.0, color="grey", lw=0.5)
-        axes[1].legend(fontsize=7)
-        base, res, prec, version = key
-        title = f"Training cost vs batch (estimate) · {base}, {res}px, {prec}, {version.split(';', 1)[-1]}"
+    for n, (key, variants) in enumerate(sorted(by_setting.items())):
+        refs = [m for m in ("finetune", "frozen") if m in variants]
+        if not refs or max(len(b) for b in variants.values()) < 2:
+            continue
+        fig, axes = plt.subplots(2, len(refs), figsize=(5 * len(refs), 7), squeeze=False, constrained_layout=True)
+        for row, (figure, label) in enumerate((("est_peak_mem_mb", "peak memory"), ("flops_per_step", "FLOPs"))):
+            for col, ref in enumerate(refs):
+                _ratio_panel(axes[row][col], variants, ref, figure, f"{label} / {ref}")
+        base, res, prec, ckpt, attention = key
+        title = (f"Training cost vs batch (estimate) · {base}, {res}px, {prec}"
+                 + (", checkpointing" if ckpt else "") + (f", {attention} attention" if attention != "default" else ""))
         figures.append(Figure(title, _save(fig, out_dir / f"estimate_curves_{n}.png"),
-                              "FLOP ratios are the hardware-independent reading of step time"))
+                              "ratio of each variant to finetune (whole UNet trained) and frozen (backward "
+                              "through the locked UNet) at the same batch; FLOP ratios are the "
+                              "hardware-independent reading of step time"))
     return figures
+
+
+def _ratio_panel(ax, variants: dict[str, dict[int, dict]], ref: str, figure: str, label: str) -> None:
+    """One variant per line: its `figure` over `ref`'s at each batch both have."""
+    for i, (variant, by_batch) in enumerate(sorted(variants.items())):
+        pts = [(b, by_batch[b][figure] / variants[ref][b][figure]) for b in sorted(by_batch)
+               if variant != ref and b in variants[ref] and variants[ref][b][figure]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=variant)
+    batches = sorted({b for by_batch in variants.values() for b in by_batch})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"{label} (ratio)")
+    ax.set_title(f"{label} (estimate)", fontsize=10)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    if len(ax.lines) > 1:
+        ax.legend(fontsize=7)
 
 
 # ---- sample grids -------------------------------------------------------------------------

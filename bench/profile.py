@@ -145,7 +145,18 @@ def sample_batches(rig: Rig, setup: ProfileSetup, n: int, device: str) -> list:
     from bench.types import collate
 
     world = DATASETS.get(type(rig.method).sample_dataset)("train", n * setup.batch, setup.resolution, (rig.condition,))
-    return [collate([world[i] for i in range(k * setup.batch, (k + 1) * setup.batch)]).to(device) for k in range(n)]
+    return [convert_input(collate([world[i] for i in range(k * setup.batch, (k + 1) * setup.batch)]).to(device),
+                          setup.precision) for k in range(n)]
+
+
+def convert_input(batch, precision: str):
+    """The batch as the trainer hands it to the training step: Lightning's pure low-precision
+    plugin ("bf16-true") casts its floating tensors to the weights' dtype (a pixel-space base
+    feeds the image straight to bf16 convolutions); autocast precisions leave it fp32."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    p = PRECISIONS[precision]
+    return HalfPrecision(p.lightning).convert_input(batch) if p.weights is not None else batch
 
 
 def train_step(rig: Rig, batch) -> torch.Tensor:

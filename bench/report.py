@@ -638,13 +638,15 @@ def write_report(records: list[RunRecord], out_dir: Path, meta: Mapping[str, Any
             figures = write_plots(tables, records, fig_dir)
             grids = write_sample_grids(tables, records, fig_dir / "samples")
         text = render_markdown(tables, excluded, meta, claims, figures, grids, out_dir)
+        estimates = None
         if any(r.spec.get("kind") == "estimate" for r in records):
-            from bench.estimate import report_section
+            from bench.estimate import estimate_section, report_section
 
-            text = text.rstrip("\n") + "\n\n" + "\n".join(report_section(records)).rstrip("\n") + "\n"
+            estimates = estimate_section(records, out_dir / FIGURES_DIR if plots or html else None)
+            text = text.rstrip("\n") + "\n\n" + "\n".join(report_section(estimates, out_dir)).rstrip("\n") + "\n"
         if html:
             from bench.report_html import render_html
 
             atomic_write(out_dir / "leaderboard.html",
-                         render_html(tables, excluded, meta, claims, figures, grids))
+                         render_html(tables, excluded, meta, claims, figures, grids, estimates))
         return atomic_write(out_dir / "leaderboard.md", text)

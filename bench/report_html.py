@@ -12,7 +12,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from bench.claims import ClaimResult
 from bench.plots import Figure, SampleGrid
@@ -22,6 +22,8 @@ from bench.report import (CLAIM_HEADERS, COMPUTE_COLUMNS, MACHINE_HEADERS, RECIP
                           tuning_cells)
 from bench.store import RunRecord
 
+if TYPE_CHECKING:  # bench.estimate imports torch; it is imported only when a store holds estimates
+    from bench.estimate import EstimateSection
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -190,11 +192,40 @@ def _claims(claims: Sequence[ClaimResult]) -> str:
     return f"<h2>Claims</h2><p>{_e(CLAIMS_INTRO).replace('**', '')}</p>" + table + folded
 
 
+def _figure(f: Figure) -> str:
+    return (f"<figure>{_img(f.path, f.title)}<figcaption>{_e(f.title)}"
+            + (f"<br><i>{_e(f.note)}</i>" if f.note else "") + "</figcaption></figure>")
+
+
 def _figures(figures: Sequence[Figure]) -> str:
-    parts = [f"<figure>{_img(f.path, f.title)}<figcaption>{_e(f.title)}"
-             + (f"<br><i>{_e(f.note)}</i>" if f.note else "") + "</figcaption></figure>"
-             for f in figures]
-    return "<h2>Plots</h2>" + "".join(parts) if parts else ""
+    return "<h2>Plots</h2>" + "".join(_figure(f) for f in figures) if figures else ""
+
+
+def _estimates(section: EstimateSection | None) -> str:
+    """`bench profile --estimate` records: the estimate table, the ratio-vs-batch figures (and
+    their numbers), and the ControlNet claims read on the estimate, apart from measured runs."""
+    if section is None:
+        return ""
+    from bench.estimate import (ESTIMATE_COLUMNS, ESTIMATE_INTRO, NOTE, estimate_values, format_curves,
+                                format_value)
+
+    rows = [[f"<td>{_e(v)}</td>" if f == "s" else _num_td(format_value(v, f), v)
+             for v, (_, _, f) in zip(estimate_values(section.rows, r), ESTIMATE_COLUMNS)] for r in section.rows]
+    parts = ["<h2>Training cost estimates (kind: estimate)</h2>", f"<p>{_e(ESTIMATE_INTRO.replace('`', ''))}</p>",
+             f"<p><i>{_e(NOTE)}</i></p>", _table([h for h, _, _ in ESTIMATE_COLUMNS], rows, "estimates")]
+    if section.figures:
+        parts.append('<div class="estimate-curves">' + "".join(_figure(f) for f in section.figures) + "</div>")
+    if section.has_curves:
+        parts.append(f'<pre class="estimate-curves">{_e(format_curves(section.rows))}</pre>')
+    if section.verdicts:
+        claims = [[f"<td>{_e(v.claim.id)}</td>", f"<td>{_e(v.claim.target)}</td>", f"<td>{_e(label)}</td>",
+                   _num_td(f"{res.measured:.3f}", res.measured),
+                   f'<td class="{_e(res.verdict.replace(" ", "-"))}">{_e(res.verdict)}</td>']
+                  for v in section.verdicts for label, res in v.per_setting]
+        parts += ["<h3>ControlNet claims on the estimate</h3><ul>"
+                  + "".join(f"<li><b>{_e(v.claim.id)}</b>: {_e(v.summary)}</li>" for v in section.verdicts) + "</ul>",
+                  _table(["claim", "target", "setting", "estimate", "verdict"], claims, "estimate-claims")]
+    return "".join(parts)
 
 
 def _grid(g: SampleGrid) -> str:
@@ -218,8 +249,9 @@ def _grid(g: SampleGrid) -> str:
 
 def render_html(tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any],
                 claims: Sequence[ClaimResult], figures: Sequence[Figure],
-                grids: Sequence[SampleGrid]) -> str:
-    """The whole report as one HTML document (deterministic for the same inputs)."""
+                grids: Sequence[SampleGrid], estimates: EstimateSection | None = None) -> str:
+    """The whole report as one HTML document (deterministic for the same inputs); `estimates`
+    (bench.estimate.estimate_section) adds the training cost estimates after the claims."""
     info = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in meta.items())
     body = [f"<h1>controlbench leaderboard</h1><ul>{info}</ul>",
             "<p>Values are mean ± 95% interval half-width (the line under each table says how the "
@@ -228,7 +260,7 @@ def render_html(tables: list[Table], excluded: list[tuple[RunRecord, str]], meta
             "Click a column header to sort.</p>"]
     body += [_leaderboard(t) for t in tables] or ["<p><i>No finished runs to compare.</i></p>"]
     body += [_tuning(tables), _excluded(excluded), _figures(figures)]
-    body += [_grid(g) for g in grids] + [_claims(claims)]
+    body += [_grid(g) for g in grids] + [_claims(claims), _estimates(estimates)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">'
             f"<title>controlbench leaderboard</title><style>{_STYLE}</style></head>"

@@ -9,6 +9,8 @@ The estimate is checked against what it stands for, without a GPU:
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -168,3 +170,152 @@ def test_profile_bad_input_is_one_line_naming_the_fix(argv, fix, capsys):
     assert main(["profile", "--arch", "proxy", "--methods", "controlnet", *extra, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert fix in err and "\n" not in err
+
+
+# ---- the estimate's options: checkpointing, attention kernel, precision, --help ------------------
+
+@functools.lru_cache(maxsize=None)
+def _option_step(base: str, precision: str = "fp32", checkpointing: bool = False, attention: str = "default"):
+    """The fake estimate of one controlnet step at 32 px, batch 2, and its rig (shared by the tests below)."""
+    from bench.estimate import Estimator
+    from bench.profile import ProfileSetup
+
+    est = Estimator("controlnet", ProfileSetup(base, 32, 2, precision, 1, checkpointing=checkpointing,
+                                               attention=attention))
+    return est.step(2), est.rig
+
+
+def test_checkpointing_lowers_activation_memory_and_recomputes_the_forward(tiny_sd_dir):
+    """Tiny SD, whose UNet and ControlNet support diffusers' gradient checkpointing: on, the
+    blocks keep only their inputs and recompute their forward in backward, so activations at the
+    peak drop, the state (weights, gradients, AdamW) does not move, and FLOPs rise by at most one
+    forward of the checkpointed models (the frozen UNet's backward costs one forward, the
+    ControlNet's two: a recomputed forward is under half of the step)."""
+    off, _ = _option_step(str(tiny_sd_dir), attention="efficient")
+    on, _ = _option_step(str(tiny_sd_dir), checkpointing=True, attention="efficient")
+    assert on.split["activations"] < 0.75 * off.split["activations"] and on.peak_bytes < off.peak_bytes
+    assert {c: on.split[c] for c in ("weights", "gradients", "optimizer")} == {
+        c: off.split[c] for c in ("weights", "gradients", "optimizer")}
+    assert off.flops < on.flops <= 1.5 * off.flops
+
+
+def test_attention_kernel_math_saves_the_attention_matrix_the_fused_kernel_does_not():
+    """On the CPU, "efficient" runs the CPU's flash kernel (its only fused one; CUDA's
+    memory-efficient kernel saves the same: the output and a logsumexp per query row) and
+    PyTorch's CPU default picks it too; "math" saves the softmax probabilities for backward. Live
+    bytes after one diffusers cross-attention forward differ by exactly that: n*heads*lq*s fp32
+    probabilities against n*heads*lq fp32 logsumexps."""
+    from diffusers.models.attention_processor import Attention
+
+    from bench.estimate import StorageTracker
+    from bench.profile import attention_kernel
+
+    n, lq, s, c, cc, heads, d = 2, 64, 77, 32, 24, 4, 8
+    torch.manual_seed(0)
+    attn = Attention(query_dim=c, heads=heads, dim_head=d, cross_attention_dim=cc)
+    x, ctx = torch.randn(n, lq, c, requires_grad=True), torch.randn(n, s, cc)
+    saved = {}
+    for kernel in ("math", "efficient", "default"):
+        tracker = StorageTracker()
+        with attention_kernel(kernel, "cpu"), tracker:
+            y = attn(x, ctx)
+            saved[kernel] = tracker.current
+        del y
+    assert saved["math"] - saved["efficient"] == n * heads * lq * s * 4 - n * heads * lq * 4
+    assert saved["default"] == saved["efficient"]
+
+
+def test_attention_option_reaches_the_estimate(tiny_sd_dir):
+    """--attention math vs efficient on tiny SD: only activations move (math holds the attention
+    matrices), and the fused kernel's backward recomputes QK^T, so it counts more FLOPs."""
+    math_, _ = _option_step(str(tiny_sd_dir), attention="math")
+    fused, _ = _option_step(str(tiny_sd_dir), attention="efficient")
+    assert math_.split["activations"] > fused.split["activations"]
+    assert {c: math_.split[c] for c in ("weights", "gradients", "optimizer")} == {
+        c: fused.split[c] for c in ("weights", "gradients", "optimizer")}
+    assert math_.flops < fused.flops
+
+
+@pytest.mark.parametrize("precision,size", [("bf16", 4), ("fp16", 4), ("bf16-true", 2)])
+def test_state_bytes_follow_the_precision_by_hand_count(precision, size):
+    """Autocast (bf16, fp16) keeps fp32 master weights, gradients and AdamW moments: 4 bytes an
+    element, as fp32; pure bf16 casts them all to 2 bytes. AdamW's step count is one fp32
+    scalar per tensor either way; integer buffers keep their dtype. Activations under autocast
+    are below fp32's (half-precision matmul and conv outputs)."""
+    step, rig = _option_step("proxy", precision)
+    method = rig.method
+    elem = lambda t: size if t.is_floating_point() else t.element_size()  # noqa: E731
+    trainable = method.trainable_parameters()
+    assert step.split["weights"] == sum(t.numel() * elem(t) for t in (*method.parameters(), *method.buffers()))
+    assert step.split["gradients"] == sum(p.numel() * size for p in trainable)
+    assert step.split["optimizer"] == sum(2 * p.numel() * size + 4 for p in trainable)
+    fp32, _ = _option_step("proxy", "fp32")
+    assert step.split["activations"] < fp32.split["activations"]
+
+
+def test_profile_estimate_help_explains_every_option(capsys):
+    """`bench profile --estimate --help`: every option is listed with an explanation, and the
+    estimate's own options say what they change."""
+    from bench.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["profile", "--estimate", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    profile = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "profile")[1]
+    for action in profile._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+        assert action.option_strings[-1] in text
+    for words in ("gradient checkpointing", "math", "efficient", "bf16-true", "fake tensors", "24GiB", "1,4,8"):
+        assert words in text, words
+
+
+def _estimate_rows(evil: str) -> list[dict]:
+    """Estimate rows as `bench profile --estimate` makes them, with made-up figures: peak memory
+    (MiB) and FLOPs per method grow linearly in the batch; one variant carries markup."""
+    cost = {"finetune": (9000, 300, 30), "frozen": (3000, 200, 20), "controlnet": (4500, 260, 24),
+            f"t2i_adapter:q={evil}": (3400, 230, 21)}
+    rows = []
+    for variant, (fixed, per_sample, tflop) in cost.items():
+        method, _, rest = variant.partition(":")
+        for b in (1, 2, 4):
+            rows.append(dict(variant=variant, method=method, hparams={"q": evil} if rest else {}, device="cpu-fake",
+                             batch=b, resolution=512, precision="bf16", params_total=1e9, params_trainable=3e8,
+                             params_added=3e8, est_peak_mem_mb=fixed + per_sample * b, est_weights_mb=fixed,
+                             est_gradients_mb=0.0, est_optimizer_mb=0.0, est_activations_mb=per_sample * b,
+                             flops_per_step=tflop * 1e12 * b))
+    return rows
+
+
+def test_html_report_shows_the_estimate_curves_escaped(tmp_path):
+    """The HTML report's estimate section: the table with the ratios to finetune and frozen, the
+    ratio-vs-batch figure written as a PNG beside the Markdown (which links it) and inlined in the
+    HTML, every record string escaped."""
+    import re
+
+    import cv2
+
+    from bench.profile import ProfileSetup, to_records
+    from bench.report import write_report
+
+    evil = "<script>alert(1)</script>"
+    setup = ProfileSetup(f"base<b>{evil}", 512, 1, "bf16", 1)
+    records = to_records(_estimate_rows(evil), setup, kind="estimate")
+    out = tmp_path / "report"
+    md = write_report(records, out, {"git_sha": "abc"}, plots=True, html=True).read_text()
+    html_text = (out / "leaderboard.html").read_text()
+    png = out / "figures" / "estimate_curves_0.png"
+    assert png.stat().st_size > 0 and cv2.imread(str(png)).shape[0] > 300
+    assert "(figures/estimate_curves_0.png)" in md and "estimate_curves_1" not in md
+    section = html_text.split("<h2>Training cost estimates (kind: estimate)</h2>", 1)[1]
+    assert section.count('<img class="" src="data:image/png;base64,') == 1
+    assert "alert(1)</script>" not in html_text and html_text.count("<script") == 1
+    assert "Training cost vs batch (estimate) · base&lt;b&gt;&lt;script&gt;" in section
+    # controlnet at batch 4: memory (4500 + 4 * 260) / (9000 + 4 * 300) vs finetune, / (3000 + 4 * 200) vs frozen
+    row = re.search(r"<tr><td>controlnet</td><td>512px, bf16</td>(.*?)</tr>.*?<tr><td>controlnet</td><td>512px, "
+                    r"bf16</td>(.*?)</tr>.*?<tr><td>controlnet</td><td>512px, bf16</td>(.*?)</tr>", section).group(3)
+    cells = re.findall(r">([^<]*)</td>", row)
+    assert cells[0] == "4" and cells[-4:] == [f"{5540 / 10200:.3f}", f"{5540 / 3800:.3f}", f"{24 / 30:.3f}",
+                                              f"{24 / 20:.3f}"]
+    assert "t2i_adapter:q=&lt;script&gt;alert(1)&lt;/script&gt;" in section
+    assert "controlnet-memory-vs-frozen" in section and "bs 4, 512px, bf16" in section
