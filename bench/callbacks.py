@@ -4,10 +4,10 @@ checkpoint with the training DataLoader whose place in its shuffled order surviv
 
 The data-order rule of a resumed run: it sees exactly the batches an uninterrupted run would.
 The loader's order is a function of the run seed alone (DataLoader(shuffle=True) with a
-generator seeded from it, as runs have always drawn it); on resume, `ResumableLoader` replays
-the generator draws of the epochs already trained (no data is loaded) and skips the batches of
-the current epoch already trained, and `ResumeCheckpoint` restores the global RNG states
-(noise, timesteps, prompt drops). So on one device a resumed run repeats the uninterrupted run's
+generator seeded from it, as runs have always drawn it); on resume, `ResumableLoader` restores
+the generator's state at the start of the interrupted epoch, draws that epoch's order again and
+skips its batches already trained (no data is loaded for them), and `ResumeCheckpoint` restores
+the global RNG states (noise, timesteps, prompt drops). So on one device a resumed run repeats the uninterrupted run's
 computation. Under DDP, Lightning swaps in its DistributedSampler, whose order is a function of
 (seed, epoch); the same skip applies.
 
@@ -136,9 +136,17 @@ class ResumableLoader(DataLoader):
     """The training DataLoader: shuffled batches from a seeded generator, the last partial batch
     dropped; Lightning saves its state in a checkpoint and restores it before iterating (its
     `state_dict` protocol), so a resumed run continues the uninterrupted order (module docstring).
-    One optimizer step takes one batch."""
+    One optimizer step takes one batch.
+
+    The state is the generator's state where the current pass over the data began, and how many of
+    its batches were trained: restored, the next pass draws its order exactly as the interrupted
+    pass did and skips those batches. A pass already finished is restored as the generator's state
+    now, which the next pass starts from. (Replaying past passes instead would have to know whether
+    the caller ran the sampler to exhaustion, which draws once more: Lightning stops at the length.)"""
 
     position = 0  # optimizer steps taken; ResumeCheckpoint sets it before each save
+    passes = 0  # passes begun over the data (epochs)
+    _pass_start: torch.Tensor | None = None  # the generator's state when the current pass began
 
     @classmethod
     def shuffled(cls, dataset, batch_size: int, seed: int, collate_fn) -> "ResumableLoader":
@@ -147,17 +155,21 @@ class ResumableLoader(DataLoader):
         batches = SkippingBatches(RandomSampler(dataset, generator=g), batch_size, drop_last=True)
         return cls(dataset, batch_sampler=batches, collate_fn=collate_fn, generator=g)
 
+    def __iter__(self):
+        self._pass_start = self.generator.get_state()
+        self.passes += 1
+        return super().__iter__()
+
     def state_dict(self) -> dict:
-        return {"step": self.position}
+        trained = self.position - (self.passes - 1) * len(self)  # batches of the current pass trained on
+        if trained >= len(self):
+            return {"step": self.position, "passes": self.passes, "generator": self.generator.get_state(), "skip": 0}
+        return {"step": self.position, "passes": self.passes - 1, "generator": self._pass_start, "skip": trained}
 
     def load_state_dict(self, state: dict) -> None:
-        epochs, skip = divmod(int(state["step"]), len(self))
-        for _ in range(epochs):  # what each finished epoch drew: the iterator's base seed, then the order
-            iter(self)
-            for _ in self.batch_sampler:
-                pass
-        self.batch_sampler.skip = skip
-        self.position = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.passes, self.position = int(state["passes"]), int(state["step"])
+        self.batch_sampler.skip = int(state["skip"])
 
 
 def rng_states() -> dict:

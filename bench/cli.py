@@ -371,8 +371,29 @@ def _profile(args) -> int:
     return 0
 
 
+def _method_weight_rows(methods: list[str], given: dict) -> list[tuple[str, str, str, str]]:
+    """One row per method that loads checkpoints (or is given one): the file `hparams.<m>.weights`
+    names, whether it is there, and the layout its loader reads; "-" where none is set (optional:
+    the method is then built fresh)."""
+    from bench.registry import METHODS
+
+    rows = []
+    for m in methods:
+        layout, path = METHODS.get(m).weights_layout, given.get(m)
+        if path in (None, ""):
+            if layout:
+                rows.append((f"{m} weights", f"(hparams.{m}.weights: none, built fresh)", "-", f"optional: {layout}"))
+        elif not layout:
+            rows.append((f"{m} weights", str(path), "no", f"{m} loads no checkpoint: drop hparams.{m}.weights"))
+        else:
+            present = Path(str(path)).expanduser().exists()
+            rows.append((f"{m} weights", str(path), "yes" if present else "no", "" if present else f"expected {layout}"))
+    return rows
+
+
 def _doctor(args) -> int:
-    """The preflight as a table: every weight the config needs, where it must be, and how to get it."""
+    """The preflight as a table: every weight the config needs, where it must be, and how to get it,
+    then each method's checkpoint (hparams.<method>.weights) and the layout it must have."""
     from bench.base_model import preflight, resolve_base_path
     from bench.builtins import load_builtins
     from bench.registry import CONDITIONS, METHODS, METRICS
@@ -380,18 +401,22 @@ def _doctor(args) -> int:
     from bench.weights import WEIGHTS, needed_weights, weight_status
 
     load_builtins()
-    rows = []
+    rows, method_rows = [], []
     if args.all:
         names = WEIGHTS.names()
+        method_rows = _method_weight_rows(METHODS.names(), {})
     else:
         overrides = list(args.overrides)
         cfg_path = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
         cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
+        hparams = cfg.get("hparams") if isinstance(cfg.get("hparams"), dict) else {}
+        given = {m: hp.pop("weights") for m, hp in hparams.items() if isinstance(hp, dict) and "weights" in hp}
         try:
-            resolve(cfg)  # every other config error still surfaces here
+            resolve(cfg)  # every other config error still surfaces here (the checkpoints are listed below)
         except ConfigError as e:
             if not str(e).startswith("missing weight"):
                 raise
+        method_rows = _method_weight_rows(list(cfg["methods"]), given)
         conds = cfg.get("condition") or []
         names = needed_weights(*(METRICS.get(m) for m in cfg["metrics"]), *(METHODS.get(m) for m in cfg["methods"]),
                                *(CONDITIONS.get(c) for c in (conds if isinstance(conds, list) else [conds])))
@@ -404,6 +429,7 @@ def _doctor(args) -> int:
     for name in names:
         spec, path, present = weight_status(name)
         rows.append((name, str(path), "yes" if present else "no", "" if present else spec.how))
+    rows += method_rows
     if not rows:
         print("this config needs no external weights")
         return 0
