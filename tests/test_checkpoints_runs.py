@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -19,6 +23,8 @@ from bench.store import Store
 
 PLUGIN = "cb_ckpt_demo"
 PLUGIN_FILE = '''
+import os
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -47,6 +53,11 @@ class CkptDemo(ControlNet):
         if missing:
             raise ConfigError(f"{path} lacks {missing[0]}")
         self.load_state_dict(state, strict=False)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == int(os.environ.get("CB_TEST_HANG_AT", -1)):  # for the SIGKILL test to kill it
+            time.sleep(600)
+        return super().training_step(batch, batch_idx)
 '''
 
 
@@ -173,3 +184,59 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     monkeypatch.setattr(ResumableLoader, "load_state_dict", lambda self, state: None)
     c = _trained_weights(execute(spec, tmp_path / "c", progress=False))
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_bench_run_again_after_sigkill_resumes_from_the_last_checkpoint(plugin, proxy_arch_dir, tmp_path):
+    """The real thing: `bench run` SIGKILLed (its whole process group) while its run trains past the first
+    resume checkpoint; `bench run` again continues from that step, records it, and removes the file."""
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bench.cli", "run", "--quiet", "budget=smoke", f"base_model={proxy_arch_dir}",
+            f"out_dir={out}", "methods=ckpt_demo", "metrics=canny_f1_cnpp", "condition=canny", "seeds=0",
+            "budget.train_steps=3", "budget.eval_samples=1", "budget.inference_steps=1", "checkpoint_every=2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]),
+           "CONTROLBENCH_PLUGINS": PLUGIN}
+    spec = _spec(proxy_arch_dir, out, **{"budget.train_steps": 3, "budget.eval_samples": 1,
+                                         "budget.inference_steps": 1, "checkpoint_every": 2})
+    resume = out / "resume" / f"{spec.run_id}.ckpt"
+    first = subprocess.Popen(args, env={**env, "CB_TEST_HANG_AT": "2"}, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not resume.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert resume.exists(), first.stderr.read().decode()[-2000:] if first.poll() is not None else "timeout"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with Store(out / "store.sqlite", read_only=True) as store:
+        rec = store.get(spec.run_id)
+    assert rec.finished and rec.compute["resumed_from_step"] == 2 and not resume.exists()
+    assert Path(rec.artifacts["checkpoint"], "control.safetensors").is_file()
+
+
+def _doctor_row(out: str, name: str) -> list[str]:
+    import re
+
+    (line,) = [line for line in out.splitlines() if line.startswith(name + "  ")]
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_bench_doctor_lists_each_methods_checkpoint_and_its_layout(plugin, tmp_path, capsys):
+    from bench.cli import main
+
+    layout = "a directory holding control.safetensors: the method's state dict without the base model"
+    args = ["doctor", "budget=smoke", "condition=canny", "metrics=canny_f1"]
+    assert main([*args, "methods=ckpt_demo,baseline"]) == 0
+    out = capsys.readouterr().out
+    assert _doctor_row(out, "ckpt_demo weights") == ["ckpt_demo weights", "(hparams.ckpt_demo.weights: none, built fresh)",
+                                                     "-", f"optional: {layout}"]
+    assert "baseline weights" not in out  # loads no checkpoint, and none is given
+    given = f"hparams.ckpt_demo.weights={tmp_path / 'ckpt'}"
+    assert main([*args, "methods=ckpt_demo", given]) == 1
+    assert _doctor_row(capsys.readouterr().out, "ckpt_demo weights") == ["ckpt_demo weights", str(tmp_path / "ckpt"),
+                                                                         "no", f"expected {layout}"]
+    (tmp_path / "ckpt").mkdir()
+    assert main([*args, "methods=ckpt_demo", given]) == 0
+    assert _doctor_row(capsys.readouterr().out, "ckpt_demo weights")[2] == "yes"
