@@ -489,11 +489,9 @@ def _write_grid_samples(grid: SampleManifest, images: Tensor, batch: Batch, metr
 
 def record(setup: Setup, trained: Trained, evaluation: Evaluation, checkpoint: Path | None = None) -> RunRecord:
     """Step 4: the RunRecord, with compute figures (params, median step time after warm-up,
-    sampling latency, peak memory: CUDA allocator, or this isolated process's RSS on CPU;
-    `resumed_from_step` for a resumed run). Its artifacts name the checkpoint the images were
-    generated with: the one this run saved, or the one it loaded without training."""
-    import torch
-
+    sampling latency, peak memory (`_peak_memory`; not for a re-scoring), `resumed_from_step` for
+    a resumed run). Its artifacts name the checkpoint the images were generated with: the one this
+    run saved, or the one it loaded without training."""
     method, spec = setup.method, setup.spec
     scored = checkpoint or (spec.weights if not setup.trains else None)
     artifacts = {**evaluation.artifacts, **({"checkpoint": str(scored)} if scored else {})}
@@ -504,11 +502,8 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation, checkpoint: P
                    params_added=float(added),
                    step_time_s=statistics.median(steps) if steps else float("nan"),
                    sample_latency_s=statistics.median(evaluation.latencies))
-    if torch.cuda.is_available():
-        compute["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:  # isolated process: peak RSS of this run, and its rise over the loaded model
-        compute["peak_mem_mb"] = peak_rss_mb()
-        compute["peak_mem_delta_mb"] = peak_rss_mb() - trained.rss_loaded_mb
+    if not spec.source_run:  # a re-scoring trains nothing: its peak is no run's training memory (claims read it so)
+        compute.update(_peak_memory(trained))
     if trained.resumed_from:
         compute["resumed_from_step"] = float(trained.resumed_from)
     return RunRecord(run_id=spec.run_id, spec=spec.to_dict(), status="FINISHED",
@@ -516,7 +511,6 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation, checkpoint: P
                      artifacts=artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
                      sample_scores=evaluation.sample_scores,
                      machine={**machine_identity(), "world_size": trained.world_size})
-
 
 
 def rescore_specs(records: list[RunRecord], metrics: list[str] | None = None) -> list[RunSpec]:
@@ -572,6 +566,15 @@ def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
     return dataclasses.replace(spec, metrics=tuple(usable), weights=checkpoint or spec.weights,
                                metric_versions=tuple(sorted((n, c.version) for n, c in usable.items())),
                                source_run=spec.source_run or rec.run_id, checkpoint_every=0)
+
+
+def _peak_memory(trained: Trained) -> dict[str, float]:
+    """CUDA allocator peak, or on CPU this isolated process's peak RSS and its rise over the loaded model."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mem_mb": peak_rss_mb(), "peak_mem_delta_mb": peak_rss_mb() - trained.rss_loaded_mb}
 
 
 def failed(spec: RunSpec, reason: str) -> RunRecord:

@@ -100,6 +100,7 @@ def test_a_trained_run_saves_its_checkpoint_and_bench_eval_rescores_it(plugin, p
     rescored = execute(again, tmp_path / "out", progress=False)
     assert rescored.spec["source_run"] == source.run_id and rescored.artifacts["checkpoint"] == str(ckpt)
     assert rescored.compute["params_trainable"] == source.compute["params_trainable"]
+    assert "peak_mem_mb" not in rescored.compute  # it trained nothing: no training memory to report
     before, after = _images(source), _images(rescored)
     assert before.keys() == after.keys() and len(before) == spec.budget.eval_samples
     assert max(np.abs(before[k].astype(float) - after[k]).max() for k in before) / 255 <= 1e-5
