@@ -117,6 +117,7 @@ class EMAWeights(L.Callback):
 
             self.ema = EMAModel(module.trainable_parameters(), decay=self.decay)
             self.ema.load_state_dict(saved)
+            self.ema.to(module.device)  # the checkpoint's tensors load on the CPU
 
 
 class SkippingBatches(BatchSampler):
