@@ -8,12 +8,17 @@ store), so it never builds a dataset or loads a model. Per run, under the run's 
     reextracted/<run_id>/<name>.png  the same samples: the condition re-extracted from the
                                      generated image by the metric that scores it
     samples/<run_id>.json            SampleManifest: which ids, their file names and prompts
+    checkpoints/<run_id>/            the trained weights, in the method's release layout
+                                     (`Method.save_weights`; `hparams.<m>.weights=` loads them)
+    resume/<run_id>.ckpt             while a run trains with `checkpoint_every`: the Lightning
+                                     checkpoint a re-run resumes from; deleted when it finishes
 
 `<name>.png` is `file_name(sample_id)`: one flat file name per id, derived so that no two ids
 share a name and no id can leave its directory (see its docstring for the rule). The manifest
 records each grid id's name, so the report never re-derives it. `RunRecord.artifacts` holds
-the paths under the keys of `ARTIFACT_KEYS`. Records written before the grid artifacts existed
-have only "images".
+the paths under the keys of `ARTIFACT_KEYS`, plus "checkpoint" (the weights the images were
+generated with) where there is one. Records written before the grid artifacts existed have only
+"images".
 
 Import-light on purpose (no torch): the report imports it.
 """
@@ -75,10 +80,12 @@ def file_name(sample_id: str) -> str:
 
 
 def run_paths(out_dir: Path | str, run_id: str) -> dict[str, Path]:
-    """Where a run's artifacts go, by ARTIFACT_KEYS."""
+    """Where a run's files go: its artifacts (by ARTIFACT_KEYS), its trained weights ("checkpoint")
+    and its resume checkpoint ("resume")."""
     out_dir = Path(out_dir)
     return {"images": out_dir / "images" / run_id, "conditions": out_dir / "conditions" / run_id,
-            "reextracted": out_dir / "reextracted" / run_id, "samples": out_dir / "samples" / f"{run_id}.json"}
+            "reextracted": out_dir / "reextracted" / run_id, "samples": out_dir / "samples" / f"{run_id}.json",
+            "checkpoint": out_dir / "checkpoints" / run_id, "resume": out_dir / "resume" / f"{run_id}.ckpt"}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ EPILOG = """examples:
   bench run budget=smoke methods=baseline,controlnet
   bench run my.yaml --seeds 0,1,2 budget.train_steps=900 hparams.controlnet.conditioning_scale=0.8
   bench report --store runs/quickstart/store.sqlite --out runs/quickstart/report
+  bench eval --store runs/spatial/store.sqlite --method controlnet metrics=canny_f1_cnpp   # re-score, no retraining
   bench list                                 # with where each entry comes from (builtin, entry point, --plugin)
   bench run methods=my_method,baseline budget=smoke --plugin my_pkg.methods   # a method outside this repo
   bench test-method my_method --plugin my_pkg.methods                         # the method contract tests on it
@@ -27,10 +28,7 @@ EPILOG = """examples:
 
 
 def _run(args) -> int:
-    from bench.report import write_report
-    from bench.runner import git_sha, run_all
     from bench.spec import apply_overrides, load_config, parse_overrides, resolve
-    from bench.store import Store
 
     cfg_path = None
     overrides = _own_flags(args, list(args.overrides))
@@ -51,9 +49,19 @@ def _run(args) -> int:
     check(specs)  # before the store opens: bad input is one line, exit 2, no FAILED rows
     out_dir = Path(args.out or out_dir)
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
+    return _run_and_report(specs, store_path, out_dir, args.quiet)
+
+
+def _run_and_report(specs, store_path: Path, out_dir: Path, quiet: bool) -> int:
+    """Run the specs (skipping those FINISHED in the store), write the report, print where things are."""
+    from bench.report import write_report
+    from bench.runner import git_sha, run_all
+    from bench.store import Store
+    from bench.wandb_mirror import agent_mode
+
     t0 = time.time()
     with Store(store_path) as store:
-        summary = run_all(specs, store, out_dir, progress=not args.quiet)
+        summary = run_all(specs, store, out_dir, progress=not quiet)
         if agent_mode() and summary.ran == 0 and summary.records:
             # already FINISHED in the store: the agent's run still gets its record and the sweep its metric
             from bench.wandb_mirror import mirror
@@ -69,6 +77,45 @@ def _run(args) -> int:
     print(f"leaderboard: {report}")
     print(f"html report: {report.with_suffix('.html')}")
     return 0 if done == len(records) else 1
+
+
+def _eval(args) -> int:
+    """Re-score stored runs: new records from their saved checkpoints, through the normal run process."""
+    from bench.preflight import check
+    from bench.runner import rescore_specs
+    from bench.spec import parse_overrides
+    from bench.store import Store
+
+    metrics = None
+    for key, value in parse_overrides(list(args.overrides)):
+        if key != "metrics":
+            raise ConfigError(f"bench eval takes metrics=NAME,... only, got {key}=; the rest is the stored run's spec")
+        metrics = [str(v) for v in (value.split(",") if isinstance(value, str) else value) if str(v)]
+    store_path = Path(args.store)
+    if not store_path.is_file():
+        raise ConfigError(f"store {store_path} does not exist; pass the --store that `bench run` wrote")
+    with Store(store_path, read_only=True) as store:
+        records = [r for r in store.records() if r.finished and "budget_fields" in r.spec]
+    records = _select(records, args.runs, args.method)
+    specs = rescore_specs(records, metrics)
+    check(specs)
+    return _run_and_report(specs, store_path, Path(args.out) if args.out else store_path.parent, args.quiet)
+
+
+def _select(records, runs: str | None, method: str | None):
+    """The records named by --runs (run ids or their prefixes, as the report prints them) and --method."""
+    if method:
+        records = [r for r in records if r.method == method]
+    if runs:
+        wanted = [w for w in runs.split(",") if w]
+        for w in wanted:
+            if not any(r.run_id.startswith(w) for r in records):
+                raise ConfigError(f"no FINISHED run {w!r}{f' of method {method}' if method else ''} in the store; "
+                                  "run ids are in the report's tables and `bench report --scores-csv`")
+        records = [r for r in records if any(r.run_id.startswith(w) for w in wanted)]
+    if not records:
+        raise ConfigError(f"the store holds no FINISHED run{f' of method {method}' if method else ''} to re-score")
+    return records
 
 
 # The spec fields one W&B agent run must hold to a single value, and the sweep parameter of each.
@@ -324,8 +371,29 @@ def _profile(args) -> int:
     return 0
 
 
+def _method_weight_rows(methods: list[str], given: dict) -> list[tuple[str, str, str, str]]:
+    """One row per method that loads checkpoints (or is given one): the file `hparams.<m>.weights`
+    names, whether it is there, and the layout its loader reads; "-" where none is set (optional:
+    the method is then built fresh)."""
+    from bench.registry import METHODS
+
+    rows = []
+    for m in methods:
+        layout, path = METHODS.get(m).weights_layout, given.get(m)
+        if path in (None, ""):
+            if layout:
+                rows.append((f"{m} weights", f"(hparams.{m}.weights: none, built fresh)", "-", f"optional: {layout}"))
+        elif not layout:
+            rows.append((f"{m} weights", str(path), "no", f"{m} loads no checkpoint: drop hparams.{m}.weights"))
+        else:
+            present = Path(str(path)).expanduser().exists()
+            rows.append((f"{m} weights", str(path), "yes" if present else "no", "" if present else f"expected {layout}"))
+    return rows
+
+
 def _doctor(args) -> int:
-    """The preflight as a table: every weight the config needs, where it must be, and how to get it."""
+    """The preflight as a table: every weight the config needs, where it must be, and how to get it,
+    then each method's checkpoint (hparams.<method>.weights) and the layout it must have."""
     from bench.base_model import preflight, resolve_base_path
     from bench.builtins import load_builtins
     from bench.registry import CONDITIONS, METHODS, METRICS
@@ -333,18 +401,22 @@ def _doctor(args) -> int:
     from bench.weights import WEIGHTS, needed_weights, weight_status
 
     load_builtins()
-    rows = []
+    rows, method_rows = [], []
     if args.all:
         names = WEIGHTS.names()
+        method_rows = _method_weight_rows(METHODS.names(), {})
     else:
         overrides = list(args.overrides)
         cfg_path = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
         cfg = apply_overrides(load_config(cfg_path), parse_overrides(overrides))
+        hparams = cfg.get("hparams") if isinstance(cfg.get("hparams"), dict) else {}
+        given = {m: hp.pop("weights") for m, hp in hparams.items() if isinstance(hp, dict) and "weights" in hp}
         try:
-            resolve(cfg)  # every other config error still surfaces here
+            resolve(cfg)  # every other config error still surfaces here (the checkpoints are listed below)
         except ConfigError as e:
             if not str(e).startswith("missing weight"):
                 raise
+        method_rows = _method_weight_rows(list(cfg["methods"]), given)
         conds = cfg.get("condition") or []
         names = needed_weights(*(METRICS.get(m) for m in cfg["metrics"]), *(METHODS.get(m) for m in cfg["methods"]),
                                *(CONDITIONS.get(c) for c in (conds if isinstance(conds, list) else [conds])))
@@ -357,6 +429,7 @@ def _doctor(args) -> int:
     for name in names:
         spec, path, present = weight_status(name)
         rows.append((name, str(path), "yes" if present else "no", "" if present else spec.how))
+    rows += method_rows
     if not rows:
         print("this config needs no external weights")
         return 0
@@ -402,12 +475,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train, generate and score runs; skips runs already FINISHED in the store",
                        description="Run CONFIG (default: the quickstart) with key=value overrides. Forms accepted: "
                        "key=value, --key=value, --key value. Keys: methods, dataset, condition, budget, base_model, "
-                       "metrics, seeds, out_dir, hparams.<method>.<name>, budget.<field>.")
+                       "metrics, seeds, out_dir, hparams.<method>.<name> (hparams.<method>.weights=PATH: start from a "
+                       "checkpoint), budget.<field>, checkpoint_every (steps between resume checkpoints: a killed "
+                       "run started again continues from its last one).")
     r.add_argument("overrides", nargs=argparse.REMAINDER, help="[CONFIG.yaml] key=value ...")
     r.add_argument("--store", help="SQLite store path (default: OUT_DIR/store.sqlite)")
     r.add_argument("--out", help="output directory (default: the config's out_dir)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
+    ev = sub.add_parser("eval", help="re-score stored runs with new or changed metrics, without retraining",
+                        description="Re-score FINISHED runs of a store: each run's saved checkpoint (or, for a "
+                        "method that trains nothing, the same model rebuilt) generates the eval set again through "
+                        "the normal run process, under the run's own budget, seed and sampler, and is scored with "
+                        "METRICS (default: the run's own, at today's versions). Each re-scoring is a new record, "
+                        "with its own run id, whose spec names the source run (source_run) and the checkpoint "
+                        "(weights; also artifacts.checkpoint); repeating the command skips those already done. A "
+                        "run that trained but saved no checkpoint is refused.")
+    ev.add_argument("overrides", nargs="*", help="metrics=NAME,... (metrics that score no selected run's condition "
+                    "leave that run out)")
+    ev.add_argument("--store", required=True, help="SQLite store written by `bench run`; the new records go there too")
+    ev.add_argument("--runs", help="comma-separated run ids (or prefixes) to re-score (default: every FINISHED run)")
+    ev.add_argument("--method", help="only the runs of this method")
+    ev.add_argument("--out", help="output directory for images and the report (default: the store's directory)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
     rep = sub.add_parser("report", help="write the Markdown leaderboard from a store")
     rep.add_argument("--store", help="SQLite store written by `bench run`")
     rep.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="build the leaderboard from W&B runs "

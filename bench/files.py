@@ -5,6 +5,7 @@ A reader (or a process killed mid-write) never sees a half-written file under th
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +41,33 @@ def atomic_write(target: str | Path, data: str | bytes) -> Path:
     return target
 
 
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``target``; when the block exits cleanly it takes the name
+    ``target`` (replacing an older one), otherwise it is deleted. A reader never sees a
+    half-written directory (e.g. a checkpoint) under the final name."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = tmp.with_name(tmp.name + ".old")  # rename cannot replace a non-empty directory: move it aside
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_stale_temps(directory: str | Path) -> None:
-    """Delete temp files a killed writer left in ``directory``."""
+    """Delete temp files (and directories) a killed writer left in ``directory``."""
     for stale in Path(directory).glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -55,8 +55,8 @@ def check_base_models(names: Iterable[str]) -> None:
 
 def dataset_loads(specs: Iterable[RunSpec]) -> list[tuple[str, str | None, str, int, int]]:
     """(dataset, condition, split, size, resolution) of every split the runs load, without repeats:
-    the eval split at eval_samples, and the train split at train_size when the budget trains or a
-    metric generates training data (a run of an untrainable method may skip it; checking it anyway
+    the eval split at eval_samples, and the train split at train_size when the budget trains (a
+    `bench eval` re-scoring does not) or a metric generates training data (a run of an untrainable method may skip it; checking it anyway
     costs little and a broken train split is broken for the next method)."""
     from bench.builtins import load_builtins
     from bench.registry import METRICS
@@ -66,7 +66,7 @@ def dataset_loads(specs: Iterable[RunSpec]) -> list[tuple[str, str | None, str, 
     for s in specs:
         b = s.budget
         loads = [("eval", b.eval_samples)]
-        if b.train_steps > 0 or any(METRICS.get(m).synthesizes for m in s.metrics):
+        if (b.train_steps > 0 and not s.source_run) or any(METRICS.get(m).synthesizes for m in s.metrics):
             loads.append(("train", b.train_size))
         for split, size in loads:
             key = (s.dataset, s.condition, split, size, b.resolution)

@@ -4,9 +4,14 @@
 
     setup = build(spec)                          base model, method and metrics, built once
     data = load_data(spec, setup)                1. the eval split, and the train split if needed
-    trained = train(spec, setup, data)           2. fit for budget.train_steps (+ curve points)
+    trained = train(spec, setup, data)           2. fit for budget.train_steps (+ curve points),
+                                                    resuming from the run's resume checkpoint
+    checkpoint = save_checkpoint(setup, ...)        the trained weights, in the release layout
     evaluation = evaluate(spec, setup, data)     3. generate, score, write the report's artifacts
     return record(spec, setup, trained, evaluation)   4. the RunRecord
+
+A run whose spec has `source_run` re-scores that run (`bench eval`): it trains nothing and
+generates with the checkpoint the source run saved (`spec.weights`).
 
 A run process is isolated so that (a) peak RSS on CPU is that run's alone, (b) a crash,
 OOM or SIGKILL becomes a FAILED record instead of taking the sweep down. Only the parent
@@ -30,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.artifacts import GRID_SAMPLES, SampleManifest, file_name, run_paths
+from bench.artifacts import ARTIFACT_KEYS, GRID_SAMPLES, SampleManifest, file_name, run_paths
 from bench.errors import ConfigError
-from bench.files import atomic_path, atomic_write, remove_stale_temps
+from bench.files import atomic_dir, atomic_path, atomic_write, remove_stale_temps
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
 
@@ -209,7 +214,7 @@ class Setup:
     base: BaseModel
     method: Method
     metrics: dict[str, BenchMetric]  # by name, in spec order
-    trains: bool  # trainable parameters and budget.train_steps > 0
+    trains: bool  # trainable parameters, budget.train_steps > 0, and not a re-scoring (spec.source_run)
 
     def generate(self, batch: Batch, progress: bool = False) -> Tensor:
         """The one generation call (eval set, curves, synthesizing metrics): the shared sampler
@@ -237,6 +242,7 @@ class Trained:
     curve: list[dict]
     rss_loaded_mb: float
     world_size: int = 1  # training processes (DDP); only rank 0 gets here
+    resumed_from: int = 0  # the step a resumed run continued from (0: trained from scratch)
 
 
 @dataclass(frozen=True)
@@ -258,11 +264,15 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = Non
     ``live`` (bench.wandb_mirror.LiveRun) logs training to W&B as it happens."""
     setup = build(spec)
     data = load_data(setup, progress)
-    trained = train(setup, data, progress, live)
+    paths = run_paths(out_dir, spec.run_id)
+    trained = train(setup, data, progress, live, paths["resume"])
     if trained is None:
         return None
+    checkpoint = save_checkpoint(setup, paths["checkpoint"])
     evaluation = evaluate(setup, data, Path(out_dir), progress)
-    return record(setup, trained, evaluation)
+    result = record(setup, trained, evaluation, checkpoint)
+    paths["resume"].unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
 
 
 def build(spec: RunSpec) -> Setup:
@@ -285,7 +295,7 @@ def build(spec: RunSpec) -> Setup:
     if spec.weights:
         method.load_weights(Path(spec.weights))
     metrics = {name: cls() for name, cls in metric_classes.items()}
-    trains = bool(method.trainable_parameters()) and spec.budget.train_steps > 0
+    trains = bool(method.trainable_parameters()) and spec.budget.train_steps > 0 and not spec.source_run
     return Setup(spec, "cuda" if torch.cuda.is_available() else "cpu", base, method, metrics, trains)
 
 
@@ -306,15 +316,18 @@ def load_data(setup: Setup, progress: bool = True) -> RunData:
     return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
 
 
-def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) -> Trained | None:
+def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
+          resume: Path | None = None) -> Trained | None:
     """Step 2: fit for budget.train_steps, measuring the consistency curve at the budget's
     curve steps (and at the end). None on a non-zero rank of a multi-GPU run. With ``live``
     (rank 0's W&B run), Lightning logs loss, lr, step time and memory, and each curve point is
-    logged as it is measured."""
+    logged as it is measured. ``resume``: the run's resume checkpoint, written every
+    spec.checkpoint_every steps and, where a killed earlier attempt left one, continued from
+    (bench.callbacks: the data-order rule)."""
     import lightning as L
     import torch
 
-    from bench.callbacks import ConsistencyCurve, EMAWeights, StepTimer
+    from bench.callbacks import ConsistencyCurve, EMAWeights, ResumableLoader, ResumeCheckpoint, StepTimer
     from bench.types import collate
 
     spec, budget, method = setup.spec, setup.spec.budget, setup.method
@@ -339,12 +352,18 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) 
                     live.log_curve(step, name, curve[-1]["value"])
 
     timer = StepTimer()
-    world = 1
+    world, checkpoints = 1, None
     if setup.trains:
         opts = dict(spec.trainer)
-        callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve)] if curve_steps else [])
+        callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve, curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
             callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
+        resumes = resume is not None and resume.is_file()
+        if resume is not None:
+            checkpoints = ResumeCheckpoint(resume, spec.checkpoint_every)
+            remove_stale_temps(resume.parent)  # a half-written checkpoint of a killed attempt
+            callbacks.append(checkpoints)  # after the callbacks whose state it saves
+            method.strict_loading = not resumes  # the checkpoint leaves out the frozen base
         every = max(1, min(50, budget.train_steps // 20))  # about 20 points per curve, at least
         if live is not None:
             from bench.wandb_mirror import live_callbacks
@@ -362,10 +381,8 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) 
         if budget.batch_size % world:
             raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes; "
                               f"choose a multiple of {world} (it is the global batch)")
-        loader = torch.utils.data.DataLoader(data.train_set, batch_size=budget.batch_size // world, shuffle=True,
-                                             collate_fn=collate, drop_last=True,
-                                             generator=torch.Generator().manual_seed(spec.seed))
-        trainer.fit(method, loader)
+        loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // world, spec.seed, collate)
+        trainer.fit(method, loader, ckpt_path=str(resume) if resumes else None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # evaluation is rank 0's alone: without the group, torchmetrics computes locally instead of
             # waiting in a barrier for ranks that have finished
@@ -375,7 +392,18 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None) 
     method.to(setup.device).eval()
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
-    return Trained(timer.times, curve, rss_loaded, world)
+    return Trained(timer.times, curve, rss_loaded, world, checkpoints.resumed_from if checkpoints else 0)
+
+
+def save_checkpoint(setup: Setup, directory: Path) -> Path | None:
+    """The trained weights under ``directory``, in the layout the method's `load_weights` reads
+    (written whole or not at all); None when the run trained nothing or the method has no
+    checkpoint layout."""
+    if not (setup.trains and type(setup.method).weights_layout):
+        return None
+    with atomic_dir(directory) as tmp:
+        setup.method.save_weights(tmp)
+    return directory
 
 
 def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) -> Evaluation:
@@ -422,7 +450,7 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
             hib = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
             meta[key] = {"version": m.version, "higher_is_better": bool(hib)}
     per_sample = {k: v for k, v in per_sample.items() if k in values}  # only values the record holds
-    return Evaluation(values, meta, latencies, {k: str(p) for k, p in paths.items()}, per_sample)
+    return Evaluation(values, meta, latencies, {k: str(paths[k]) for k in ARTIFACT_KEYS}, per_sample)
 
 
 def _picture(t: Any) -> Tensor | None:
@@ -459,12 +487,14 @@ def _write_grid_samples(grid: SampleManifest, images: Tensor, batch: Batch, metr
                           {**grid.prompts, **{i: str(p) for i, p in zip(batch.ids, batch.prompts)}})
 
 
-def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
+def record(setup: Setup, trained: Trained, evaluation: Evaluation, checkpoint: Path | None = None) -> RunRecord:
     """Step 4: the RunRecord, with compute figures (params, median step time after warm-up,
-    sampling latency, peak memory: CUDA allocator, or this isolated process's RSS on CPU)."""
-    import torch
-
-    method = setup.method
+    sampling latency, peak memory (`_peak_memory`; not for a re-scoring), `resumed_from_step` for
+    a resumed run). Its artifacts name the checkpoint the images were generated with: the one this
+    run saved, or the one it loaded without training."""
+    method, spec = setup.method, setup.spec
+    scored = checkpoint or (spec.weights if not setup.trains else None)
+    artifacts = {**evaluation.artifacts, **({"checkpoint": str(scored)} if scored else {})}
     steps = trained.step_times[WARMUP_STEPS:] or trained.step_times
     added = method.inference_parameters()
     compute = dict(params_total=float(sum(p.numel() for n, p in method.named_parameters() if n.startswith("base.")) + added),
@@ -472,17 +502,79 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation) -> RunRecord:
                    params_added=float(added),
                    step_time_s=statistics.median(steps) if steps else float("nan"),
                    sample_latency_s=statistics.median(evaluation.latencies))
-    if torch.cuda.is_available():
-        compute["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:  # isolated process: peak RSS of this run, and its rise over the loaded model
-        compute["peak_mem_mb"] = peak_rss_mb()
-        compute["peak_mem_delta_mb"] = peak_rss_mb() - trained.rss_loaded_mb
-    return RunRecord(run_id=setup.spec.run_id, spec=setup.spec.to_dict(), status="FINISHED",
+    if not spec.source_run:  # a re-scoring trains nothing: its peak is no run's training memory (claims read it so)
+        compute.update(_peak_memory(trained))
+    if trained.resumed_from:
+        compute["resumed_from_step"] = float(trained.resumed_from)
+    return RunRecord(run_id=spec.run_id, spec=spec.to_dict(), status="FINISHED",
                      metrics=evaluation.metrics, metric_meta=evaluation.metric_meta, compute=compute,
-                     artifacts=evaluation.artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
+                     artifacts=artifacts, curve=trained.curve, git_sha=git_sha(), versions=package_versions(),
                      sample_scores=evaluation.sample_scores,
                      machine={**machine_identity(), "world_size": trained.world_size})
 
+
+def rescore_specs(records: list[RunRecord], metrics: list[str] | None = None) -> list[RunSpec]:
+    """`bench eval`: the specs that re-score FINISHED runs without training them, one per run
+    (without repeats), with `metrics` (default: each run's own, at today's versions) that score its
+    condition; runs none of them scores are left out. Each spec is its source run's with the
+    checkpoint the source generated with as `weights`, and `source_run` naming the run that trained
+    it; the budget stays the source's, so the new record lands in the source run's table. A run
+    that trained but saved no checkpoint is refused (one-line ConfigError)."""
+    from bench.builtins import load_builtins
+
+    load_builtins()
+    specs: dict[str, RunSpec] = {}
+    for rec in records:
+        spec = _rescore_spec(rec, metrics)
+        if spec is not None:
+            specs.setdefault(spec.run_id, spec)
+    if not specs:
+        raise ConfigError(f"no selected run has a condition that metrics {', '.join(metrics or [])} score; "
+                          "choose metrics of the runs' conditions")
+    return list(specs.values())
+
+
+def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
+    import dataclasses
+
+    from bench.registry import METHODS, METRICS, UnknownNameError
+    from bench.spec import _refuse_self_grading
+
+    spec = RunSpec.from_dict(rec.spec)
+    who = f"run {rec.run_id} ({spec.method}, seed {spec.seed})"
+    try:
+        method_cls = METHODS.get(spec.method)
+        classes = {n: METRICS.get(n) for n in (metrics or spec.metrics)}
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    recipe = method_cls.make_recipe(dict(spec.hparams)).as_dict()
+    if method_cls.version != spec.method_version or (spec.recipe and recipe != dict(spec.recipe)):
+        raise ConfigError(f"{who} was trained by {spec.method_version} code whose recipe or version has changed "
+                          f"(now {method_cls.version}); retrain it with bench run")
+    usable = {n: c for n, c in classes.items() if c.condition in (None, spec.condition)}
+    if not usable:
+        return None
+    _refuse_self_grading(spec.method, method_cls, spec.condition, dict(spec.hparams), usable)
+    checkpoint = rec.artifacts.get("checkpoint", "")
+    # unknown trainable count (older records): assume it trained, so it is never rebuilt untrained
+    trained = not spec.source_run and spec.budget.train_steps > 0 and rec.compute.get("params_trainable", 1) > 0
+    if trained and not checkpoint:
+        raise ConfigError(f"{who} has no saved checkpoint (it trained before runs saved one, or {spec.method} has "
+                          "no weights_layout); re-run it with bench run, or leave it out with --runs/--method")
+    if checkpoint and not Path(checkpoint).exists():
+        raise ConfigError(f"{who}: its checkpoint {checkpoint} is gone; restore it or re-run the run")
+    return dataclasses.replace(spec, metrics=tuple(usable), weights=checkpoint or spec.weights,
+                               metric_versions=tuple(sorted((n, c.version) for n, c in usable.items())),
+                               source_run=spec.source_run or rec.run_id, checkpoint_every=0)
+
+
+def _peak_memory(trained: Trained) -> dict[str, float]:
+    """CUDA allocator peak, or on CPU this isolated process's peak RSS and its rise over the loaded model."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mem_mb": peak_rss_mb(), "peak_mem_delta_mb": peak_rss_mb() - trained.rss_loaded_mb}
 
 
 def failed(spec: RunSpec, reason: str) -> RunRecord:

@@ -18,7 +18,7 @@ from bench.yamlio import safe_load, where
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
-            "seeds", "budgets_file", "strategy", "devices"}
+            "seeds", "budgets_file", "strategy", "devices", "checkpoint_every"}
 TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
 LIST_KEYS = {"methods", "metrics", "seeds", "condition", "dataset"}
 DEFAULT_SEEDS = (0,)  # when a config lists none
@@ -40,6 +40,10 @@ class RunSpec:
     recipe: tuple[tuple[str, Any], ...] = field(default=())  # the method's resolved recipe (defaults + hparams)
     trainer: tuple[tuple[str, Any], ...] = field(default=())  # strategy/devices; empty = one device
     weights: str = ""  # the checkpoint the method starts from (hparams.<method>.weights); empty: built fresh
+    # `bench eval`: the run whose trained weights (`weights`) this run re-scores without training
+    source_run: str = ""
+    # steps between resume checkpoints (0: none); changes no number, so it is not in the run id
+    checkpoint_every: int = 0
 
     def to_dict(self) -> dict:
         d = dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
@@ -52,11 +56,15 @@ class RunSpec:
             d["trainer"] = dict(self.trainer)
         if self.weights:  # likewise: runs built fresh keep their ids
             d["weights"] = self.weights
+        if self.source_run:
+            d["source_run"] = self.source_run
+        if self.checkpoint_every:
+            d["checkpoint_every"] = self.checkpoint_every
         return d
 
     @property
     def run_id(self) -> str:
-        return spec_hash(self.to_dict())
+        return spec_hash({k: v for k, v in self.to_dict().items() if k != "checkpoint_every"})
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
@@ -67,7 +75,8 @@ class RunSpec:
                    metric_versions=tuple(sorted(d["metric_versions"].items())),
                    hparams=tuple(sorted(d["hparams"].items())),
                    recipe=tuple(sorted(d.get("recipe", {}).items())),
-                   trainer=tuple(sorted(d.get("trainer", {}).items())), weights=d.get("weights", ""))
+                   trainer=tuple(sorted(d.get("trainer", {}).items())), weights=d.get("weights", ""),
+                   source_run=d.get("source_run", ""), checkpoint_every=d.get("checkpoint_every", 0))
 
 
 def load_config(path: Path | None) -> dict:
@@ -184,6 +193,15 @@ def _trainer(cfg: dict) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(opts.items()))
 
 
+def _checkpoint_every(value) -> int:
+    """`checkpoint_every: 500`: a resume checkpoint every 500 optimizer steps; absent or 0: none."""
+    if value in (None, ""):
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"checkpoint_every must be a number of steps >= 0 (0: no resume checkpoints), got {value!r}")
+    return value
+
+
 def _refuse_self_grading(method: str, cls, condition, hparams: dict, metrics: dict) -> None:
     rewards = set(cls.reward_model_ids(condition, hparams))
     for name, metric in metrics.items():
@@ -255,6 +273,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     preflight(needed_weights(*metric_classes.values(), *classes.values(),
                              *(CONDITIONS.get(c) for c in conditions if c)))
     trainer = _trainer(cfg)
+    every = _checkpoint_every(cfg.get("checkpoint_every"))
     specs = []
     for m in method_names:
         hp = dict(hparams.get(m) or {})
@@ -273,5 +292,5 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                                      dataset_version=dataset_versions[dataset_name], condition=condition, budget=budget,
                                      seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
-                                     recipe=recipe, trainer=trainer, weights=weights))
+                                     recipe=recipe, trainer=trainer, weights=weights, checkpoint_every=every))
     return specs, Path(cfg.get("out_dir") or "runs/default")
