@@ -44,6 +44,7 @@ class Budget:
     eval_samples: int = 64
     curve_steps: tuple[int, ...] = ()  # training steps at which consistency is also measured
     curve_samples: int = 16  # the first N eval samples, the same subset at every step
+    negative_prompt: str = ""  # CFG's unconditional prompt (ControlNet++'s eval: "worst quality, low quality")
 
     def as_dict(self) -> dict:
         """All fields; without a curve its two fields are left out: the sample count then changes
@@ -52,6 +53,8 @@ class Budget:
         if not self.curve_steps:
             d.pop("curve_steps")
             d.pop("curve_samples")
+        if not self.negative_prompt:  # likewise: keys from before negative prompts stay valid
+            d.pop("negative_prompt")
         return d
 
     def key(self) -> str:
@@ -94,6 +97,8 @@ class Budget:
                 raise ValueError(f"{f} must be a finite number {low} (e.g. {example}), got {v!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not all(_is_int(s) and 0 <= s <= self.train_steps for s in self.curve_steps):

@@ -223,7 +223,8 @@ class Setup:
 
         b = self.spec.budget
         return generate(self.base, self.method, batch, sampler=b.sampler, steps=b.inference_steps,
-                        guidance_scale=b.guidance_scale, seed=self.spec.seed, progress=progress)
+                        guidance_scale=b.guidance_scale, seed=self.spec.seed, progress=progress,
+                        negative_prompt=b.negative_prompt)
 
 
 @dataclass(frozen=True)

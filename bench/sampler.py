@@ -47,15 +47,16 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> 
 
 @torch.no_grad()
 def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: float, seed: int,
-             progress: bool = False) -> torch.Tensor:
-    """Generate one image per sample of `batch`; returns float [B,3,H,W] in [0,1]."""
+             progress: bool = False, negative_prompt: str = "") -> torch.Tensor:
+    """Generate one image per sample of `batch`; returns float [B,3,H,W] in [0,1]. With CFG the
+    unconditional input is `negative_prompt` (diffusers pipelines' default: the empty prompt)."""
     device = base.unet.device
     batch = batch.to(device)
     n = len(batch)
     cfg = guidance_scale > 1.0
     size = tuple(batch.image.shape[-2:])
     text = method.prompt_embeds(base.encode_prompt(batch.prompts, size), batch)
-    embeds = PromptEmbeds.cat([base.encode_prompt([""] * n, size), text]) if cfg else text
+    embeds = PromptEmbeds.cat([base.encode_prompt([negative_prompt] * n, size), text]) if cfg else text
     state = method.prepare(batch, embeds, cfg)
 
     scheduler = make_scheduler(base.scheduler, sampler)

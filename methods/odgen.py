@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,13 +36,16 @@ from torch import Tensor, nn
 
 from bench.datasets.layouts import box_slices
 from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
+from bench.errors import ConfigError
 from bench.method import Method
 from bench.methods.controlnet import ControlNet
+from bench.methods.release import load_exact, read_state_dict
 from bench.registry import METHODS
 from bench.sampler import generate
 from bench.types import Batch
 
 BANK_SEED = 0
+LAYOUT_ENCODERS = "layout_encoders.safetensors"
 FOREGROUND_THRESHOLD = 0.25  # max channel distance from the background colour; objects differ by > 0.5
 
 
@@ -84,11 +88,33 @@ class ODGEN(ControlNet):
 
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)
-    # No released layout holds the layout encoders (text_proj, text_net) next to the ControlNet:
-    # ControlNet's checkpoint methods would drop them, so ODGEN keeps Method's refusals.
-    weights_layout = ""
-    load_weights = Method.load_weights
-    save_weights = Method.save_weights
+    # ODGEN publishes no weights (its paper's code release has no checkpoint), so this is the
+    # harness's own layout: the ControlNet as ControlNet saves it, plus the layout encoders
+    # (text_proj, text_net) that no ControlNet layout holds.
+    weights_layout = ("a directory with controlnet/ (a diffusers ControlNetModel directory) and "
+                      f"{LAYOUT_ENCODERS} (text_proj.*, text_net.*); the harness's own layout, ODGEN releases none")
+
+    def load_weights(self, path: Path) -> None:
+        path = Path(path)
+        encoders = path / LAYOUT_ENCODERS
+        if not encoders.is_file():
+            raise ConfigError(f"{path} has no {LAYOUT_ENCODERS}; expected {self.weights_layout}")
+        super().load_weights(path / "controlnet")
+        state = read_state_dict(encoders, self.weights_layout)
+        load_exact(self.layout_encoders, state, f"{encoders} does not fit this base's ODGEN layout encoders",
+                   self.weights_layout)
+
+    def save_weights(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        super().save_weights(Path(directory) / "controlnet")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.layout_encoders.state_dict().items()},
+                  str(Path(directory) / LAYOUT_ENCODERS))
+
+    @property
+    def layout_encoders(self) -> nn.Module:
+        """The trained parts outside the ControlNet, under their attribute names."""
+        return nn.ModuleDict({"text_proj": self.text_proj, "text_net": self.text_net})
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)

@@ -18,6 +18,8 @@ BENCH = [sys.executable, "-m", "bench.cli"]
 # Written against the method contract only (bench.method.Method), as a researcher's own package would.
 METHOD_FILE = '''
 """A method outside controlbench: one trainable gain on the UNet's input (a minimal control branch)."""
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ from bench.method import Method
 
 class DemoGain(Method):
     version = "demo_gain-v1"
+    weights_layout = "a directory with gain.safetensors (the trained gain)"
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
@@ -33,6 +36,18 @@ class DemoGain(Method):
 
     def denoise(self, x, t, embeds, state):
         return super().denoise(x * self.gain, t, embeds, state)
+
+    def save_weights(self, directory):
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({"gain": self.gain.detach().clone()}, str(Path(directory) / "gain.safetensors"))
+
+    def load_weights(self, path):
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            self.gain.copy_(load_file(str(Path(path) / "gain.safetensors"))["gain"])
 '''
 
 PYPROJECT = '''

@@ -108,3 +108,32 @@ def test_noise_depends_only_on_seed_and_sample_id():
     assert torch.equal(torch.randn(4, generator=a[1]), torch.randn(4, generator=b[0]))
     c = sample_generators(4, ["y"])
     assert not torch.equal(torch.randn(4, generator=sample_generators(3, ["y"])[0]), torch.randn(4, generator=c[0]))
+
+
+def test_negative_prompt_matches_diffusers_pipeline(tiny_sd_dir, smoke_budget):
+    """budget.negative_prompt is CFG's unconditional input, as the pipelines' `negative_prompt`."""
+    import bench.methods  # noqa: F401
+    from diffusers import StableDiffusionPipeline
+
+    base = BaseModel.load(str(tiny_sd_dir))
+    method = METHODS.get("baseline")(base, None, smoke_budget, {}).eval()
+    batch, negative = _batch(32), "worst quality, low quality"
+    ours = generate(base, method, batch, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                    negative_prompt=negative)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    ref = torch.as_tensor(pipe(prompt=batch.prompts, negative_prompt=[negative] * 2, num_inference_steps=STEPS,
+                               guidance_scale=GUIDANCE, height=32, width=32,
+                               generator=sample_generators(SEED, batch.ids), output_type="pt").images)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    plain = generate(base, method, batch, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
+    assert (ours - plain).abs().max().item() > 1e-3, "the negative prompt changed nothing"
+
+
+def test_an_empty_negative_prompt_keeps_budget_keys():
+    from bench.budget import load_budgets
+
+    quick = load_budgets()["quick"]
+    assert "negative_prompt" not in quick.as_dict()
+    assert quick.with_overrides({"negative_prompt": "low quality"}).key() != quick.key()
