@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test bench clean
 
 $(STAMP): pyproject.toml
+	date +%s > .install-start
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test,face,pose]'
@@ -13,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps mediapipe==0.10.14 rtmlib
 	# W&B's sweep-config package, for the tests only, without its numpy<2 pin: see pyproject
 	$(VENV)/bin/pip install --quiet --no-deps sweeps==0.3.0
+	# the install's seconds, for `python -m bench.benchmarks --quickstart`
+	echo $$(( $$(date +%s) - $$(cat .install-start) )) > $(VENV)/.install_seconds && rm -f .install-start
 	touch $(STAMP)
 
 run: $(STAMP)

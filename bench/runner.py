@@ -257,21 +257,44 @@ class Evaluation:
     latencies: list[float]
     artifacts: dict[str, str]
     sample_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample_s: float = 0.0  # wall seconds spent generating the eval set
+
+
+class PhaseClock:
+    """Wall seconds of each named step of a run, as `phase_<name>_s` compute figures: where a
+    run's time goes (`python -m bench.benchmarks --quickstart` sums them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[f"phase_{name}_s"] = now - self._last
+        self._last = now
 
 
 def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = None) -> RunRecord | None:
     """Train, generate and score one run. Raises on failure; the caller records it.
     Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records.
     ``live`` (bench.wandb_mirror.LiveRun) logs training to W&B as it happens."""
+    clock = PhaseClock()
     setup = build(spec)
+    clock.lap("build")  # imports, base model, method, metrics
     data = load_data(setup, progress)
+    clock.lap("data")
     paths = run_paths(out_dir, spec.run_id)
     trained = train(setup, data, progress, live, paths["resume"])
     if trained is None:
         return None
+    clock.lap("train")  # with the curve points measured while training
     checkpoint = save_checkpoint(setup, paths["checkpoint"])
+    clock.lap("checkpoint")
     evaluation = evaluate(setup, data, Path(out_dir), progress)
+    clock.lap("evaluate")
     result = record(setup, trained, evaluation, checkpoint)
+    result.compute.update(clock.seconds)
+    result.compute["phase_sample_s"] = evaluation.sample_s  # the generation part of evaluate
     paths["resume"].unlink(missing_ok=True)  # finished: nothing left to resume
     return result
 
@@ -421,11 +444,12 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
         paths[key].mkdir(parents=True, exist_ok=True)
         remove_stale_temps(paths[key])  # left by a killed earlier attempt
     grid = SampleManifest(spec.condition, None)
-    latencies, seen = [], 0
+    latencies, seen, sample_s = [], 0, 0.0
     for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate):
         t0 = time.perf_counter()
         images = setup.generate(batch, progress)
         latencies.append((time.perf_counter() - t0) / len(batch))
+        sample_s += time.perf_counter() - t0
         batch = batch.to(setup.device)
         for metric in metrics.values():
             metric.update(images, batch)
@@ -451,7 +475,7 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
             hib = m.part_higher_is_better.get(part, m.higher_is_better) if part else m.higher_is_better
             meta[key] = {"version": m.version, "higher_is_better": bool(hib)}
     per_sample = {k: v for k, v in per_sample.items() if k in values}  # only values the record holds
-    return Evaluation(values, meta, latencies, {k: str(paths[k]) for k in ARTIFACT_KEYS}, per_sample)
+    return Evaluation(values, meta, latencies, {k: str(paths[k]) for k in ARTIFACT_KEYS}, per_sample, sample_s)
 
 
 def _picture(t: Any) -> Tensor | None:
@@ -680,6 +704,7 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunReco
     cmd = [sys.executable, *isolated, "-m", RUN_MODULE, spec.run_id, str(out_dir), str(result),
            "1" if progress else "0", json.dumps(spec.to_dict(), sort_keys=True)]
     # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
+    started = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())},
                             preexec_fn=_death_signal_setter())
     try:
@@ -689,7 +714,10 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunReco
             proc.kill()
             proc.wait()
     if result.exists():
-        return RunRecord.from_json(result.read_text())
+        record = RunRecord.from_json(result.read_text())
+        if record.finished:  # the run process's whole life: start-up and exit are the rest of the phases
+            record.compute["phase_total_s"] = time.perf_counter() - started
+        return record
     why = f"killed by signal {-code}" if code < 0 else f"run process exited with code {code}"
     return failed(spec, f"{why} before writing a result (out of memory or killed?)")
 
