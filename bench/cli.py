@@ -49,10 +49,12 @@ def _run(args) -> int:
     check(specs)  # before the store opens: bad input is one line, exit 2, no FAILED rows
     out_dir = Path(args.out or out_dir)
     store_path = Path(args.store) if args.store else out_dir / "store.sqlite"
-    return _run_and_report(specs, store_path, out_dir, args.quiet)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs needs a whole number >= 1, got {args.jobs}")
+    return _run_and_report(specs, store_path, out_dir, args.quiet, args.jobs)
 
 
-def _run_and_report(specs, store_path: Path, out_dir: Path, quiet: bool) -> int:
+def _run_and_report(specs, store_path: Path, out_dir: Path, quiet: bool, jobs: int = 1) -> int:
     """Run the specs (skipping those FINISHED in the store), write the report, print where things are."""
     from bench.report import write_report
     from bench.runner import git_sha, run_all
@@ -61,7 +63,7 @@ def _run_and_report(specs, store_path: Path, out_dir: Path, quiet: bool) -> int:
 
     t0 = time.time()
     with Store(store_path) as store:
-        summary = run_all(specs, store, out_dir, progress=not quiet)
+        summary = run_all(specs, store, out_dir, progress=not quiet, jobs=jobs)
         if agent_mode() and summary.ran == 0 and summary.records:
             # already FINISHED in the store: the agent's run still gets its record and the sweep its metric
             from bench.wandb_mirror import mirror
@@ -144,6 +146,12 @@ def _own_flags(args, rest: list[str]) -> list[str]:
         flag, _, inline = rest[i].partition("=")
         if flag == "--quiet":
             args.quiet, i = True, i + 1
+        elif flag == "--jobs":
+            value = inline or (rest[i + 1] if i + 1 < len(rest) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--jobs needs a whole number >= 1, got {value!r}")
+            args.jobs = int(value)
+            i += 1 if inline else 2
         elif flag in ("--store", "--out"):
             value = inline or (rest[i + 1] if i + 1 < len(rest) else "")
             if not value:
@@ -482,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", help="SQLite store path (default: OUT_DIR/store.sqlite)")
     r.add_argument("--out", help="output directory (default: the config's out_dir)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once, each with an equal share of the CPU cores "
+                   "(default 1; records say how many shared the machine, and reports never compare their step "
+                   "times with runs that had it alone)")
     r.set_defaults(func=_run)
     ev = sub.add_parser("eval", help="re-score stored runs with new or changed metrics, without retraining",
                         description="Re-score FINISHED runs of a store: each run's saved checkpoint (or, for a "

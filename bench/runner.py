@@ -33,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from bench.artifacts import ARTIFACT_KEYS, GRID_SAMPLES, SampleManifest, file_name, run_paths
 from bench.errors import ConfigError
@@ -692,10 +692,13 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
     atomic_write(result_path, record.to_json())
 
 
-def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunRecord:
+def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True, threads: int | None = None,
+                 started: Callable[[subprocess.Popen], None] | None = None) -> RunRecord:
     """Run one spec in its own process (see the comment above `PARENT_ENV`) and return its record;
     a run process that crashes or is killed before writing its result becomes a FAILED record.
-    Its stdout and stderr (progress bars, a failure's traceback) are this process's."""
+    Its stdout and stderr (progress bars, a failure's traceback) are this process's. ``threads``:
+    the run's CPU threads (OMP/MKL), when several runs share the machine; ``started`` is called
+    with the run process (`run_all` kills its live runs when interrupted)."""
     out_dir = Path(out_dir)
     result = out_dir / "records" / f"{spec.run_id}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
@@ -704,9 +707,13 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunReco
     cmd = [sys.executable, *isolated, "-m", RUN_MODULE, spec.run_id, str(out_dir), str(result),
            "1" if progress else "0", json.dumps(spec.to_dict(), sort_keys=True)]
     # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())},
-                            preexec_fn=_death_signal_setter())
+    t0 = time.perf_counter()
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_death_signal_setter())
+    if started is not None:
+        started(proc)
     try:
         code = proc.wait()
     finally:
@@ -716,7 +723,7 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True) -> RunReco
     if result.exists():
         record = RunRecord.from_json(result.read_text())
         if record.finished:  # the run process's whole life: start-up and exit are the rest of the phases
-            record.compute["phase_total_s"] = time.perf_counter() - started
+            record.compute["phase_total_s"] = time.perf_counter() - t0
         return record
     why = f"killed by signal {-code}" if code < 0 else f"run process exited with code {code}"
     return failed(spec, f"{why} before writing a result (out of memory or killed?)")
@@ -736,38 +743,72 @@ class RunSummary:
         return sum(r.finished for r in self.records)
 
 
-def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> RunSummary:
+def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True, jobs: int = 1) -> RunSummary:
     """Run every spec not already FINISHED in the store and not claimed by another live process
     (Store.claim, as `bench sweep` does: concurrent commands on one store split the work);
-    FAILED runs do not stop the rest. Only this process writes the store."""
+    FAILED runs do not stop the rest. Only this process (this thread) writes the store.
+    ``jobs`` > 1 runs that many run processes at once, each with an equal share of the CPU cores
+    (for many-core CPUs; step times then come from a shared machine, and each record says how many
+    runs shared it: machine.concurrent_runs). Each run is claimed only when a slot frees, so other
+    processes on the store still split the work."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from tqdm.auto import tqdm
 
-    records, elsewhere, ran = [], [], 0
-    bar = tqdm(specs, desc="runs", disable=not progress)
-    for spec in bar:
-        bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
-        existing = store.get(spec.run_id)
-        if existing is None or not existing.finished:
-            if not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
+    records: dict[int, RunRecord] = {}
+    elsewhere, ran, live = [], 0, []
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // jobs)
+    bar = tqdm(total=len(specs), desc="runs", disable=not progress)
+    pending: dict = {}  # future -> (index, spec)
+
+    def collect(done) -> None:
+        nonlocal ran
+        for future in done:
+            i, spec = pending.pop(future)
+            record = future.result()
+            if jobs > 1 and record.machine:
+                record.machine["concurrent_runs"] = jobs
+            try:
+                store.put(record)
+            finally:
+                store.release(spec.run_id)
+            records[i], ran = record, ran + 1
+            bar.update()
+            if record.status != "FINISHED":
+                tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            for i, spec in enumerate(specs):
+                while len(pending) >= jobs:
+                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
+                bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
                 existing = store.get(spec.run_id)
                 if existing is None or not existing.finished:
-                    elsewhere.append(spec)
-                    tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
-                               "live process: skipped here")
+                    if not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
+                        existing = store.get(spec.run_id)
+                        if existing is None or not existing.finished:
+                            elsewhere.append(spec)
+                            bar.update()
+                            tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
+                                       "live process: skipped here")
+                            continue
+                if existing is not None and existing.finished:
+                    records[i] = existing
+                    bar.update()
                     continue
-        if existing is not None and existing.finished:
-            records.append(existing)
-            continue
-        try:
-            record = run_isolated(spec, out_dir, progress)
-            store.put(record)
-        finally:
-            store.release(spec.run_id)
-        records.append(record)
-        ran += 1
-        if record.status != "FINISHED":
-            tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
-    return RunSummary(records, ran, elsewhere)
+                child_progress = progress and jobs == 1  # several runs' bars would interleave
+                pending[pool.submit(run_isolated, spec, out_dir, child_progress, threads if jobs > 1 else None,
+                                    live.append)] = (i, spec)
+            while pending:
+                collect(wait(pending, return_when=FIRST_COMPLETED).done)
+        except BaseException:  # interrupted: the runs go with us (their claims die with this process)
+            for proc in live:
+                if proc.poll() is None:
+                    proc.kill()
+            raise
+    bar.close()
+    return RunSummary([records[i] for i in sorted(records)], ran, elsewhere)
 
 
 def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:

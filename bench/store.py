@@ -275,7 +275,7 @@ class RunRecord:
 # Identity fields that compute figures depend on; the hostname hash is not one of them, so two
 # identical machines share a key (their step times may be averaged), two different ones never do.
 MACHINE_KEY_FIELDS = ("device", "device_name", "device_count", "cuda", "driver", "cpu", "cpu_cores",
-                      "torch_threads", "torch", "world_size")
+                      "torch_threads", "torch", "world_size", "concurrent_runs")
 UNKNOWN_MACHINE = "unknown"
 
 
@@ -288,8 +288,9 @@ def machine_key(machine: dict[str, Any]) -> str:
     if not machine:
         return UNKNOWN_MACHINE
     ident = {k: machine.get(k) for k in MACHINE_KEY_FIELDS if machine.get(k) is not None}
-    if ident.get("world_size") == 1:  # one process: as records from before the field
-        del ident["world_size"]
+    for field_ in ("world_size", "concurrent_runs"):
+        if ident.get(field_) == 1:  # one process, one run at a time: as records from before the field
+            del ident[field_]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -99,7 +99,7 @@ def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arc
     specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
     executed = []
 
-    def spy(spec, out_dir, progress=True):  # the decision under test is which specs reach here
+    def spy(spec, out_dir, progress=True, threads=None, started=None):  # the decision under test: which specs reach here
         executed.append(spec.run_id)
         return dataclasses.replace(runner.failed(spec, ""), status="FINISHED")
 
@@ -112,3 +112,38 @@ def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arc
         assert store._db.execute("SELECT run_id FROM claims").fetchall() == [(specs[0].run_id,)]  # ours released
         again = runner.run_all(specs, store, out, progress=False)  # finished: not run, not claimed
         assert executed == [specs[1].run_id] and again.ran == 0 and again.elsewhere == [specs[0]]
+
+
+def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
+    """run_all(jobs=2): every spec runs once, in its own process with half the cores' threads,
+    records come back in spec order and say the machine was shared."""
+    import os
+    import threading
+
+    import bench.runner as runner
+
+    specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1, 2])
+    cores = len(os.sched_getaffinity(0))
+    live, peak, lock = set(), [0], threading.Lock()
+    real = runner.run_isolated
+
+    def counting(spec, out_dir, progress=True, threads=None, started=None):
+        with lock:
+            live.add(spec.run_id)
+            peak[0] = max(peak[0], len(live))
+        try:
+            return real(spec, out_dir, progress, threads, started)
+        finally:
+            with lock:
+                live.discard(spec.run_id)
+
+    runner.run_isolated = counting
+    try:
+        with Store(tmp_path / "store.sqlite") as store:
+            summary = runner.run_all(specs, store, out, progress=False, jobs=2)
+    finally:
+        runner.run_isolated = real
+    assert summary.ran == 3 and [r.run_id for r in summary.records] == [s.run_id for s in specs]
+    assert all(r.finished for r in summary.records) and peak[0] == 2
+    for r in summary.records:
+        assert r.machine["concurrent_runs"] == 2 and r.machine["torch_threads"] == max(1, cores // 2)
