@@ -17,10 +17,11 @@ differs: scale 1.0 (`--controlnet_scale_factor 1.0`), tuned pattern `.*attn2.*to
 0.2 (ControlNeXt-SDXL-Training/train_controlnext.py and examples/vidit_depth/train.sh); set them in
 `hparams.controlnext` for an SDXL base.
 
-Not supported: the superseded ControlNeXt-SD1.5 release (ControlNeXt-SD1.5/models/controlnet.py: three
-ResNet stages from the raw image, a 1280-channel output added after the mid block, a learned `scale`),
-replaced by the SD1.5-Training code (its README: "refer to this version as the standard"); its files
-fail the strict key check with the missing and unexpected keys named.
+The older ControlNeXt-SD1.5 release (ControlNeXt-SD1.5/models/controlnet.py, whose README points to the
+published SD1.5 weights) has its own control module and injection site: `LegacyControlBranch`, three ResNet
+stages from the raw image, a 1280-channel output added after the UNet mid block, scaled by a learned `scale`.
+`load_weights` tells the two layouts apart by their keys and switches the method to the file's branch and site;
+fresh training always uses the current one (the SD1.5-Training code, which its README calls "the standard").
 """
 from __future__ import annotations
 
@@ -82,7 +83,38 @@ def _downsample(channels: int, stride: int) -> nn.Module:
     return down
 
 
-class ControlBranch(nn.Module):
+class _TimedStages(nn.Module):
+    """The parts both official control modules share: `time_proj` -> `time_embedding` (Timesteps(w/2) ->
+    TimestepEmbedding(w/2, w)) and `stages` x (`down_res` ResnetBlock2D with the time embedding, `down_sample`
+    3x3 conv), widths[i] -> widths[i + 1], with the given GroupNorm groups and strides."""
+
+    def __init__(self, width: int):
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        super().__init__()
+        self.width = width
+        self.time_proj = Timesteps(width // 2, True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(width // 2, width)
+
+    def _build_stages(self, widths: list[int], groups: list[int], strides: list[int]) -> None:
+        from diffusers.models.resnet import ResnetBlock2D
+
+        self.down_res = nn.ModuleList(
+            ResnetBlock2D(in_channels=widths[i], out_channels=widths[i + 1], temb_channels=self.width, groups=g)
+            for i, g in enumerate(groups))
+        self.down_sample = nn.ModuleList(_downsample(widths[i + 1], s) for i, s in enumerate(strides))
+
+    def time_emb(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).expand(cond.shape[0]) if t.numel() in (1, cond.shape[0]) else t
+        return self.time_embedding(self.time_proj(t).to(cond.dtype))
+
+    def stages(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for res, down in zip(self.down_res, self.down_sample):
+            h = down(res(h, emb))
+        return h
+
+
+class ControlBranch(_TimedStages):
     """The official ControlNeXt control module, module for module, so its released state dict loads strictly.
 
     condition image [0, 1] -> `embedding` (3x3 convs 3->w/4 (stride 2), w/4->w/4, w/4->w/2, each GroupNorm(2) +
@@ -100,37 +132,56 @@ class ControlBranch(nn.Module):
     """
 
     def __init__(self, out_channels: int, downsamplings: int = 3, width: int = OFFICIAL_WIDTH, stages: int = 2):
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-        from diffusers.models.resnet import ResnetBlock2D
-
-        super().__init__()
         stem, half = width // 4, width // 2
         strides = [2 if i < downsamplings else 1 for i in range(stages + 1)]
-        self.time_proj = Timesteps(half, True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(half, width)
+        super().__init__(width)
         self.embedding = nn.Sequential(
             nn.Conv2d(3, stem, 3, stride=strides[0], padding=1), nn.GroupNorm(_groups(2, stem), stem), nn.ReLU(),
             nn.Conv2d(stem, stem, 3, padding=1), nn.GroupNorm(_groups(2, stem), stem), nn.ReLU(),
             nn.Conv2d(stem, half, 3, padding=1), nn.GroupNorm(_groups(2, half), half), nn.ReLU())
         # official in_channels [128, 128], out_channels [128, 256], groups [4, 8]
         widths = [half] * stages + [width]
-        self.down_res = nn.ModuleList(
-            ResnetBlock2D(in_channels=widths[i], out_channels=widths[i + 1], temb_channels=width,
-                          groups=_groups(8 if i == stages - 1 else 4, widths[i])) for i in range(stages))
-        self.down_sample = nn.ModuleList(_downsample(widths[i + 1], strides[i + 1]) for i in range(stages))
+        self._build_stages(widths, [_groups(8 if i == stages - 1 else 4, widths[i]) for i in range(stages)],
+                           strides[1:])
         self.mid_convs = nn.ModuleList([
             nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.GroupNorm(_groups(8, width), width),
                           nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(_groups(8, width), width)),
             nn.Conv2d(width, out_channels, 1)])
 
     def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1).expand(cond.shape[0]) if t.numel() in (1, cond.shape[0]) else t
-        emb = self.time_embedding(self.time_proj(t).to(cond.dtype))
-        h = self.embedding(cond)
-        for res, down in zip(self.down_res, self.down_sample):
-            h = down(res(h, emb))
+        h = self.stages(self.embedding(cond), self.time_emb(cond, t))
         h = self.mid_convs[0](h) + h
         return self.mid_convs[1](h)
+
+
+class LegacyControlBranch(_TimedStages):
+    """The older ControlNeXt-SD1.5 control module, `ControlNetModel` in dvlab-research/ControlNeXt
+    ControlNeXt-SD1.5/models/controlnet.py (the module of the published SD1.5 `controlnet.safetensors`), module
+    for module: Timesteps(128) -> TimestepEmbedding(128, 256); three stages straight from the condition image
+    (no `embedding` stem), ResnetBlock2D in [3, 128, 256] -> out [128, 256, 256], groups [1, 8, 8], each followed
+    by Downsample2D "op" (stride 2); `mid_convs` = [Sequential(conv 3x3, ReLU, conv 3x3), conv 1x1 256 -> 1280]
+    applied in turn (no residual); `scale`, a learned scalar (initialised to 1). `forward` returns the 1280-wide
+    control; the injection (after the mid block, see ControlNeXt.denoise) multiplies it by `scale`.
+
+    `width` (256) and `out_channels` (1280, the UNet mid block's width) follow the base at proxy scale, and the
+    stride-2 layers past log2(VAE factor) run at stride 1, as in `ControlBranch`.
+    """
+
+    def __init__(self, out_channels: int, downsamplings: int = 3, width: int = OFFICIAL_WIDTH):
+        half = width // 2
+        super().__init__(width)
+        self._build_stages([3, half, width, width], [1, _groups(8, half), _groups(8, width)],
+                           [2 if i < downsamplings else 1 for i in range(3)])
+        self.mid_convs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)),
+            nn.Conv2d(width, out_channels, 1)])
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.stages(cond, self.time_emb(cond, t))
+        for conv in self.mid_convs:
+            h = conv(h)
+        return h
 
 
 # Checkpoint files, as the official code names them. The control module: `controlnet.safetensors` (released
@@ -163,7 +214,9 @@ class ControlNeXt(Method):
         "a directory with controlnet.safetensors (the official ControlNeXtModel state dict: embedding.*, "
         "time_embedding.*, down_res.*, down_sample.*, mid_convs.*; or SD1.5-Training's controlnext.bin) and optionally "
         "unet.safetensors (the tuned UNet parameters, diffusers names: absolute on SD1.5, deltas W - W_base on SDXL) "
-        "or unet_weight_increasements.safetensors/.bin (deltas)")
+        "or unet_weight_increasements.safetensors/.bin (deltas); on SD1.5, controlnet.safetensors may hold the older "
+        "ControlNeXt-SD1.5 release's ControlNetModel instead (time_embedding.*, down_res.0-2.*, down_sample.0-2.*, "
+        "mid_convs.*, scale), told apart by its keys")
 
     # Sources: ControlNeXt-SD1.5-Training/{scripts.sh, train_controlnext.py} (dvlab-research/ControlNeXt).
     @dataclass(frozen=True)
@@ -203,9 +256,22 @@ class ControlNeXt(Method):
                 raise ConfigError(f"controlnext unet_trainable {pattern!r} matches no UNet parameter")
         unet_params = dict(self.base.unet.named_parameters())
         self.tuned = [unet_params[n].requires_grad_(True) for n in self.tuned_names]
-        width = base.unet.config.block_out_channels[0]  # down_blocks[0]'s output (SD1.5), conv_in's (SDXL): 320
-        self.branch = ControlBranch(width, int(math.log2(base.scale_factor)),
-                                    branch_width(width, self.recipe.branch_channels), self.recipe.branch_blocks)
+        self.branch = self.new_branch(legacy=False)
+
+    def new_branch(self, legacy: bool) -> ControlBranch | LegacyControlBranch:
+        """The current control module (fresh training), or the older SD1.5 release's (`legacy`), sized by the base:
+        both 256 wide where the UNet's first block is SD's 320 (branch_width)."""
+        blocks = self.base.unet.config.block_out_channels  # [0]: down_blocks[0]'s output (SD1.5), conv_in's (SDXL)
+        downsamplings = int(math.log2(self.base.scale_factor))
+        width = branch_width(blocks[0], self.recipe.branch_channels)
+        if legacy:  # its output is added to the mid block's (1280 on SD1.5: the block_out_channels[-1])
+            return LegacyControlBranch(blocks[-1], downsamplings, width)
+        return ControlBranch(blocks[0], downsamplings, width, self.recipe.branch_blocks)
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the method runs the older ControlNeXt-SD1.5 release (set by `load_weights`)."""
+        return isinstance(self.branch, LegacyControlBranch)
 
     def _private_unet(self) -> None:
         """A private UNet copy: tuning or loading it must never change a base shared with other methods."""
@@ -223,9 +289,25 @@ class ControlNeXt(Method):
         return self.control_image(batch, cfg)
 
     def denoise(self, x, t, embeds, state):
-        control = self.branch(state, t)
+        handle = self._inject(self.branch(state, t))
+        try:
+            return super().denoise(x, t, embeds, state)
+        finally:  # the hook lives for this one call, so the base UNet stays untouched
+            handle.remove()
+
+    def _inject(self, control: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+        """A hook adding `control` at the official site of the branch's layout and the base."""
         scale = self.recipe.controlnext_scale
         block = self.base.unet.down_blocks[0]
+        if self.legacy:
+            # ControlNeXt-SD1.5/models/unet.py ("#PBH"): after the mid block, pooled to its size, cast, cross-normalized
+            # and added times the module's learned `scale`; the pipeline (models/pipeline_controlnext.py) applies no
+            # other scale (its controlnet_conditioning_scale is unused), so `controlnext_scale` does not apply here
+            def after_mid(module, inputs, sample):
+                pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample)
+                return sample + cross_normalize(pooled, sample) * self.branch.scale
+
+            return self.base.unet.mid_block.register_forward_hook(after_mid)
         if self.base.is_sdxl:
             # ControlNeXt-SDXL/models/unet.py: after conv_in and `down_block_res_samples = (sample,)`, so the stored
             # skip stays plain; cross-normalized first, then pooled to the sample's size
@@ -235,18 +317,14 @@ class ControlNeXt(Method):
                 pooled = F.adaptive_avg_pool2d(normed, sample.shape[-2:])
                 return args, {**kwargs, "hidden_states": sample + scale * pooled}
 
-            handle = block.register_forward_pre_hook(before, with_kwargs=True)
-        else:
-            def after(module, inputs, output):
-                sample, skips = output  # the skips are stored before the control is added
-                pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample.dtype)
-                return sample + scale * cross_normalize(pooled, sample), skips
+            return block.register_forward_pre_hook(before, with_kwargs=True)
 
-            handle = block.register_forward_hook(after)
-        try:
-            return super().denoise(x, t, embeds, state)
-        finally:  # the hook lives for this one call, so the base UNet stays untouched
-            handle.remove()
+        def after(module, inputs, output):
+            sample, skips = output  # the skips are stored before the control is added
+            pooled = F.adaptive_avg_pool2d(control, sample.shape[-2:]).to(sample.dtype)
+            return sample + scale * cross_normalize(pooled, sample), skips
+
+        return block.register_forward_hook(after)
 
     # ---- checkpoints --------------------------------------------------------------
     def load_weights(self, path: Path) -> None:
@@ -259,10 +337,26 @@ class ControlNeXt(Method):
             raise ConfigError(f"{directory} has no ControlNeXt control module ({' or '.join(CONTROL_FILES)}); "
                               f"expected {self.weights_layout}")
         state = read_state_dict(control, self.weights_layout)
+        self._take_layout(state)
         load_exact(self.branch, state, f"{control} is not a ControlNeXt control module for this base")
         unet_file = None if path.is_file() else _one_of(directory, UNET_FILES, "UNet weights file")
         if unet_file is not None:
             self._load_unet(unet_file, UNET_FILES[unet_file.name])
+
+    def _take_layout(self, state: dict[str, torch.Tensor]) -> None:
+        """Switch the branch (and so the injection site) to the layout whose keys `state` shares most: the current
+        one on a tie, so a file that fits neither is reported against the current layout."""
+        with torch.device("meta"):
+            legacy_keys = self.new_branch(legacy=True).state_dict().keys()
+            current_keys = self.new_branch(legacy=False).state_dict().keys()
+        legacy = len(state.keys() & legacy_keys) > len(state.keys() & current_keys)
+        if legacy == self.legacy:
+            return
+        if legacy and self.base.is_sdxl:
+            raise ConfigError("the older ControlNeXt-SD1.5 control module (down_res.2.*, scale) is for SD1.5 bases; "
+                              "use an SDXL release's controlnet.safetensors (ControlNeXt-SDXL) on this base")
+        like = next(self.branch.parameters())
+        self.branch = self.new_branch(legacy).to(like.device, like.dtype)
 
     def _load_unet(self, path: Path, deltas: bool | None) -> None:
         state = read_state_dict(path, self.weights_layout)
@@ -281,8 +375,9 @@ class ControlNeXt(Method):
                 params[name].copy_(value + shared[name] if deltas else value)
 
     def save_weights(self, directory: Path) -> None:
-        """controlnet.safetensors and, when UNet weights are tuned, unet.safetensors in the form the official
-        loader reads for this base (absolute on SD1.5, deltas on SDXL; see UNET_FILES)."""
+        """controlnet.safetensors in the branch's layout (the older SD1.5 one when that was loaded) and, when UNet
+        weights are tuned, unet.safetensors in the form the official loader reads for this base (absolute on SD1.5,
+        deltas on SDXL; see UNET_FILES)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
