@@ -145,7 +145,7 @@ def test_a_file_that_does_not_fit_is_a_one_line_error(proxy, smoke_budget, tmp_p
         method.load_weights(tmp_path)
     assert "\n" not in str(e.value)
 
-    # the superseded ControlNeXt-SD1.5 release: a third ResNet stage and a 1280-wide output
+    # a hybrid file (the current layout plus a third ResNet stage and a 1280-wide output): fits neither layout
     old = {**control, "down_res.2.conv1.weight": torch.ones(256, 256, 3, 3),
            "mid_convs.1.weight": torch.ones(1280, 32, 1, 1)}
     save_file(old, str(tmp_path / "controlnet.safetensors"))
