@@ -25,6 +25,31 @@ REQUIRED = ("unet/config.json", "scheduler/scheduler_config.json", "tokenizer", 
 REQUIRED_SDXL = ("tokenizer_2", "text_encoder_2/config.json")  # when the UNet takes text_time conditioning
 
 
+# Text widths of the SD family (SD1.x, SD2.x, SDXL): a base with one of them, loaded from a
+# directory, is a real model, whose methods use their real encoders (methods/encoders.py).
+SD_TEXT_WIDTHS = (768, 1024, 2048)
+
+
+def is_full_scale(source: str, cross_attention_dim) -> bool:
+    """Whether a base is an SD-family model from a local directory: not the proxy, and not a
+    random-weight `*-arch` profiling base."""
+    from bench.arch import ARCHS
+
+    return source not in ("proxy", *ARCHS) and cross_attention_dim in SD_TEXT_WIDTHS
+
+
+def dir_is_full_scale(name: str) -> bool:
+    """`is_full_scale` from the base directory's UNet config alone (config time: no weights read);
+    False when the config is unreadable, which the base preflight reports."""
+    if name == "proxy":
+        return False
+    try:
+        config = json.loads((resolve_base_path(name) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return is_full_scale(name, config.get("cross_attention_dim"))
+
+
 def resolve_base_path(name: str) -> Path:
     """'proxy' names the shipped proxy base; anything else is a local directory."""
     return PROXY_BASE_DIR if name == "proxy" else Path(name).expanduser()

@@ -427,7 +427,8 @@ def _doctor(args) -> int:
         method_rows = _method_weight_rows(list(cfg["methods"]), given)
         conds = cfg.get("condition") or []
         names = needed_weights(*(METRICS.get(m) for m in cfg["metrics"]), *(METHODS.get(m) for m in cfg["methods"]),
-                               *(CONDITIONS.get(c) for c in (conds if isinstance(conds, list) else [conds])))
+                               *(CONDITIONS.get(c) for c in (conds if isinstance(conds, list) else [conds])),
+                               base_model=str(cfg["base_model"]))
         base = resolve_base_path(str(cfg["base_model"]))
         try:
             preflight(base)

@@ -37,11 +37,13 @@ def check_weight_files(specs: Iterable[RunSpec]) -> None:
     from bench.weights import needed_weights, preflight
 
     load_builtins()
-    components = []
+    by_base: dict[str, list] = {}
     for s in specs:
+        components = by_base.setdefault(s.base_model, [])
         components += [METHODS.get(s.method), *(METRICS.get(m) for m in s.metrics)]
         components += [CONDITIONS.get(s.condition)] if s.condition else []
-    preflight(needed_weights(*components), contents=True)
+    for base_model, components in by_base.items():
+        preflight(needed_weights(*components, base_model=base_model), contents=True)
 
 
 def check_base_models(names: Iterable[str]) -> None:

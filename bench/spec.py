@@ -271,7 +271,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
 
     # Before any compute: every weight the run needs, with the first missing one named.
     preflight(needed_weights(*metric_classes.values(), *classes.values(),
-                             *(CONDITIONS.get(c) for c in conditions if c)))
+                             *(CONDITIONS.get(c) for c in conditions if c), base_model=str(_need(cfg, "base_model"))))
     trainer = _trainer(cfg)
     every = _checkpoint_every(cfg.get("checkpoint_every"))
     specs = []

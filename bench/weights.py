@@ -51,11 +51,16 @@ def weight_path(name: str, root: str | Path | None = None) -> Path:
     return path
 
 
-def needed_weights(*components) -> list[str]:
-    """Weight names listed by components' `weights` attributes, first-seen order, no repeats."""
+def needed_weights(*components, base_model: str | None = None) -> list[str]:
+    """Weight names listed by components' `weights` attributes, first-seen order, no repeats; with
+    a full-scale ``base_model`` (bench.base_model.dir_is_full_scale), also their
+    `full_scale_weights` (e.g. the CLIP tower an identity method encodes with on SD1.5)."""
+    from bench.base_model import dir_is_full_scale
+
+    full = base_model is not None and dir_is_full_scale(base_model)
     out: list[str] = []
     for c in components:
-        for name in getattr(c, "weights", ()):
+        for name in (*getattr(c, "weights", ()), *(getattr(c, "full_scale_weights", ()) if full else ())):
             if name not in out:
                 out.append(name)
     return out

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.base_model import is_full_scale
 from bench.weights import WeightSpec, register_weight, weight_path
 
 # Text widths of the SD-family bases (CLIP ViT-L 768, OpenCLIP ViT-H 1024, SDXL's two towers 2048).
-SD_TEXT_WIDTHS = (768, 1024, 2048)
 
 # IP-Adapter SD1.5: ip_adapter.py `CLIPVisionModelWithProjection.from_pretrained(image_encoder_path)`,
 # the README's `models/image_encoder` (OpenCLIP ViT-H/14, projection_dim 1024).
@@ -32,9 +32,7 @@ CLIP_PHOTOMAKER = register_weight(WeightSpec(
 
 def full_scale(base) -> bool:
     """Whether `base` is an SD-family model loaded from a directory (see the module docstring)."""
-    from bench.arch import ARCHS
-
-    return base.source not in ("proxy", *ARCHS) and base.unet.config.cross_attention_dim in SD_TEXT_WIDTHS
+    return is_full_scale(base.source, base.unet.config.cross_attention_dim)
 
 
 class ClipVisionEncoder(nn.Module):

@@ -101,6 +101,7 @@ class InstantID(IPAdapter):
     # unit) ID embedding; inference scales 0.8; IP-Adapter's exclusive drops; attn2 only.
     version = "instantid-v2"
     conditions = ("keypoints",)
+    full_scale_weights = (encoders.ANTELOPEV2.name,)  # its ID encoder at full scale, not IP-Adapter's CLIP
     weights_layout = ("an InstantID checkpoints directory: ip-adapter.bin (or ip-adapter.safetensors) = {image_proj: "
                       "Resampler latents, proj_in, layers.<d>.0.to_kv, ..., norm_out; ip_adapter: '<i>.to_k_ip.weight', "
                       "'<i>.to_v_ip.weight'} + ControlNetModel/ (IdentityNet, a diffusers ControlNet directory)")

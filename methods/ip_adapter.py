@@ -210,6 +210,7 @@ class IPAdapter(Method):
 
     # The CLIP vision tower the method encodes with at full scale (methods/encoders.py).
     clip_weight = encoders.CLIP_IP_ADAPTER
+    full_scale_weights = (encoders.CLIP_IP_ADAPTER.name,)  # checked at config time on a full-scale base
 
     def load_encoder(self) -> nn.Module:
         if encoders.full_scale(self.base):

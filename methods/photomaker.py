@@ -125,6 +125,7 @@ class PhotoMaker(Method):
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
     clip_weight = encoders.CLIP_PHOTOMAKER
+    full_scale_weights = (encoders.CLIP_PHOTOMAKER.name,)  # checked at config time on a full-scale base
     reward_model_ids = classmethod(IPAdapter.reward_model_ids.__func__)
     weights_layout = ("photomaker-v1.bin (or .safetensors with id_encoder./lora_weights. prefixes, or a directory "
                       "holding photomaker.safetensors): {id_encoder: vision_model.*, visual_projection.weight, "

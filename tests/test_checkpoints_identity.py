@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+import bench.base_model
 import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
 from bench.base_model import BaseModel
@@ -146,7 +147,7 @@ def tiny_clip_dir(directory, projection_dim=16):
 def full_scale_at(monkeypatch, tmp_path):
     """Treat tiny SD layouts of text width `width` as full scale, with tiny CLIP towers as the named weights."""
     def at(width: int, projection_dim: int = 16):
-        monkeypatch.setattr(encoders, "SD_TEXT_WIDTHS", (width,))
+        monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (width,))
         monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path / "weights"))
         for spec in (encoders.CLIP_IP_ADAPTER, encoders.CLIP_PHOTOMAKER):
             tiny_clip_dir(tmp_path / "weights" / spec.relpath, projection_dim)
@@ -248,7 +249,7 @@ def test_the_clip_encoders_are_named_weights_and_refused_as_evaluators():
 
 
 def test_a_missing_clip_encoder_names_the_weight(tiny_sd_dir, monkeypatch, tmp_path, smoke_budget):
-    monkeypatch.setattr(encoders, "SD_TEXT_WIDTHS", (32,))
+    monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (32,))
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
     with pytest.raises(ConfigError, match="missing weight 'clip-vision-ip-adapter'.*ip_adapter/image_encoder"):
         METHODS.get("ip_adapter")(BaseModel.load(str(tiny_sd_dir)), None, smoke_budget, {})
@@ -468,7 +469,7 @@ def test_antelope_encoder_detects_the_face_and_embeds_its_aligned_crop(monkeypat
 
 
 def test_instantid_at_full_scale_encodes_with_the_antelope_pack(tiny_sd_dir, monkeypatch, tmp_path, smoke_budget):
-    monkeypatch.setattr(encoders, "SD_TEXT_WIDTHS", (32,))
+    monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (32,))
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
     base = BaseModel.load(str(tiny_sd_dir))
     with pytest.raises(ConfigError, match="missing weight 'insightface-antelopev2'"):
@@ -486,3 +487,29 @@ def test_draw_kps_draws_instantids_limbs_and_points():
     assert tuple(out[30, 30]) == (255, 0, 0) and tuple(out[64, 64]) == (0, 0, 255)  # discs at full colour
     assert tuple(out[43, 43]) == (153, 0, 0)  # the limb from point 0 to the nose, 60% of point 0's colour
     assert tuple(out[5, 64]) == (0, 0, 0)
+
+
+def test_full_scale_encoder_weights_are_checked_at_config_time(tmp_path, monkeypatch):
+    """On a full-scale base (an SD-width UNet config in a directory) each identity method's encoder
+    weight is part of the config-time preflight: a missing one stops `resolve` with the one-line
+    missing-weight error, before any run; on the proxy it is not needed."""
+    import json
+
+    from bench.base_model import dir_is_full_scale
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.weights import needed_weights
+
+    base = tmp_path / "sd15"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 768}))
+    assert dir_is_full_scale(str(base)) and not dir_is_full_scale("proxy") and not dir_is_full_scale("sd15-arch")
+    methods = [METHODS.get(m) for m in ("ip_adapter", "instantid", "photomaker")]
+    assert needed_weights(*methods, base_model=str(base)) == ["clip-vision-ip-adapter", "insightface-antelopev2",
+                                                              "clip-vision-photomaker"]
+    assert needed_weights(*methods, base_model="proxy") == []
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path / "empty"))
+    cfg = apply_overrides(load_config(None), parse_overrides(["methods=ip_adapter", "dataset=identity",
+                                                              "condition=keypoints", "metrics=prompt_fidelity",
+                                                              f"base_model={base}", "budget=smoke"]))
+    with pytest.raises(ConfigError, match="missing weight 'clip-vision-ip-adapter'"):
+        resolve(cfg)
