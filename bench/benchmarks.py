@@ -131,8 +131,9 @@ def sample_ratio(base, budget, n: int, repeats: int, clock=time.perf_counter) ->
     return statistics.median(ours_t), statistics.median(bare_t), (ours - ref).abs().max().item()
 
 
-def time_quickstart(out_dir: str) -> float:
-    """Wall time of the quickstart from an empty output dir and data cache (the shipped base is used)."""
+def time_quickstart(out_dir: str, jobs: int = 2) -> float:
+    """Wall time of the quickstart from an empty output dir and data cache (the shipped base is used),
+    run as `make run` runs it (`--jobs 2`, the Makefile's JOBS)."""
     import os
     import subprocess
     import sys
@@ -141,7 +142,8 @@ def time_quickstart(out_dir: str) -> float:
     cache = tempfile.mkdtemp(prefix="controlbench-cache-")
     env = {**os.environ, "CONTROLBENCH_CACHE": cache}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench.cli", "run", f"out_dir={out_dir}", "--quiet"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "bench.cli", "run", f"out_dir={out_dir}", "--quiet", "--jobs", str(jobs)],
+                   env=env, check=True)
     return time.perf_counter() - t0
 
 
