@@ -60,6 +60,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a test's temporary entry), so later registry-wide checks do not see it."""
+        self._items.pop(name, None)
+        self._origins.pop(name, None)
+
     def origin(self, name: str) -> str:
         """Where ``name`` was registered from: "builtin", "entry point DIST VERSION", "--plugin MODULE"
         or "module MODULE" (imported some other way)."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from bench.registry import METHODS
 from bench.spec import apply_overrides, load_config, resolve
 from bench.store import Store
 
@@ -70,6 +71,8 @@ def plugin(tmp_path_factory) -> Path:
     importlib.import_module(PLUGIN)
     yield site
     sys.path.remove(str(site))
+    sys.modules.pop(PLUGIN, None)
+    METHODS.unregister("ckpt_demo")  # registry-wide tests (tune sweeps, contracts) must not see it
 
 
 def _spec(base_dir, out: Path, **over):
