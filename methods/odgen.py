@@ -88,11 +88,11 @@ class ODGEN(ControlNet):
 
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)
-    # ODGEN publishes no weights (its paper's code release has no checkpoint), so this is the
-    # harness's own layout: the ControlNet as ControlNet saves it, plus the layout encoders
-    # (text_proj, text_net) that no ControlNet layout holds.
+    # No released ODGEN checkpoint is known to the harness, so this is its own layout: the
+    # ControlNet as ControlNet saves it, plus the layout encoders (text_proj, text_net).
     weights_layout = ("a directory with controlnet/ (a diffusers ControlNetModel directory) and "
-                      f"{LAYOUT_ENCODERS} (text_proj.*, text_net.*); the harness's own layout, ODGEN releases none")
+                      f"{LAYOUT_ENCODERS} (text_proj.*, text_net.*); the harness's own layout "
+                      "(no released ODGEN checkpoint is known)")
 
     def load_weights(self, path: Path) -> None:
         path = Path(path)
