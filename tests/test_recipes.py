@@ -116,16 +116,22 @@ def _stored_skips_and_next_input(unet, call):
     return [s for block in reversed(consumed) for s in block], entering[0]
 
 
+def _controlnext_call(base, budget, latent: int):
+    """A ControlNeXt on `base` and the inputs of one denoise call: 2 samples at 32 px, a latent
+    of `latent` px, timesteps 300 and 700."""
+    method = METHODS.get("controlnext")(base, "canny", budget, {}).eval()
+    unet = method.base.unet
+    batch = _batch(2)
+    x, t = torch.randn(2, unet.config.in_channels, latent, latent), torch.tensor([300, 700])
+    embeds = base.encode_prompt(batch.prompts, (32, 32))
+    return method, unet, x, t, embeds, method.prepare(batch, embeds, cfg=False)
+
+
 def test_controlnext_leaves_the_stored_skip_unchanged(proxy, smoke_budget):
     """Against diffusers' plain UNet forward: the skips stored by conv_in and down_blocks[0] are
     identical, and the sample passed on is the plain one plus 0.35 x cross_normalize(pooled control),
     as the official SD1.5 UNet adds it after `down_block_res_samples += res_samples`."""
-    method = METHODS.get("controlnext")(proxy, "canny", smoke_budget, {}).eval()
-    unet = method.base.unet
-    batch = _batch(2)
-    x, t = torch.randn(2, unet.config.in_channels, 32, 32), torch.tensor([300, 700])
-    embeds = proxy.encode_prompt(batch.prompts, (32, 32))
-    state = method.prepare(batch, embeds, cfg=False)
+    method, unet, x, t, embeds, state = _controlnext_call(proxy, smoke_budget, 32)
     plain_skips, plain_next = _stored_skips_and_next_input(unet, lambda: unet(x, t, **embeds.unet_inputs()))
     skips, injected = _stored_skips_and_next_input(unet, lambda: method.denoise(x, t, embeds, state))
     first = 1 + len(unet.down_blocks[0].resnets) + (1 if unet.down_blocks[0].downsamplers else 0)
@@ -141,13 +147,7 @@ def test_controlnext_leaves_the_stored_skip_unchanged(proxy, smoke_budget):
 def test_controlnext_on_sdxl_adds_after_conv_in_and_keeps_its_skip(tiny_sdxl_dir, smoke_budget):
     """The official SDXL UNet (ControlNeXt-SDXL/models/unet.py) stores `down_block_res_samples = (sample,)` after
     conv_in, then adds scale x pooled(cross_normalize(control)) to the sample entering down_blocks[0]."""
-    base = BaseModel.load(str(tiny_sdxl_dir))
-    method = METHODS.get("controlnext")(base, "canny", smoke_budget, {}).eval()
-    unet = method.base.unet
-    batch = _batch(2)
-    x, t = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([300, 700])
-    embeds = base.encode_prompt(batch.prompts, (32, 32))
-    state = method.prepare(batch, embeds, cfg=False)
+    method, unet, x, t, embeds, state = _controlnext_call(BaseModel.load(str(tiny_sdxl_dir)), smoke_budget, 16)
 
     def run(call):
         skips, entering = [], []
