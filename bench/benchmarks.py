@@ -1,20 +1,22 @@
 """Harness overhead against a bare PyTorch loop on the same model, in one run; and the
 training cost of each method relative to ControlNet.
 
-    python -m bench.benchmarks [--steps 40] [--batch 16] [--base proxy] [--rounds 3] [--cpu-time]
+    python -m bench.benchmarks [--steps 100] [--batch 16] [--base proxy] [--cpu-time]
     python -m bench.benchmarks --methods controlnet,t2i_adapter,controlnext,controlnet_pp:reward_start=0
+    python -m bench.benchmarks --quickstart OUT_DIR
     python -m bench.benchmarks estimate-vs-rss [--no-sd15]
 
 Method costs (`bench.profile` on the proxy at the `quick` budget's resolution): each variant
 (`name` or `name:key=value,...`) in its own spawned process, as ratios against the first.
 
-Train: median wall time per step, batch start to batch start (data loading, Lightning loop and
-callbacks included) vs a bare `loss.backward(); opt.step()` loop over pre-stacked tensors.
+Train: the harness's training loop (Lightning Trainer, step timer, resumable loader over uint8
+data) against a bare `loss.backward(); opt.step()` loop over pre-stacked tensors, one bare step run
+before each harness step, so the loops alternate step by step and drift in machine load hits both
+alike. The ratio of median step times comes with a 95% bootstrap interval over the paired steps.
 Sampling: `bench.sampler.generate` vs an inline scheduler/UNet/ControlNet loop. Ratios near 1.00
 mean the harness adds nothing measurable; the target is <= 1.03. `--cpu-time` times both in the
-main thread's CPU time with one torch thread: waiting for the CPU no longer counts, but shared
-caches and hyperthread siblings still slow the work, so on a busy machine neither clock resolves
-3% (measured here under load: round ratios 1.05-1.14 in CPU time); time it on an idle machine.
+main thread's CPU time with one torch thread: waiting for a core no longer counts, but shared
+caches and hyperthread siblings still slow the work.
 
 estimate-vs-rss: `bench profile --estimate` against the CPU process's resident memory for one
 real training step (see `estimate_vs_rss`).
@@ -26,6 +28,7 @@ import copy
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -39,12 +42,24 @@ from bench.sampler import generate, initial_noise, make_scheduler, sample_genera
 from bench.types import Batch, PromptEmbeds, collate
 
 
-class _Wall(L.Callback):
-    def __init__(self, clock):
-        self.clock, self.starts = clock, []
+class _Interleave(L.Callback):
+    """Runs one bare step at each harness batch start, so the two loops alternate step by step and
+    drift in machine load hits both alike. A harness step is the time from the end of the bare
+    step to the next batch start: Lightning's whole iteration, data fetch and hooks included."""
+
+    def __init__(self, bare_step: Callable[[], None], clock: Callable[[], float]):
+        self.bare_step, self.clock = bare_step, clock
+        self.bare: list[float] = []
+        self.harness: list[float] = []
+        self._resumed: float | None = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.starts.append(self.clock())
+        now = self.clock()
+        if self._resumed is not None:
+            self.harness.append(now - self._resumed)
+        self.bare_step()
+        self.bare.append(self.clock() - now)
+        self._resumed = self.clock()
 
 
 def _data(n: int, res: int) -> Batch:
@@ -54,47 +69,48 @@ def _data(n: int, res: int) -> Batch:
     return collate([world[i] for i in range(n)])
 
 
-def train_ratio(base, budget, steps: int, batch: int, clock=time.perf_counter, rounds: int = 1) -> list[tuple[float, float]]:
-    """(harness, bare) median seconds per train step, one pair per round. Each round times the bare
-    loop before and after the harness, so drift in machine load cancels. ``clock``: wall time
+def train_ratio(base, budget, steps: int, batch: int, clock=time.perf_counter) -> tuple[list[float], list[float]]:
+    """(harness, bare) seconds of each of ``steps`` interleaved train steps, after 3 warm-up pairs.
+    The harness is what `bench.runner.train` runs: a Lightning Trainer with its step timer over the
+    resumable shuffled loader of uint8 data; the bare loop is `training_loss(); backward(); step()`
+    over pre-stacked float tensors with the same optimiser. ``clock``: wall time
     (`time.perf_counter`), or `time.thread_time`, the main thread's CPU time: with one torch
     thread, the whole step's work, without the time spent waiting for a core."""
+    from bench.callbacks import ResumableLoader, StepTimer
+
     data = _data(batch * 4, budget.resolution)
     torch.manual_seed(0)
     proto = METHODS.get("controlnet")(base, "canny", budget, {})
+    bare, harness = copy.deepcopy(proto).train(), copy.deepcopy(proto)
+    opt = bare.configure_optimizers()["optimizer"]
+    step = iter(range(10**9))
+
+    def bare_step() -> None:
+        i = next(step) % 4
+        loss = bare.training_loss(data.subset(slice(i * batch, (i + 1) * batch)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     warm = 3
+    pairs = _Interleave(bare_step, clock)
+    loader = ResumableLoader.shuffled(MaterializedDataset(quantize(data)), batch, 0, collate)
+    trainer = L.Trainer(max_steps=steps + warm + 1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        callbacks=[StepTimer(), pairs], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(harness, loader)
+    return pairs.harness[warm:], pairs.bare[warm:len(pairs.harness)]
 
-    def bare_loop() -> float:
-        bare = copy.deepcopy(proto).train()
-        opt = torch.optim.AdamW(bare.trainable_parameters(), lr=budget.lr)
-        times = []
-        for step in range(steps + warm):
-            t0 = clock()
-            b = data.subset(slice((step % 4) * batch, (step % 4 + 1) * batch))
-            loss = bare.training_loss(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(clock() - t0)
-        return statistics.median(times[warm:])
 
-    def harness_loop() -> float:
-        harness = copy.deepcopy(proto)
-        wall = _Wall(clock)
-        loader = torch.utils.data.DataLoader(MaterializedDataset(quantize(data)), batch_size=batch, shuffle=True,
-                                             collate_fn=collate, drop_last=True)
-        trainer = L.Trainer(max_steps=steps + warm + 1, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                            callbacks=[wall], num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(harness, loader)
-        return statistics.median([b - a for a, b in zip(wall.starts, wall.starts[1:])][warm:])
+def median_ratio(harness: list[float], bare: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """median(harness) / median(bare) and its 95% bootstrap interval, resampling the paired steps."""
+    import numpy as np
 
-    out = []
-    for _ in range(rounds):
-        before = bare_loop()
-        h = harness_loop()
-        out.append((h, (before + bare_loop()) / 2))
-    return out
+    h, b = np.asarray(harness), np.asarray(bare)
+    idx = np.random.default_rng(seed).integers(0, len(h), (draws, len(h)))
+    boot = np.median(h[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(h) / np.median(b)), float(lo), float(hi)
 
 
 @torch.no_grad()
@@ -152,10 +168,11 @@ PHASES = ("build", "data", "train", "checkpoint", "sample", "metrics")
 INSTALL_SECONDS = Path(".venv") / ".install_seconds"  # written by `make` (Makefile) when it installs
 
 
-def quickstart_split(store_path: Path, wall: float, install: float | None) -> str:
+def quickstart_split(store_path: Path, wall: float, install: float | None, jobs: int = 2) -> str:
     """Where the quickstart's time went: install (when `make` recorded it), then each phase summed
     over the runs (metrics = evaluate minus sampling; start-up = each run process's life outside
-    its phases), and what the parent spent around them (planning, report)."""
+    its phases). With ``jobs`` runs at once the sums are lane-seconds, shared out of ``jobs`` x wall;
+    the rest is the parent's planning, store and report, and lanes left idle."""
     from bench.store import Store
 
     records = Store(store_path, read_only=True).records("FINISHED", with_scores=False)
@@ -169,13 +186,16 @@ def quickstart_split(store_path: Path, wall: float, install: float | None) -> st
             sums[p] += v
         sums["start-up"] += c.get("phase_total_s", 0.0) - sum(phases.values())
     runs_total = sum(r.compute.get("phase_total_s", 0.0) for r in records)
-    lines = [f"quickstart: {len(records)} runs, {wall:.0f} s wall" + (f" + {install:.0f} s install = "
-             f"{wall + install:.0f} s" if install is not None else " (install time unknown: run `make run` on a "
-             "fresh clone to record it)") + " (goal: <= 600 s with the install)"]
+    capacity = wall * jobs
+    lines = [f"quickstart: {len(records)} runs, {jobs} at a time, {wall:.0f} s wall" + (
+        f" + {install:.0f} s install = {wall + install:.0f} s" if install is not None else
+        " (install time unknown: run `make run` on a fresh clone to record it)") + " (goal: <= 600 s with the install)",
+        f"  lane-seconds ({jobs} x {wall:.0f} s = {capacity:.0f}):"]
     if install is not None:
-        lines.append(f"  {'install':<12}{install:7.1f} s")
-    lines += [f"  {name:<12}{sums[name]:7.1f} s  {sums[name] / max(wall, 1e-9):5.1%}" for name in sums]
-    lines.append(f"  {'outside runs':<12}{wall - runs_total:7.1f} s  (planning, store, report)")
+        lines.insert(1, f"  {'install':<12}{install:7.1f} s")
+    lines += [f"  {name:<12}{sums[name]:7.1f} s  {sums[name] / max(capacity, 1e-9):5.1%}" for name in sums]
+    lines.append(f"  {'outside runs':<12}{capacity - runs_total:7.1f} s  {(capacity - runs_total) / max(capacity, 1e-9):5.1%}"
+                 "  (planning, store, report, idle lanes)")
     return "\n".join(lines)
 
 
@@ -340,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sd15", action="store_true", help="estimate-vs-rss: the proxy configs only (the SD1.5 one "
                    "takes about 6.5 GB and 5 minutes)")
     p.add_argument("--base", default="proxy", help="base model: 'proxy' or a local diffusers directory")
-    p.add_argument("--steps", type=int, default=40, help="timed train steps (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=100, help="timed train steps of each loop, interleaved (after 3 "
+                   "warm-up pairs)")
     p.add_argument("--batch", type=int, default=16, help="train batch size")
     p.add_argument("--samples", type=int, default=32, help="images per sampling repeat")
     p.add_argument("--repeats", type=int, default=5, help="sampling repeats (median reported)")
-    p.add_argument("--rounds", type=int, default=1, help="harness/bare rounds, interleaved (median ratio reported)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time the train step in main-thread CPU time with one torch thread instead of wall time "
                         "(waiting for a core no longer counts; shared caches still do)")
@@ -378,12 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_time:
         torch.set_num_threads(1)  # so the main thread's CPU time is the step's whole work
     clock = time.thread_time if args.cpu_time else time.perf_counter
-    pairs = train_ratio(base, budget, args.steps, args.batch, clock, args.rounds)
-    ratios = sorted(h / b for h, b in pairs)
-    h, b = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    harness, bare = train_ratio(base, budget, args.steps, args.batch, clock)
+    ratio, lo, hi = median_ratio(harness, bare)
     print(f"train step  (controlnet, bs {args.batch}, {'CPU time, 1 thread' if args.cpu_time else 'wall'}): "
-          f"harness {h * 1000:7.1f} ms  bare {b * 1000:7.1f} ms  ratio {statistics.median(ratios):.3f} "
-          f"(median of {len(ratios)} rounds; range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+          f"harness {statistics.median(harness) * 1000:7.1f} ms  bare {statistics.median(bare) * 1000:7.1f} ms  "
+          f"ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}] ({len(harness)} interleaved steps each; 95% bootstrap)")
     o, r, diff = sample_ratio(base, budget, args.samples, args.repeats, clock)
     print(f"sampling    ({args.samples} images, {budget.inference_steps} steps, CFG): harness {o:6.2f} s  bare "
           f"{r:6.2f} s  ratio {o / r:.3f}  (max |diff| {diff:.1e})")

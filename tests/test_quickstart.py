@@ -1,6 +1,8 @@
 """The quickstart (`make run`) leaderboard carries paired intervals and says how they were made."""
 from __future__ import annotations
 
+import pytest
+
 from bench.cli import main
 
 
@@ -38,3 +40,37 @@ def test_quickstart_split_accounts_for_each_runs_time(tmp_path):
     assert trained["phase_train_s"] > next(r for r in records if r.method == "baseline").compute["phase_train_s"]
     text = quickstart_split(out / "store.sqlite", wall=100.0, install=42.0)
     assert "2 runs" in text and "42 s install" in text and all(f"  {p}" in text for p in PHASES + ("start-up",))
+
+
+def test_quickstart_split_shares_lane_seconds_over_jobs(tmp_path):
+    """With 2 runs at a time the phase sums are lane-seconds out of 2 x wall, never above 100%."""
+    from bench.benchmarks import quickstart_split
+
+    out = tmp_path / "qs"
+    assert main(["run", "bench/configs/quickstart.yaml", "budget=smoke", "methods=baseline", "seeds=0,1",
+                 f"out_dir={out}", "--quiet", "--jobs", "2"]) == 0
+    text = quickstart_split(out / "store.sqlite", wall=60.0, install=None, jobs=2)
+    assert "2 at a time" in text and "2 x 60 s = 120" in text
+    shares = [float(line.split()[-1].rstrip("%")) for line in text.splitlines()[2:-1]]
+    assert all(0 <= s <= 100 for s in shares)
+
+
+def test_median_ratio_interval_is_a_point_for_an_exact_ratio():
+    """Every step of the harness exactly 1.5x its paired bare step: ratio and both bounds are 1.5;
+    a harness that is sometimes slower widens the interval around the median."""
+    from bench.benchmarks import median_ratio
+
+    bare = [0.1 + 0.01 * i for i in range(30)]
+    assert median_ratio([1.5 * b for b in bare], bare) == pytest.approx((1.5, 1.5, 1.5))
+    ratio, lo, hi = median_ratio([b * (1.0 if i % 2 else 1.2) for i, b in enumerate(bare)], bare)
+    assert lo <= ratio <= hi and lo < hi
+
+
+def test_train_ratio_interleaves_the_harness_and_bare_loops():
+    """The overhead benchmark times the same number of harness and bare steps, one pair per step."""
+    from bench.base_model import BaseModel
+    from bench.benchmarks import train_ratio
+    from bench.budget import load_budgets
+
+    harness, bare = train_ratio(BaseModel.load("proxy"), load_budgets()["smoke"], steps=4, batch=2)
+    assert len(harness) == len(bare) == 4 and min(harness + bare) > 0
