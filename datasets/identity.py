@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -215,6 +216,42 @@ class KeypointsFromAnnotations:
 
 
 CONDITIONS.register("keypoints")(KeypointsFromAnnotations())
+
+
+@lru_cache(maxsize=1)
+def _antelope(directory: str):
+    from bench.antelope import ANTELOPEV2, AntelopeEncoder
+
+    return AntelopeEncoder.from_dir(Path(directory), ANTELOPEV2.name)
+
+
+@dataclass(frozen=True)
+class FaceKeypoints:
+    """IdentityNet's condition for real face images, made as InstantID's infer.py makes it:
+    antelopev2 (bench/antelope.py) finds the largest face and `draw_kps` draws its 5 keypoints at
+    the image's size. An image without a detected face gets a black map: infer.py stops there,
+    a dataset keeps the sample. Generated images are not re-extracted for a consistency score:
+    antelopev2 is InstantID's own encoder, which the evaluator never scores with."""
+
+    name: str = "face_kps"
+    version: str = "face-kps-antelopev2-scrfd640-drawkps-v1"
+    weights: tuple[str, ...] = ("insightface-antelopev2",)  # bench.antelope.ANTELOPEV2
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from bench.antelope import draw_kps
+        from bench.datasets.conditions import to_uint8
+        from bench.weights import weight_path
+
+        encoder = _antelope(str(weight_path(self.weights[0])))
+        maps = []
+        for image in to_uint8(images):
+            found = encoder.face(image)
+            drawn = draw_kps((image.shape[1], image.shape[0]), found[1]) if found is not None else np.zeros_like(image)
+            maps.append(torch.from_numpy(drawn).permute(2, 0, 1).float().div(255))
+        return torch.stack(maps).to(images.device)
+
+
+CONDITIONS.register("face_kps")(FaceKeypoints())
 
 
 # ---------------------------------------------------------------------------------- dataset

@@ -21,7 +21,7 @@ Checkpoints: the release's `checkpoints/` directory (InstantID README, infer.py)
 and `ControlNetModel/`, IdentityNet as a diffusers ControlNet directory.
 
 At full scale the recognizer is the antelopev2 insightface pack of the `insightface-antelopev2`
-weight, run with onnxruntime (methods/encoders.py `AntelopeEncoder`; `draw_kps` there draws its
+weight, run with onnxruntime (bench/antelope.py `AntelopeEncoder`; `draw_kps` there draws its
 keypoints as InstantID does).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.antelope import ANTELOPEV2, AntelopeEncoder
 from bench.errors import ConfigError
 from bench.methods import encoders
 from bench.methods.controlnet import make_controlnet
@@ -100,8 +101,8 @@ class InstantID(IPAdapter):
     # v2: the official Resampler (16 tokens) instead of a 4-token ImageProjection; the raw (not
     # unit) ID embedding; inference scales 0.8; IP-Adapter's exclusive drops; attn2 only.
     version = "instantid-v2"
-    conditions = ("keypoints",)
-    full_scale_weights = (encoders.ANTELOPEV2.name,)  # its ID encoder at full scale, not IP-Adapter's CLIP
+    conditions = ("keypoints", "face_kps")  # the identity world's drawn annotations; real faces via antelopev2
+    full_scale_weights = (ANTELOPEV2.name,)  # its ID encoder at full scale, not IP-Adapter's CLIP
     weights_layout = ("an InstantID checkpoints directory: ip-adapter.bin (or ip-adapter.safetensors) = {image_proj: "
                       "Resampler latents, proj_in, layers.<d>.0.to_kv, ..., norm_out; ip_adapter: '<i>.to_k_ip.weight', "
                       "'<i>.to_v_ip.weight'} + ControlNetModel/ (IdentityNet, a diffusers ControlNet directory)")
@@ -128,16 +129,16 @@ class InstantID(IPAdapter):
 
     def load_encoder(self) -> nn.Module:
         if encoders.full_scale(self.base):
-            return encoders.AntelopeEncoder.from_weight(encoders.ANTELOPEV2.name)
+            return AntelopeEncoder.from_weight(ANTELOPEV2.name)
         return self.encoder_spec().load()
 
     def embedding_dim(self) -> int:
         # the ONNX encoder has no parameters to probe a device with; its output width is known
-        return self.encoder.dim if isinstance(self.encoder, encoders.AntelopeEncoder) else super().embedding_dim()
+        return self.encoder.dim if isinstance(self.encoder, AntelopeEncoder) else super().embedding_dim()
 
     @classmethod
     def reward_model_ids(cls, condition, hparams):
-        return (cls.encoder_spec().model_id, encoders.ANTELOPEV2.name)
+        return (cls.encoder_spec().model_id, ANTELOPEV2.name)
 
     def proj_to_official(self, state):
         return resampler_to_official(state)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench.base_model
+from bench import antelope
 import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
 from bench.base_model import BaseModel
@@ -452,8 +453,8 @@ def test_antelope_encoder_detects_the_face_and_embeds_its_aligned_crop(monkeypat
 
     from bench.face_align import arcface_crop
 
-    monkeypatch.setattr(encoders, "DET_SIZE", (64, 64))
-    enc = encoders.AntelopeEncoder.from_dir(tiny_antelope_pack(tmp_path / "antelopev2"), "antelopev2")
+    monkeypatch.setattr(antelope, "DET_SIZE", (64, 64))
+    enc = antelope.AntelopeEncoder.from_dir(tiny_antelope_pack(tmp_path / "antelopev2"), "antelopev2")
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     image[12:16, 8:12] = 255  # letterboxed 2x into 64x64: the stride-8 cell at x 16..24, y 24..32
     dets, kps = enc.detect(image)
@@ -474,15 +475,44 @@ def test_instantid_at_full_scale_encodes_with_the_antelope_pack(tiny_sd_dir, mon
     base = BaseModel.load(str(tiny_sd_dir))
     with pytest.raises(ConfigError, match="missing weight 'insightface-antelopev2'"):
         METHODS.get("instantid")(base, "keypoints", smoke_budget, {})
-    tiny_antelope_pack(tmp_path / encoders.ANTELOPEV2.relpath)
+    tiny_antelope_pack(tmp_path / antelope.ANTELOPEV2.relpath)
     method = METHODS.get("instantid")(base, "keypoints", smoke_budget, {})
-    assert isinstance(method.encoder, encoders.AntelopeEncoder) and method.proj.proj_in.in_features == 8
-    assert encoders.ANTELOPEV2.name in method.reward_model_ids("keypoints", {})
+    assert isinstance(method.encoder, antelope.AntelopeEncoder) and method.proj.proj_in.in_features == 8
+    assert antelope.ANTELOPEV2.name in method.reward_model_ids("keypoints", {})
+
+
+def test_face_kps_condition_draws_the_detected_faces_keypoints(monkeypatch, tmp_path):
+    """`face_kps`, IdentityNet's condition for real images: antelopev2's largest face, its 5
+    keypoints drawn by draw_kps at the image's size; no face, a black map; no pack, the one-line
+    missing-weight error (and the weight is part of the config-time preflight)."""
+    import numpy as np
+
+    from bench.datasets.identity import _antelope
+    from bench.registry import CONDITIONS
+    from bench.weights import needed_weights
+
+    extractor = CONDITIONS.get("face_kps")
+    assert needed_weights(extractor) == [antelope.ANTELOPEV2.name] and "face_kps" in METHODS.get("instantid").conditions
+    monkeypatch.setattr(antelope, "DET_SIZE", (64, 64))
+    monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
+    _antelope.cache_clear()
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[12:16, 8:12] = 255  # the face the tiny detector finds (see the encoder test above)
+    images = torch.from_numpy(np.stack([image, np.zeros_like(image)])).permute(0, 3, 1, 2).float() / 255
+    with pytest.raises(ConfigError, match="missing weight 'insightface-antelopev2'"):
+        extractor(images)
+    tiny_antelope_pack(tmp_path / antelope.ANTELOPEV2.relpath)
+    maps = extractor(images)
+    _antelope.cache_clear()
+    kps = (np.array([16.0, 24.0]) + 8 * np.array(KPS_OFFSETS)) / 2  # the tiny detector's keypoints, by hand
+    expected = torch.from_numpy(antelope.draw_kps((32, 32), kps)).permute(2, 0, 1).float() / 255
+    assert maps.shape == (2, 3, 32, 32) and torch.equal(maps[0], expected) and maps[0].sum() > 0
+    assert torch.equal(maps[1], torch.zeros(3, 32, 32)), "no face: a black map"
 
 
 def test_draw_kps_draws_instantids_limbs_and_points():
     kps = [(30, 30), (98, 30), (64, 64), (40, 100), (88, 100)]
-    out = encoders.draw_kps((128, 128), kps)
+    out = antelope.draw_kps((128, 128), kps)
     assert out.shape == (128, 128, 3) and out.dtype.name == "uint8"
     assert tuple(out[30, 30]) == (255, 0, 0) and tuple(out[64, 64]) == (0, 0, 255)  # discs at full colour
     assert tuple(out[43, 43]) == (153, 0, 0)  # the limb from point 0 to the nose, 60% of point 0's colour
