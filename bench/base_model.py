@@ -50,6 +50,22 @@ def dir_is_full_scale(name: str) -> bool:
     return is_full_scale(name, config.get("cross_attention_dim"))
 
 
+def base_family(name: str) -> str:
+    """'sdxl' for a base whose UNet takes SDXL's text_time conditioning (`sdxl-arch`, or a
+    directory's unet/config.json), else 'sd': which of a method's official recipes applies
+    (`Method.Recipe.SDXL`). Config time, so no weights are read; an unreadable config is 'sd', and
+    the base preflight reports it."""
+    from bench.arch import ARCHS
+
+    if name == "proxy" or name in ARCHS:
+        return "sdxl" if ARCHS.get(name) == "sdxl" else "sd"
+    try:
+        config = json.loads((resolve_base_path(name) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "sd"
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
 def resolve_base_path(name: str) -> Path:
     """'proxy' names the shipped proxy base; anything else is a local directory."""
     return PROXY_BASE_DIR if name == "proxy" else Path(name).expanduser()
@@ -212,6 +228,11 @@ class BaseModel(nn.Module):
     def is_sdxl(self) -> bool:
         """The UNet takes SDXL's added conditioning (pooled text embedding + time ids)."""
         return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def family(self) -> str:
+        """`base_family` of the loaded model."""
+        return "sdxl" if self.is_sdxl else "sd"
 
     @property
     def scale_factor(self) -> int:

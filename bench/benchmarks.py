@@ -5,6 +5,7 @@ training cost of each method relative to ControlNet.
     python -m bench.benchmarks --methods controlnet,t2i_adapter,controlnext,controlnet_pp:reward_start=0
     python -m bench.benchmarks --quickstart OUT_DIR
     python -m bench.benchmarks estimate-vs-rss [--no-sd15]
+    python -m bench.benchmarks estimate-vs-gpu [--base sd15-arch] [--resolution 512] [--batches 1,4] [--precision bf16]
 
 Method costs (`bench.profile` on the proxy at the `quick` budget's resolution): each variant
 (`name` or `name:key=value,...`) in its own spawned process, as ratios against the first.
@@ -19,7 +20,9 @@ main thread's CPU time with one torch thread: waiting for a core no longer count
 caches and hyperthread siblings still slow the work.
 
 estimate-vs-rss: `bench profile --estimate` against the CPU process's resident memory for one
-real training step (see `estimate_vs_rss`).
+real training step (see `estimate_vs_rss`). estimate-vs-gpu: against a CUDA device's allocator peak,
+and FLOP ratios against measured step-time ratios (`estimate_vs_gpu`; `--methods` picks variants,
+default frozen, controlnet, t2i_adapter, controlnext; `--base` defaults to sd15-arch).
 """
 from __future__ import annotations
 
@@ -352,11 +355,62 @@ def estimate_vs_rss(configs=RSS_CONFIGS) -> str:
     return "\n".join(lines + ["", RSS_NOTE])
 
 
+# ---- estimate vs a GPU (issue 18, item 5) -------------------------------------------------------
+
+GPU_VARIANTS = ("frozen", "controlnet", "t2i_adapter", "controlnext")
+
+
+def compare_estimate(estimates: list[dict], measured: list[dict]) -> list[dict]:
+    """Per variant: the fake-tensor estimate's peak beside the CUDA allocator's, and each one's
+    FLOP ratio and measured step-time ratio against the first variant (FLOPs are the hardware-free
+    reading of time). Rows pair by variant; an estimate that failed is left out."""
+    by = {r["variant"]: r for r in measured}
+    rows = [dict(variant=e["variant"], est_mb=e["est_peak_mem_mb"], gpu_mb=by[e["variant"]]["peak_mem_mb"],
+                 flops=e["flops_per_step"], step_s=by[e["variant"]]["step_time_s"])
+            for e in estimates if "error" not in e and e["variant"] in by]
+    for r in rows:
+        r["mem_ratio"] = r["est_mb"] / r["gpu_mb"]
+        r["flop_ratio"] = r["flops"] / rows[0]["flops"]
+        r["time_ratio"] = r["step_s"] / rows[0]["step_s"]
+    return rows
+
+
+def format_comparison(rows: list[dict], device: str, setup) -> str:
+    ref = rows[0]["variant"] if rows else "-"
+    lines = [f"estimate vs {device}: {setup.base_model}, {setup.resolution} px, batch {setup.batch}, {setup.precision}",
+             f"{'variant':16s} {'est MiB':>10s} {'GPU MiB':>10s} {'est/GPU':>8s} {'FLOPs/' + ref:>16s} "
+             f"{'time/' + ref:>14s}"]
+    lines += [f"{r['variant']:16s} {r['est_mb']:10.0f} {r['gpu_mb']:10.0f} {r['mem_ratio']:8.3f} "
+              f"{r['flop_ratio']:16.3f} {r['time_ratio']:14.3f}" for r in rows]
+    lines.append("GPU MiB is torch.cuda.max_memory_allocated over the profiled steps; the estimate leaves out "
+                 "cuDNN/cuBLAS workspaces and the allocator's 512-byte rounding (bench/estimate.py).")
+    return "\n".join(lines)
+
+
+def estimate_vs_gpu(variants: list[str], base_model: str, resolution: int, batches: list[int], precision: str) -> str:
+    """`bench profile --estimate` against a CUDA device's allocator peak and median step time, the
+    same variants at the same setting, each measured in its own process (bench.profile)."""
+    from bench.errors import ConfigError
+    from bench.estimate import estimate
+    from bench.profile import ProfileSetup, profile
+
+    if not torch.cuda.is_available():
+        raise ConfigError("estimate-vs-gpu needs a CUDA device; on a CPU, `estimate-vs-rss` compares the "
+                          "estimate with the process's resident memory")
+    out = []
+    for b in batches:
+        setup = ProfileSetup(base_model, resolution, b, precision, steps=5)
+        rows = compare_estimate(estimate(variants, setup, [b], progress=False), profile(variants, setup, progress=False))
+        out.append(format_comparison(rows, torch.cuda.get_device_name(), setup))
+    return "\n\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["estimate-vs-rss"],
-                   help="estimate-vs-rss: the estimate's peak beside the RSS rise of a real CPU training step")
+    p.add_argument("command", nargs="?", choices=["estimate-vs-rss", "estimate-vs-gpu"],
+                   help="estimate-vs-rss: the estimate's peak beside the RSS rise of a real CPU training step; "
+                        "estimate-vs-gpu: beside torch.cuda.max_memory_allocated and step time (needs a GPU)")
     p.add_argument("--no-sd15", action="store_true", help="estimate-vs-rss: the proxy configs only (the SD1.5 one "
                    "takes about 6.5 GB and 5 minutes)")
     p.add_argument("--base", default="proxy", help="base model: 'proxy' or a local diffusers directory")
@@ -372,7 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="instead, training cost per method variant (name or name:k=v,...), "
                                      "as ratios against the first")
     p.add_argument("--condition", default="canny", help="condition for --methods (canny, seg, depth, layout)")
+    p.add_argument("--resolution", type=int, default=512, help="estimate-vs-gpu: resolution")
+    p.add_argument("--batches", default="1,4", help="estimate-vs-gpu: batch sizes, comma-separated")
+    p.add_argument("--precision", default="bf16", help="estimate-vs-gpu: fp32, bf16, fp16 or bf16-true")
     args = p.parse_args(argv)
+    if args.command == "estimate-vs-gpu":
+        load_builtins()
+        base = "sd15-arch" if args.base == "proxy" else args.base
+        variants = args.methods.split(",") if args.methods else list(GPU_VARIANTS)
+        print(estimate_vs_gpu(variants, base, args.resolution, [int(b) for b in args.batches.split(",")], args.precision))
+        return 0
     if args.command == "estimate-vs-rss":
         from bench.runner import quiet_libraries
 
@@ -409,5 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main() -> int:
+    import sys
+
+    from bench.errors import ConfigError
+
+    try:
+        return main()
+    except ConfigError as e:  # bad input: one line naming the fix, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())

@@ -125,6 +125,9 @@ class Recipe:
     # training of ControlNet (diffusers train_controlnet.py; the original's LitEma covers only the
     # frozen UNet), T2I-Adapter (train_sketch.py), ControlNeXt or IP-Adapter (tutorial_train.py).
     ema_decay: float = 0.0
+    # Defaults that differ on an SDXL base (bench.base_model.base_family), where a method's official
+    # SDXL code chose other values; each subclass cites them. The config's hparams override both.
+    SDXL: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
 
     def __post_init__(self):
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
@@ -203,12 +206,15 @@ class Method(L.LightningModule):
         super().__init__()
         if self.conditions and condition not in self.conditions:
             raise ConfigError(f"method {type(self).__name__} needs condition in {self.conditions}, got {condition!r}")
-        self.recipe = hparams if isinstance(hparams, self.Recipe) else self.make_recipe(hparams)
+        self.recipe = hparams if isinstance(hparams, self.Recipe) else self.make_recipe(hparams, base.family)
         self.base, self.condition, self.budget = base, condition, budget
 
     @classmethod
-    def make_recipe(cls, hparams: Mapping[str, Any] | None = None) -> Recipe:
-        """This method's recipe with the config's ``hparams.<method>`` overrides applied."""
+    def make_recipe(cls, hparams: Mapping[str, Any] | None = None, family: str = "sd") -> Recipe:
+        """This method's recipe on a base of ``family`` ('sd' or 'sdxl': `Recipe.SDXL`'s defaults),
+        with the config's ``hparams.<method>`` overrides applied."""
+        if family == "sdxl" and isinstance(hparams, Mapping | None):
+            hparams = {**cls.Recipe.SDXL, **(hparams or {})}
         return cls.Recipe.from_overrides(hparams, getattr(cls, "name", None) or cls.__name__)
 
     @classmethod

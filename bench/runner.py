@@ -193,7 +193,9 @@ def _refuse_stale_versions(spec: RunSpec, method_cls: type, metric_classes: dict
     now = {spec.method: method_cls.version, **{n: cls.version for n, cls in metric_classes.items()}}
     planned = {spec.method: spec.method_version, **dict(spec.metric_versions)}
     stale = [f"{n} {planned[n]} -> {now.get(n)}" for n in planned if planned[n] != now.get(n)]
-    recipe = method_cls.make_recipe(dict(spec.hparams)).as_dict()
+    from bench.base_model import base_family
+
+    recipe = method_cls.make_recipe(dict(spec.hparams), base_family(spec.base_model)).as_dict()
     if spec.recipe and recipe != dict(spec.recipe):
         changed = sorted(k for k in recipe.keys() | dict(spec.recipe).keys() if recipe.get(k) != dict(spec.recipe).get(k))
         stale.append(f"{spec.method} recipe fields {', '.join(changed)}")
@@ -572,7 +574,9 @@ def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
         classes = {n: METRICS.get(n) for n in (metrics or spec.metrics)}
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
-    recipe = method_cls.make_recipe(dict(spec.hparams)).as_dict()
+    from bench.base_model import base_family
+
+    recipe = method_cls.make_recipe(dict(spec.hparams), base_family(spec.base_model)).as_dict()
     if method_cls.version != spec.method_version or (spec.recipe and recipe != dict(spec.recipe)):
         raise ConfigError(f"{who} was trained by {spec.method_version} code whose recipe or version has changed "
                           f"(now {method_cls.version}); retrain it with bench run")

@@ -274,11 +274,14 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                              *(CONDITIONS.get(c) for c in conditions if c), base_model=str(_need(cfg, "base_model"))))
     trainer = _trainer(cfg)
     every = _checkpoint_every(cfg.get("checkpoint_every"))
+    from bench.base_model import base_family
+
+    family = base_family(str(_need(cfg, "base_model")))  # which official recipe (Method.Recipe.SDXL)
     specs = []
     for m in method_names:
         hp = dict(hparams.get(m) or {})
         weights = _weights(m, classes[m], hp.pop(WEIGHTS_KEY, None))
-        recipe = tuple(sorted(classes[m].make_recipe(hp).as_dict().items()))  # also checks hp
+        recipe = tuple(sorted(classes[m].make_recipe(hp, family).as_dict().items()))  # also checks hp
         usable = [c for c in conditions if not classes[m].conditions or c in classes[m].conditions]
         if not usable:
             raise ConfigError(f"method {m} needs condition in {classes[m].conditions}, the config has "

@@ -30,7 +30,8 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,13 @@ class ControlNeXt(Method):
         unet_trainable: str = "to_out"
         # train_controlnext.py: the branch's param group has `"lr": args.learning_rate * 10`, the UNet's the base lr
         branch_lr_scale: float = 10.0
+        # On an SDXL base, ControlNeXt-SDXL-Training (train_controlnext.py, examples/vidit_depth/train.sh):
+        SDXL: ClassVar[Mapping[str, Any]] = MappingProxyType({
+            "empty_prompt_prob": 0.2,  # train.sh `--proportion_empty_prompts 0.2` (argparse default 0)
+            "controlnext_scale": 1.0,  # `--controlnet_scale_factor` default and train.sh 1.0; run.sh `--controlnet_scale 1.0`
+            "unet_trainable": r".*attn2.*to_out.*",  # `--unet_trainable_param_pattern` default
+            "branch_lr_scale": 10.0,  # `--learning_rate_controlnet` 1e-4 over `--learning_rate` 1e-5
+        })
 
         def __post_init__(self):
             super().__post_init__()

@@ -85,3 +85,52 @@ def test_profile_sd15_at_512_on_gpu(precision, tmp_path, capsys):
         by = {r.method: r.compute for r in s.records()}
     assert by["controlnet"]["peak_mem_mb"] > by["frozen"]["peak_mem_mb"] > 0
     assert by["controlnet"]["params_trainable"] == pytest.approx(361.3e6, rel=1e-3)
+
+
+def test_compare_estimate_pairs_variants_and_takes_ratios_against_the_first():
+    """Hand-made rows: est/GPU per variant, FLOP and time ratios against the first; a failed
+    estimate is left out."""
+    from bench.benchmarks import compare_estimate
+
+    est = [dict(variant="frozen", est_peak_mem_mb=900.0, flops_per_step=2e12),
+           dict(variant="controlnet", est_peak_mem_mb=1500.0, flops_per_step=3e12),
+           dict(variant="t2i_adapter", error="fake tensors cannot run it")]
+    gpu = [dict(variant="frozen", peak_mem_mb=1000.0, step_time_s=0.2), dict(variant="controlnet", peak_mem_mb=1600.0,
+                                                                              step_time_s=0.32),
+           dict(variant="t2i_adapter", peak_mem_mb=1100.0, step_time_s=0.21)]
+    rows = compare_estimate(est, gpu)
+    assert [r["variant"] for r in rows] == ["frozen", "controlnet"]
+    assert rows[0]["mem_ratio"] == pytest.approx(0.9) and rows[1]["mem_ratio"] == pytest.approx(1500 / 1600)
+    assert rows[1]["flop_ratio"] == pytest.approx(1.5) and rows[1]["time_ratio"] == pytest.approx(1.6)
+
+
+def test_estimate_vs_gpu_refuses_without_a_cuda_device():
+    from bench.benchmarks import estimate_vs_gpu
+    from bench.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        estimate_vs_gpu(["frozen"], "sd15-arch", 512, [1], "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_estimate_is_within_10_percent_of_the_cuda_peak_at_512():
+    """Issue 18 item 5: for 3 methods at 512², bf16, batch 1, the fake-tensor estimate's peak is
+    within 10% of torch.cuda.max_memory_allocated for the same step of the same code, and the
+    FLOP ratio orders the methods as their measured step times do."""
+    from bench.benchmarks import compare_estimate
+    from bench.builtins import load_builtins
+    from bench.estimate import estimate
+    from bench.profile import ProfileSetup, profile
+
+    load_builtins()
+    variants = ["frozen", "controlnet", "t2i_adapter"]
+    setup = ProfileSetup("sd15-arch", 512, 1, "bf16", steps=5)
+    rows = compare_estimate(estimate(variants, setup, [1], progress=False), profile(variants, setup, progress=False))
+    assert [r["variant"] for r in rows] == variants
+    for r in rows:
+        assert 0.9 <= r["mem_ratio"] <= 1.1, r
+    by = {r["variant"]: r for r in rows}
+    assert (by["controlnet"]["flop_ratio"] > 1) == (by["controlnet"]["time_ratio"] > 1)

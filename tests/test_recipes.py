@@ -146,7 +146,7 @@ def test_controlnext_leaves_the_stored_skip_unchanged(proxy, smoke_budget):
 
 def test_controlnext_on_sdxl_adds_after_conv_in_and_keeps_its_skip(tiny_sdxl_dir, smoke_budget):
     """The official SDXL UNet (ControlNeXt-SDXL/models/unet.py) stores `down_block_res_samples = (sample,)` after
-    conv_in, then adds scale x pooled(cross_normalize(control)) to the sample entering down_blocks[0]."""
+    conv_in, then adds scale x pooled(cross_normalize(control)) to the sample entering down_blocks[0] (scale 1.0, its SDXL recipe)."""
     method, unet, x, t, embeds, state = _controlnext_call(BaseModel.load(str(tiny_sdxl_dir)), smoke_budget, 16)
 
     def run(call):
@@ -167,7 +167,8 @@ def test_controlnext_on_sdxl_adds_after_conv_in_and_keeps_its_skip(tiny_sdxl_dir
     assert torch.equal(skip, plain_skip) and torch.equal(plain_in, plain_skip)
     with torch.no_grad():
         control = method.branch(state, t)
-    expected = plain_in + 0.35 * torch.nn.functional.adaptive_avg_pool2d(cross_normalize(control, plain_in), (16, 16))
+    assert method.recipe.controlnext_scale == 1.0  # the SDXL recipe's scale
+    expected = plain_in + 1.0 * torch.nn.functional.adaptive_avg_pool2d(cross_normalize(control, plain_in), (16, 16))
     assert torch.allclose(injected, expected, atol=1e-5) and not torch.allclose(injected, plain_in)
 
 
@@ -277,3 +278,33 @@ def test_weights_is_a_run_input_not_a_recipe_field(tmp_path):
         assert spec.weights == str(tmp_path.resolve()) and "weights" not in dict(spec.recipe)
         assert spec.run_id != resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", f"methods={name}"])))[0][0].run_id
         assert type(spec).from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_sdxl_recipe_default_is_a_valid_field(name):
+    """A method's `Recipe.SDXL` defaults name its own fields with valid values (the registry-wide check)."""
+    cls = METHODS.get(name)
+    recipe = cls.make_recipe({}, "sdxl")
+    assert all(getattr(recipe, k) == v for k, v in cls.Recipe.SDXL.items())
+
+
+def test_an_sdxl_base_takes_controlnexts_sdxl_recipe(tiny_sd_dir, tiny_sdxl_dir, smoke_budget):
+    """ControlNeXt-SDXL-Training's own values on an SDXL base (prompt dropout 0.2, scale 1.0, only the
+    cross-attention `to_out` tuned), its SD1.5 values elsewhere; the run spec records the recipe
+    the run builds, and a config's hparams still win."""
+    from bench.base_model import base_family
+    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+
+    assert [base_family(b) for b in ("proxy", "sd15-arch", "sdxl-arch", str(tiny_sd_dir), str(tiny_sdxl_dir))] == \
+        ["sd", "sd", "sdxl", "sd", "sdxl"]
+    xl = METHODS.get("controlnext")(BaseModel.load(str(tiny_sdxl_dir)), "canny", smoke_budget, {})
+    assert (xl.recipe.empty_prompt_prob, xl.recipe.controlnext_scale) == (0.2, 1.0)
+    assert xl.tuned_names and all(".attn2." in n and ".to_out." in n for n in xl.tuned_names)
+    sd = METHODS.get("controlnext")(BaseModel.load(str(tiny_sd_dir)), "canny", smoke_budget, {})
+    assert (sd.recipe.empty_prompt_prob, sd.recipe.controlnext_scale) == (0.0, 0.35)
+    assert any(".attn1." in n for n in sd.tuned_names)
+    cfg = load_config(None)
+    for overrides, scale in (([], 1.0), (["hparams.controlnext.controlnext_scale=0.5"], 0.5)):
+        spec = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=controlnext", "condition=canny",
+                                                             f"base_model={tiny_sdxl_dir}", *overrides])))[0][0]
+        assert dict(spec.recipe)["controlnext_scale"] == scale and dict(spec.recipe)["empty_prompt_prob"] == 0.2

@@ -188,7 +188,7 @@ def test_budget_refinement_of_a_named_budget():
     from bench.spec import apply_overrides, load_config, parse_overrides
 
     cfg = apply_overrides(load_config(None), parse_overrides(["budget.train_steps=9"]))
-    assert cfg["budget"] == {"name": "quick", "train_steps": 9}
+    assert cfg["budget"] == {"name": "quickstart", "train_steps": 9}
     with pytest.raises(ConfigError):
         load_sweep(Path("/nonexistent.yaml"))
 
