@@ -38,31 +38,31 @@ def is_full_scale(source: str, cross_attention_dim) -> bool:
     return source not in ("proxy", *ARCHS) and cross_attention_dim in SD_TEXT_WIDTHS
 
 
-def dir_is_full_scale(name: str) -> bool:
-    """`is_full_scale` from the base directory's UNet config alone (config time: no weights read);
-    False when the config is unreadable, which the base preflight reports."""
-    if name == "proxy":
-        return False
+def _unet_config(name: str) -> dict | None:
+    """A base directory's UNet config (config time: no weights read); None when unreadable, which
+    the base preflight reports."""
     try:
-        config = json.loads((resolve_base_path(name) / "unet" / "config.json").read_text())
+        return json.loads((resolve_base_path(name) / "unet" / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return is_full_scale(name, config.get("cross_attention_dim"))
+        return None
+
+
+def dir_is_full_scale(name: str) -> bool:
+    """`is_full_scale` from the base directory's UNet config alone; False for the proxy or an
+    unreadable config."""
+    config = None if name == "proxy" else _unet_config(name)
+    return config is not None and is_full_scale(name, config.get("cross_attention_dim"))
 
 
 def base_family(name: str) -> str:
     """'sdxl' for a base whose UNet takes SDXL's text_time conditioning (`sdxl-arch`, or a
     directory's unet/config.json), else 'sd': which of a method's official recipes applies
-    (`Method.Recipe.SDXL`). Config time, so no weights are read; an unreadable config is 'sd', and
-    the base preflight reports it."""
+    (`Method.Recipe.SDXL`). An unreadable config is 'sd'."""
     from bench.arch import ARCHS
 
     if name == "proxy" or name in ARCHS:
         return "sdxl" if ARCHS.get(name) == "sdxl" else "sd"
-    try:
-        config = json.loads((resolve_base_path(name) / "unet" / "config.json").read_text())
-    except (OSError, ValueError):
-        return "sd"
+    config = _unet_config(name) or {}
     return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
 
