@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -81,12 +82,13 @@ def train_ratio(base, budget, steps: int, batch: int, clock=time.perf_counter) -
     thread, the whole step's work, without the time spent waiting for a core."""
     from bench.callbacks import ResumableLoader, StepTimer
 
+    load_builtins()
     data = _data(batch * 4, budget.resolution)
     torch.manual_seed(0)
     proto = METHODS.get("controlnet")(base, "canny", budget, {})
     bare, harness = copy.deepcopy(proto).train(), copy.deepcopy(proto)
     opt = bare.configure_optimizers()["optimizer"]
-    step = iter(range(10**9))
+    step = itertools.count()
 
     def bare_step() -> None:
         i = next(step) % 4
@@ -135,6 +137,7 @@ def bare_sample(base, controlnet, batch: Batch, steps: int, guidance: float, see
 
 
 def sample_ratio(base, budget, n: int, repeats: int, clock=time.perf_counter) -> tuple[float, float, float]:
+    load_builtins()
     torch.manual_seed(0)
     method = METHODS.get("controlnet")(base, "canny", budget, {}).eval()
     batch = _data(n, budget.resolution)
