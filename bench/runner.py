@@ -190,11 +190,11 @@ def quiet_libraries() -> None:
 def _refuse_stale_versions(spec: RunSpec, method_cls: type, metric_classes: dict[str, type]) -> None:
     """A run executes the code on disk, in a fresh process; if a method or metric changed version
     since the run was planned, its record would carry the wrong version."""
+    from bench.base_model import base_family
+
     now = {spec.method: method_cls.version, **{n: cls.version for n, cls in metric_classes.items()}}
     planned = {spec.method: spec.method_version, **dict(spec.metric_versions)}
     stale = [f"{n} {planned[n]} -> {now.get(n)}" for n in planned if planned[n] != now.get(n)]
-    from bench.base_model import base_family
-
     recipe = method_cls.make_recipe(dict(spec.hparams), base_family(spec.base_model)).as_dict()
     if spec.recipe and recipe != dict(spec.recipe):
         changed = sorted(k for k in recipe.keys() | dict(spec.recipe).keys() if recipe.get(k) != dict(spec.recipe).get(k))
@@ -564,6 +564,7 @@ def rescore_specs(records: list[RunRecord], metrics: list[str] | None = None) ->
 def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
     import dataclasses
 
+    from bench.base_model import base_family
     from bench.registry import METHODS, METRICS, UnknownNameError
     from bench.spec import _refuse_self_grading
 
@@ -574,8 +575,6 @@ def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
         classes = {n: METRICS.get(n) for n in (metrics or spec.metrics)}
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
-    from bench.base_model import base_family
-
     recipe = method_cls.make_recipe(dict(spec.hparams), base_family(spec.base_model)).as_dict()
     if method_cls.version != spec.method_version or (spec.recipe and recipe != dict(spec.recipe)):
         raise ConfigError(f"{who} was trained by {spec.method_version} code whose recipe or version has changed "

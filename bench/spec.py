@@ -267,6 +267,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         if cls.condition is not None and cls.condition not in conditions:
             raise ConfigError(f"metric {m} scores condition {cls.condition!r}, which is not in condition: "
                               f"{list(conditions)}; add it or drop the metric")
+    from bench.base_model import base_family
     from bench.weights import needed_weights, preflight
 
     # Before any compute: every weight the run needs, with the first missing one named.
@@ -274,8 +275,6 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                              *(CONDITIONS.get(c) for c in conditions if c), base_model=str(_need(cfg, "base_model"))))
     trainer = _trainer(cfg)
     every = _checkpoint_every(cfg.get("checkpoint_every"))
-    from bench.base_model import base_family
-
     family = base_family(str(_need(cfg, "base_model")))  # which official recipe (Method.Recipe.SDXL)
     specs = []
     for m in method_names:
