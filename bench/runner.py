@@ -29,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from bench.artifacts import ARTIFACT_KEYS, GRID_SAMPLES, SampleManifest, file_name, run_paths
 from bench.errors import ConfigError
 from bench.files import atomic_dir, atomic_path, atomic_write, remove_stale_temps
+from bench.forkserver import FLAG as FORK_SERVER_FLAG
+from bench.forkserver import STARTED_ENV, ForkServer, ForkServerGone
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
 
@@ -144,6 +147,8 @@ def machine_identity() -> dict[str, Any]:
             "driver": _nvidia_driver() if cuda else None,
             "cpu": _cpu_model(), "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            # how the run process started; on CPU its peak RSS depends on it (a fork shares the server's pages)
+            "run_process": os.environ.get(STARTED_ENV, "interpreter"),
             "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]}
 
 
@@ -646,8 +651,6 @@ def _death_signal_setter():
 
 def _watch_parent(parent: int) -> None:
     """Fallback without prctl: exit as soon as the parent is gone (the child is reparented)."""
-    import threading
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -667,6 +670,10 @@ def _child_main(argv: list[str]) -> int:
     if parent and set_death_signal is None:
         _watch_parent(parent)
     os.environ[PARENT_ENV] = str(os.getpid())  # processes this run starts check against it
+    if argv[0] == FORK_SERVER_FLAG:  # not a run: the server that forks them (bench.forkserver)
+        from bench.forkserver import serve
+
+        return serve(int(argv[1]), int(argv[2]), _child_main)
     _run_id, out_dir, result_path, progress, spec_json = argv
     _child(json.loads(spec_json), out_dir, result_path, progress == "1")
     return 0
@@ -695,26 +702,75 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
     atomic_write(result_path, record.to_json())
 
 
+def _start_run_module(args: list[str], threads: int | None = None, **popen: Any) -> subprocess.Popen:
+    """`python -m bench.runner ARGS` as a child that dies with this thread (see above)."""
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path: a ./bench must not shadow us
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), STARTED_ENV: "interpreter"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
+    return subprocess.Popen([sys.executable, *isolated, "-m", RUN_MODULE, *args], env=env,
+                            preexec_fn=_death_signal_setter(), **popen)
+
+
+class Launcher:
+    """Starts run processes: forked from a fork server (bench.forkserver), or each in a fresh
+    interpreter where there is none. The server starts at the first run started from the thread that
+    made the Launcher, which must outlive its runs (the server's death signal follows that thread);
+    other threads use the server once it exists (run_all warms it before handing runs to its pool)."""
+
+    def __init__(self) -> None:
+        self._owner = threading.get_ident()
+        self._server: ForkServer | None = None
+        self._tried = False
+
+    def warm(self) -> None:
+        """Start the server, once, from the owning thread (lazily: a command whose runs are all
+        FINISHED starts none)."""
+        if not self._tried and threading.get_ident() == self._owner:
+            self._tried, self._server = True, ForkServer.start(_start_run_module)
+
+    def start(self, args: list[str], threads: int | None) -> subprocess.Popen | Any:
+        self.warm()
+        server = self._server
+        if server is not None:
+            try:
+                return server.spawn(args, threads)
+            except ForkServerGone as e:
+                if self._server is server:
+                    print(f"warning: {e}; runs start in a fresh interpreter from now on", file=sys.stderr)
+                    self._server = None
+        return _start_run_module(args, threads)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True, threads: int | None = None,
-                 started: Callable[[subprocess.Popen], None] | None = None) -> RunRecord:
+                 started: Callable[[subprocess.Popen], None] | None = None,
+                 launcher: Launcher | None = None) -> RunRecord:
     """Run one spec in its own process (see the comment above `PARENT_ENV`) and return its record;
     a run process that crashes or is killed before writing its result becomes a FAILED record.
     Its stdout and stderr (progress bars, a failure's traceback) are this process's. ``threads``:
     the run's CPU threads (OMP/MKL), when several runs share the machine; ``started`` is called
-    with the run process (`run_all` kills its live runs when interrupted)."""
+    with the run process (`run_all` kills its live runs when interrupted); ``launcher``: where the
+    process comes from (default: a fresh interpreter)."""
     out_dir = Path(out_dir)
     result = out_dir / "records" / f"{spec.run_id}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path: a ./bench must not shadow us
-    cmd = [sys.executable, *isolated, "-m", RUN_MODULE, spec.run_id, str(out_dir), str(result),
-           "1" if progress else "0", json.dumps(spec.to_dict(), sort_keys=True)]
-    # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
+    spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+    args = [spec.run_id, str(out_dir), str(result), "1" if progress else "0", spec_json]
     t0 = time.perf_counter()
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_death_signal_setter())
+    proc = launcher.start(args, threads) if launcher is not None else _start_run_module(args, threads)
     if started is not None:
         started(proc)
     try:
@@ -780,7 +836,7 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
             if record.status != "FINISHED":
                 tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with Launcher() as launcher, ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
             for i, spec in enumerate(specs):
                 while len(pending) >= jobs:
@@ -801,8 +857,9 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
                     bar.update()
                     continue
                 child_progress = progress and jobs == 1  # several runs' bars would interleave
+                launcher.warm()
                 pending[pool.submit(run_isolated, spec, out_dir, child_progress, threads if jobs > 1 else None,
-                                    live.append)] = (i, spec)
+                                    live.append, launcher)] = (i, spec)
             while pending:
                 collect(wait(pending, return_when=FIRST_COMPLETED).done)
         except BaseException:  # interrupted: the runs go with us (their claims die with this process)

@@ -85,7 +85,8 @@ def _pid_is_live(pid: int) -> bool:
     return True
 
 
-# A run process's command line is `python ... -m bench.runner RUN_ID ...` (see bench.runner).
+# A run process's command line is `python ... -m bench.runner RUN_ID ...` (see bench.runner); a run
+# forked by bench.forkserver reads the same, as one space-separated title.
 RUN_PROCESS_MODULE = b"bench.runner"
 
 
@@ -100,7 +101,7 @@ def _run_process_is_live(run_id: str) -> bool:
         if not entry.name.isdigit():
             continue
         try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()
         except OSError:  # gone meanwhile, or not ours to read
             continue
         if RUN_PROCESS_MODULE in args and want in args:
@@ -275,7 +276,7 @@ class RunRecord:
 # Identity fields that compute figures depend on; the hostname hash is not one of them, so two
 # identical machines share a key (their step times may be averaged), two different ones never do.
 MACHINE_KEY_FIELDS = ("device", "device_name", "device_count", "cuda", "driver", "cpu", "cpu_cores",
-                      "torch_threads", "torch", "world_size", "concurrent_runs")
+                      "torch_threads", "torch", "world_size", "concurrent_runs", "run_process")
 UNKNOWN_MACHINE = "unknown"
 
 
@@ -288,9 +289,10 @@ def machine_key(machine: dict[str, Any]) -> str:
     if not machine:
         return UNKNOWN_MACHINE
     ident = {k: machine.get(k) for k in MACHINE_KEY_FIELDS if machine.get(k) is not None}
-    for field_ in ("world_size", "concurrent_runs"):
-        if ident.get(field_) == 1:  # one process, one run at a time: as records from before the field
-            del ident[field_]
+    for field_, default in (("world_size", 1), ("concurrent_runs", 1), ("run_process", "interpreter")):
+        if ident.get(field_) == default:  # one process, one run at a time, a fresh interpreter: as records from
+            del ident[field_]             # before the field
+
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -345,7 +345,9 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
     check(specs)  # once for the whole sweep, before the plan or any claim is written
     _write_plan(plan, [s.run_id for s in specs])
     ran = failed = finished = elsewhere = 0
-    with Store(store_path) as store:
+    from bench.runner import Launcher
+
+    with Store(store_path) as store, Launcher() as launcher:
         for spec in specs:
             if store.is_finished(spec.run_id):
                 finished += 1
@@ -355,16 +357,16 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
                 else:
                     elsewhere += 1
             else:
-                record = _run_claimed(store, spec, out_dir, progress)
+                record = _run_claimed(store, spec, out_dir, progress, launcher)
                 ran, failed = ran + 1, failed + (not record.finished)
     return SweepOutcome(len(specs), ran, failed, finished, elsewhere, time.perf_counter() - t0)
 
 
-def _run_claimed(store, spec: RunSpec, out_dir: Path, progress: bool):
+def _run_claimed(store, spec: RunSpec, out_dir: Path, progress: bool, launcher):
     from bench.runner import run_isolated
 
     try:
-        record = run_isolated(spec, out_dir, progress)
+        record = run_isolated(spec, out_dir, progress, launcher=launcher)
         store.put(record)
     finally:
         store.release(spec.run_id)

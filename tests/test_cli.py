@@ -127,12 +127,35 @@ def _run_processes(out: Path) -> dict[int, list[bytes]]:
         if not entry.name.isdigit():
             continue
         try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()  # a forked run: one title
         except OSError:
             continue
         if b"bench.runner" in args and str(out).encode() in args:
             found[int(entry.name)] = args
     return found
+
+
+def _fork_servers(parent: int) -> dict[int, list[bytes]]:
+    """The fork servers (bench.forkserver) that process `parent` started, by pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"--fork-server" in args and ppid == parent:
+            found[int(entry.name)] = args
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
 
 
 def _torch_loaded(pid: int) -> bool:
@@ -143,33 +166,39 @@ def _torch_loaded(pid: int) -> bool:
 
 
 def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: float = 300) -> dict:
-    """Start `args` (a bench command), wait until ready(run processes, output so far), SIGKILL that
-    process alone (not its process group, so nothing kills its run process but the death signal),
-    and assert that none of its run processes survives it. Returns what was seen at the kill."""
+    """Start `args` (a bench command), wait until ready(run processes, fork servers, output so far),
+    SIGKILL that process alone (not its process group, so nothing kills its run processes and fork
+    server but the death signal), and assert that none of them survives it. Returns what was seen
+    at the kill."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks: list[bytes] = []
     # A daemon reader, never joined before the check: the pipe ends only when every writer is gone,
     # the run process included, so waiting for it would wait for an orphan to finish.
     threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(1 << 16), b"")), daemon=True).start()
-    deadline, kids = time.time() + timeout, {}
+    deadline, kids, servers = time.time() + timeout, {}, {}
     try:
         while proc.poll() is None and time.time() < deadline:
-            kids = _run_processes(out)
-            if ready(kids, b"".join(chunks)):
+            kids, servers = _run_processes(out), _fork_servers(proc.pid)
+            if ready(kids, servers, b"".join(chunks)):
                 break
             time.sleep(0.005)
-        seen = {"kids": kids, "torch": any(_torch_loaded(pid) for pid in kids), "output": b"".join(chunks)}
+        seen = {"kids": kids, "servers": servers, "output": b"".join(chunks),
+                "torch": {pid: _torch_loaded(pid) for pid in [*kids, *servers]}}
         assert proc.poll() is None, "the command ended before the kill point: " + seen["output"][-2000:].decode()
         assert time.time() < deadline, "kill point not reached: " + seen["output"][-2000:].decode()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+        def survivors() -> list[int]:
+            return [*_run_processes(out), *(pid for pid in servers if _alive(pid))]
+
         until = time.time() + 5
-        while _run_processes(out) and time.time() < until:
+        while survivors() and time.time() < until:
             time.sleep(0.05)
-        survivors = _run_processes(out)
-        assert kids and not survivors, f"run processes outlived their parent: {survivors}"
+        assert kids or servers, "nothing was started before the kill"
+        assert not survivors(), f"processes outlived their parent: {survivors()}"
     finally:
-        for pid in [proc.pid, *_run_processes(out)]:  # never leave one behind, whatever failed
+        for pid in [proc.pid, *_run_processes(out), *servers]:  # never leave one behind, whatever failed
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -185,21 +214,28 @@ def _rows(store: Path, sql: str) -> list:
 
 @pytest.mark.slow
 def test_killing_bench_run_at_any_point_leaves_no_run_process_and_the_rerun_completes(tmp_path, proxy_arch_dir):
-    """Kill -9 the `bench run` process right after it spawned its run process (before that has
-    imported torch), during training and during evaluation: no run process survives any of them,
-    and the re-run completes the run once."""
+    """Kill -9 the `bench run` process while its fork server imports, right after the server forked
+    the run, right after it spawned a fresh interpreter instead (before that has imported torch),
+    during training and during evaluation: no run process or server survives any of them, and the
+    re-run completes the run once."""
     out = tmp_path / "out"
     args = [*BENCH, "run", "budget=smoke", "methods=controlnet", "seeds=0", "metrics=canny_f1",
             f"base_model={proxy_arch_dir}", f"out_dir={out}"]  # progress on: its output shows the steps
     env = _quiet_env(tmp_path)
 
-    spawned = _kill_parent_when(args, env, out, lambda kids, text: bool(kids))
-    assert not spawned["torch"], "killed too late: the run process had imported torch"
+    # while the fork server imports the stack (before torch), and right after it forked the run
+    importing = _kill_parent_when(args, env, out, lambda kids, servers, text: bool(servers))
+    assert not importing["kids"] and not any(importing["torch"].values()), "killed too late: torch was imported"
+    spawned = _kill_parent_when(args, env, out, lambda kids, servers, text: bool(kids))
     (run_id,) = {a[a.index(b"bench.runner") + 1].decode() for a in spawned["kids"].values()}
+    # without the server: a fresh interpreter per run, killed before it has imported torch
+    fresh = _kill_parent_when(args, {**env, "CONTROLBENCH_FORK_SERVER": "0"}, out,
+                              lambda kids, servers, text: bool(kids))
+    assert not fresh["servers"] and not any(fresh["torch"].values()), "killed too late: torch was imported"
 
     started = {}
 
-    def training(kids, text):  # training follows the train split's rendering (64 samples, about a second)
+    def training(kids, servers, text):  # training follows the train split's rendering (64 samples, about a second)
         if kids and b"render train set" in text:
             started.setdefault("t", time.time())
         return "t" in started and time.time() - started["t"] > 8.0
@@ -207,10 +243,12 @@ def test_killing_bench_run_at_any_point_leaves_no_run_process_and_the_rerun_comp
     # 2000 steps (another run id) keep it training long enough to be killed there on any machine
     trained = _kill_parent_when([*args, "budget.train_steps=2000"], env, out, training)
     (long_id,) = {a[a.index(b"bench.runner") + 1].decode() for a in trained["kids"].values()}
-    assert trained["torch"] and b"sample:" not in trained["output"] and not (out / "images" / long_id).exists()
+    assert any(trained["torch"].values()) and b"sample:" not in trained["output"]
+    assert not (out / "images" / long_id).exists()
 
-    evaluated = _kill_parent_when(args, env, out, lambda kids, text: kids and (out / "images" / run_id).is_dir())
-    assert evaluated["torch"]
+    evaluated = _kill_parent_when(args, env, out,
+                                  lambda kids, servers, text: kids and (out / "images" / run_id).is_dir())
+    assert any(evaluated["torch"].values())
     assert _rows(out / "store.sqlite", "SELECT COUNT(*) FROM runs") == [(0,)]  # nothing reached the store
     assert sorted(_rows(out / "store.sqlite", "SELECT run_id FROM claims")) == sorted([(run_id,), (long_id,)])
 
@@ -227,8 +265,9 @@ def test_killing_bench_sweep_right_after_it_spawned_a_run_leaves_no_run_process(
     grid = _test_sweep_helpers()._grid(tmp_path, proxy_arch_dir, 1)
     out, env = tmp_path / "out", _quiet_env(tmp_path)
     args = [*BENCH, "sweep", str(grid), "--local", "--quiet"]
-    spawned = _kill_parent_when(args, env, out, lambda kids, text: bool(kids))
-    assert not spawned["torch"], "killed too late: the run process had imported torch"
+    importing = _kill_parent_when(args, env, out, lambda kids, servers, text: bool(servers))
+    assert not importing["kids"] and not any(importing["torch"].values()), "killed too late: torch was imported"
+    _kill_parent_when(args, env, out, lambda kids, servers, text: bool(kids))
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "1 ran here" in rerun.stdout, rerun.stderr[-2000:]
     assert [s for _, s in _rows(out / "store.sqlite", "SELECT run_id, status FROM runs")] == ["FINISHED"]

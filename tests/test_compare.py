@@ -96,7 +96,8 @@ def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp
                                 for spec, i in old])
     executed = []
 
-    def spy(spec, out_dir, progress=True, threads=None, started=None):  # the decision under test: which specs reach here
+    # the decision under test: which specs reach here
+    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
         executed.append((spec.method, spec.seed))
         return runner.failed(spec, "not executed in this test")
 

@@ -99,7 +99,8 @@ def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arc
     specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
     executed = []
 
-    def spy(spec, out_dir, progress=True, threads=None, started=None):  # the decision under test: which specs reach here
+    # the decision under test: which specs reach here
+    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
         executed.append(spec.run_id)
         return dataclasses.replace(runner.failed(spec, ""), status="FINISHED")
 
@@ -127,12 +128,12 @@ def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
     live, peak, lock = set(), [0], threading.Lock()
     real = runner.run_isolated
 
-    def counting(spec, out_dir, progress=True, threads=None, started=None):
+    def counting(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
         with lock:
             live.add(spec.run_id)
             peak[0] = max(peak[0], len(live))
         try:
-            return real(spec, out_dir, progress, threads, started)
+            return real(spec, out_dir, progress, threads, started, launcher)
         finally:
             with lock:
                 live.discard(spec.run_id)
@@ -147,3 +148,48 @@ def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
     assert all(r.finished for r in summary.records) and peak[0] == 2
     for r in summary.records:
         assert r.machine["concurrent_runs"] == 2 and r.machine["torch_threads"] == max(1, cores // 2)
+
+
+fork_server = pytest.mark.skipif(not __import__("bench.forkserver").forkserver.supported(),
+                                 reason="the fork server needs Linux and setproctitle")
+
+
+@fork_server
+def test_a_forked_run_records_what_a_fresh_interpreter_records(proxy_arch_dir, tmp_path, monkeypatch):
+    """The fork server changes how a run process starts, not what it computes: the same scores to
+    the bit. Each record says how its process started, and their machine keys differ (CPU peak RSS
+    depends on it)."""
+    from bench.runner import run_all
+    from bench.store import machine_key
+
+    (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["controlnet"], metrics=["canny_f1"])
+    records = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("CONTROLBENCH_FORK_SERVER", mode)
+        with Store(tmp_path / f"store{mode}.sqlite") as store:
+            (records[mode],) = run_all([spec], store, out / mode, progress=False).records
+    forked, fresh = records["1"], records["0"]
+    assert forked.finished and fresh.finished, (forked.reason, fresh.reason)
+    assert forked.machine["run_process"] == "fork-server" and fresh.machine["run_process"] == "interpreter"
+    assert forked.metrics == fresh.metrics and forked.sample_scores == fresh.sample_scores
+    assert forked.machine["torch_threads"] == fresh.machine["torch_threads"]
+    assert machine_key(forked.machine) != machine_key(fresh.machine)
+
+
+@fork_server
+def test_a_dead_fork_server_fails_its_live_run_and_later_runs_start_fresh(proxy_arch_dir, tmp_path, capsys):
+    import os
+    import signal
+
+    from bench.runner import Launcher, run_isolated
+
+    specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
+    with Launcher() as launcher:
+        def kill_the_server(run) -> None:  # the run has just been forked: it dies by its death signal
+            os.kill(launcher._server._proc.pid, signal.SIGKILL)
+
+        first = run_isolated(specs[0], out, progress=False, started=kill_the_server, launcher=launcher)
+        second = run_isolated(specs[1], out, progress=False, launcher=launcher)
+    assert first.status == "FAILED" and "killed by signal 9" in first.reason
+    assert second.finished and second.machine["run_process"] == "interpreter"
+    assert "runs start in a fresh interpreter" in capsys.readouterr().err
