@@ -38,8 +38,10 @@ FLAG = "--fork-server"  # `python -m bench.runner --fork-server REQUESTS_FD RESP
 
 # Third-party only: the server must not run project or plugin code (a plugin's import error is the
 # run's to report, and registries fill in the run). A name missing here is imported by the run itself.
+# Not wandb: its import makes temp directories (wandb-media) that each process deletes at exit, so forked
+# runs sharing them lost their W&B tables once the first run ended (tests/test_wandb.py checks two runs).
 PRELOAD = ("numpy", "scipy.signal", "scipy.linalg", "cv2", "PIL.Image", "torch", "torchvision", "torchmetrics",
-           "lightning.pytorch", "diffusers", "transformers", "safetensors.torch", "kornia", "wandb", "tqdm.auto")
+           "lightning.pytorch", "diffusers", "transformers", "safetensors.torch", "kornia", "tqdm.auto")
 # diffusers and transformers import lazily: these attributes load the modules the methods use
 PRELOAD_ATTRS = (("diffusers", ("UNet2DConditionModel", "AutoencoderKL", "ControlNetModel", "T2IAdapter",
                                 "DDIMScheduler", "DDPMScheduler")),
@@ -233,6 +235,7 @@ def serve(requests_fd: int, responses_fd: int, run: Callable[[list[str]], int]) 
 def _preload() -> str | None:
     """Import the stack; returns why the server must not fork, or None. An import that fails is left
     to the run, which then reports it as it would have without the server."""
+    fds = set(os.listdir("/proc/self/fd"))
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -241,15 +244,25 @@ def _preload() -> str | None:
     for module, attrs in PRELOAD_ATTRS:
         for attr in attrs:
             try:
-                getattr(sys.modules[module], attr)
+                getattr(sys.modules.get(module), attr)
             except Exception:  # noqa: BLE001
                 pass
+    opened = [_fd_target(fd) for fd in set(os.listdir("/proc/self/fd")) - fds]
+    if any(target is not None for target in opened):  # None: the first listing's own fd, closed since
+        return f"importing the stack left files open ({sorted(map(str, opened))}), which forked runs would share"
     if threading.active_count() != 1:
         return f"an import started Python threads ({[t.name for t in threading.enumerate()]})"
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "an import initialized CUDA"
     return None
+
+
+def _fd_target(fd: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def _fork_run(argv: list[str], threads: int | None, run: Callable[[list[str]], int], server_fds: list[int]) -> int:

@@ -193,3 +193,4 @@ def test_a_dead_fork_server_fails_its_live_run_and_later_runs_start_fresh(proxy_
     assert first.status == "FAILED" and "killed by signal 9" in first.reason
     assert second.finished and second.machine["run_process"] == "interpreter"
     assert "runs start in a fresh interpreter" in capsys.readouterr().err
+

@@ -28,19 +28,22 @@ def test_offline_mirror_uses_the_harness_run_id_and_never_duplicates(tmp_path, p
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
     cfg = apply_overrides(load_config(None), parse_overrides(
-        ["budget=smoke", "seeds=0", "methods=baseline", "metrics=canny_f1", f"base_model={proxy_arch_dir}"]))
+        ["budget=smoke", "seeds=0,1", "methods=baseline", "metrics=canny_f1,canny_f1_cnpp",  # cnpp: a scores table
+         f"base_model={proxy_arch_dir}"]))
     specs, _ = resolve(cfg)
     with Store(tmp_path / "s.sqlite") as store:
-        (record,) = run_specs(specs, store, out, progress=False)
-        assert record.finished, record.reason
+        # two runs from one command: the second must not find W&B's per-process state gone with the first
+        record, second = run_specs(specs, store, out, progress=False)
+        assert record.finished and second.finished, (record.reason, second.reason)
         dirs = _offline_dirs(out)
-        assert [d.name.rsplit("-", 1)[1] for d in dirs] == [record.run_id]
-        assert record.artifacts["wandb"] == str(dirs[0])
-        run_specs(specs, store, out, progress=False)  # identical run: skipped, nothing mirrored
+        assert sorted(d.name.rsplit("-", 1)[1] for d in dirs) == sorted([record.run_id, second.run_id])
+        assert {record.artifacts["wandb"], second.artifacts["wandb"]} == {str(d) for d in dirs}
+        run_specs(specs, store, out, progress=False)  # identical runs: skipped, nothing mirrored
         assert _offline_dirs(out) == dirs
     mirror(record, out)  # even a forced re-mirror replaces the run dir instead of adding one
-    assert [d.name.rsplit("-", 1)[1] for d in _offline_dirs(out)] == [record.run_id]
-    log = next(_offline_dirs(out)[0].glob("*.wandb")).read_bytes()  # offline runs keep summary in the log
+    assert sorted(d.name.rsplit("-", 1)[1] for d in _offline_dirs(out)) == sorted([record.run_id, second.run_id])
+    (run_dir,) = [d for d in _offline_dirs(out) if d.name.endswith(record.run_id)]
+    log = next(run_dir.glob("*.wandb")).read_bytes()  # offline runs keep summary in the log
     assert record.run_id.encode() in log and b"metrics/canny_f1" in log and b"compute/peak_mem_mb" in log
 
 
