@@ -40,7 +40,7 @@ from bench.artifacts import ARTIFACT_KEYS, GRID_SAMPLES, SampleManifest, file_na
 from bench.errors import ConfigError
 from bench.files import atomic_dir, atomic_path, atomic_write, remove_stale_temps
 from bench.forkserver import FLAG as FORK_SERVER_FLAG
-from bench.forkserver import STARTED_ENV, ForkServer, ForkServerGone
+from bench.forkserver import STARTED_ENV, ForkedRun, ForkServer, ForkServerGone
 from bench.spec import RunSpec
 from bench.store import RunRecord, Store
 
@@ -730,7 +730,7 @@ class Launcher:
         if not self._tried and threading.get_ident() == self._owner:
             self._tried, self._server = True, ForkServer.start(_start_run_module)
 
-    def start(self, args: list[str], threads: int | None) -> subprocess.Popen | Any:
+    def start(self, args: list[str], threads: int | None) -> subprocess.Popen | ForkedRun:
         self.warm()
         server = self._server
         if server is not None:

@@ -290,9 +290,8 @@ def machine_key(machine: dict[str, Any]) -> str:
         return UNKNOWN_MACHINE
     ident = {k: machine.get(k) for k in MACHINE_KEY_FIELDS if machine.get(k) is not None}
     for field_, default in (("world_size", 1), ("concurrent_runs", 1), ("run_process", "interpreter")):
-        if ident.get(field_) == default:  # one process, one run at a time, a fresh interpreter: as records from
-            del ident[field_]             # before the field
-
+        if ident.get(field_) == default:  # the default: as records from before the field, whose keys stay
+            del ident[field_]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

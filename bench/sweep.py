@@ -339,14 +339,13 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
         return done
 
     from bench.preflight import check
+    from bench.runner import Launcher
     from bench.store import Store
 
     specs, _ = resolve_sweep(sweep, count, seed)
     check(specs)  # once for the whole sweep, before the plan or any claim is written
     _write_plan(plan, [s.run_id for s in specs])
     ran = failed = finished = elsewhere = 0
-    from bench.runner import Launcher
-
     with Store(store_path) as store, Launcher() as launcher:
         for spec in specs:
             if store.is_finished(spec.run_id):
