@@ -120,35 +120,30 @@ def _test_sweep_helpers():
     return module
 
 
-def _run_processes(out: Path) -> dict[int, list[bytes]]:
-    """Live run processes (`python -m bench.runner RUN_ID OUT_DIR ...`) writing to `out`, by pid."""
+def _processes() -> dict[int, tuple[list[bytes], int]]:
+    """Every process's command line (split on NULs and spaces: a forked run's is one title) and parent pid."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()  # a forked run: one title
-        except OSError:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
-        if b"bench.runner" in args and str(out).encode() in args:
-            found[int(entry.name)] = args
+        found[int(entry.name)] = (args, ppid)
     return found
+
+
+def _run_processes(out: Path) -> dict[int, list[bytes]]:
+    """Live run processes (`python -m bench.runner RUN_ID OUT_DIR ...`) writing to `out`, by pid."""
+    return {pid: args for pid, (args, _) in _processes().items()
+            if b"bench.runner" in args and str(out).encode() in args}
 
 
 def _fork_servers(parent: int) -> dict[int, list[bytes]]:
     """The fork servers (bench.forkserver) that process `parent` started, by pid."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"--fork-server" in args and ppid == parent:
-            found[int(entry.name)] = args
-    return found
+    return {pid: args for pid, (args, ppid) in _processes().items() if b"--fork-server" in args and ppid == parent}
 
 
 def _alive(pid: int) -> bool:
