@@ -21,13 +21,23 @@ from bench.yamlio import safe_load
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
 
+def offline_log(path: Path) -> bytes:
+    """An offline run's .wandb log once W&B's service has written all of it. ``run.finish()`` returns
+    before the service has flushed the log, so one read straight after an in-process finish can lack
+    its last records (seen in CI, under load); ``wandb.teardown()`` waits for the service to exit."""
+    import wandb
+
+    wandb.teardown()
+    return path.read_bytes()
+
+
 def wandb_records(path: Path) -> list:
     """The protobuf Records of an offline run's .wandb file: wandb's log format (a 7-byte header
     ":W&B" + magic + version, then 32 KiB blocks of records with a crc32/length/type header,
     FULL or FIRST..MIDDLE..LAST chunks). wandb 0.31 ships no Python reader for it."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, block, chunks, out = path.read_bytes(), 7, 32768, b"", []
+    data, pos, block, chunks, out = offline_log(path), 7, 32768, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = block - pos % block

@@ -12,6 +12,7 @@ from bench.cli import main
 from bench.report import leaderboard
 from bench.store import RunRecord, Store, upgrade_spec
 from bench.wandb_mirror import mirror, records_from_wandb
+from tests.test_agent import offline_log
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wandb_runs.json"
 
@@ -43,7 +44,7 @@ def test_offline_mirror_uses_the_harness_run_id_and_never_duplicates(tmp_path, p
     mirror(record, out)  # even a forced re-mirror replaces the run dir instead of adding one
     assert sorted(d.name.rsplit("-", 1)[1] for d in _offline_dirs(out)) == sorted([record.run_id, second.run_id])
     (run_dir,) = [d for d in _offline_dirs(out) if d.name.endswith(record.run_id)]
-    log = next(run_dir.glob("*.wandb")).read_bytes()  # offline runs keep summary in the log
+    log = offline_log(next(run_dir.glob("*.wandb")))  # offline runs keep summary in the log
     assert record.run_id.encode() in log and b"metrics/canny_f1" in log and b"compute/peak_mem_mb" in log
 
 
