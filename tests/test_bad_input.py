@@ -224,7 +224,7 @@ def test_a_corrupt_unet_exits_2_from_the_real_entry_point(tmp_path, proxy_arch_d
     argv = corrupt_unet_truncated(tmp_path, None)
     env = {**os.environ, "CONTROLBENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "bench.cli", *RUN, *argv, f"--out={tmp_path / 'out'}", "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "corrupt safetensors file" in out.stderr and not (tmp_path / "out").exists()

@@ -205,7 +205,7 @@ def test_bench_run_again_after_sigkill_resumes_from_the_last_checkpoint(plugin, 
     first = subprocess.Popen(args, env={**env, "CB_TEST_HANG_AT": "2"}, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while not resume.exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert resume.exists(), first.stderr.read().decode()[-2000:] if first.poll() is not None else "timeout"

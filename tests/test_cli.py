@@ -40,7 +40,7 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
 def test_corrupt_config_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [baseline\nbudget: : smoke\n")
-    out = subprocess.run([*BENCH, "run", str(bad)], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    out = subprocess.run([*BENCH, "run", str(bad)], capture_output=True, text=True, env=_env(tmp_path), timeout=600)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "not valid YAML" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -81,7 +81,7 @@ def test_sigkill_mid_sweep_then_rerun_completes_without_duplicates(tmp_path, pro
             f"base_model={proxy_arch_dir}", f"out_dir={out}", "--quiet"]
     proc = subprocess.Popen(args, env=_env(tmp_path), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not _finished(out / "store.sqlite") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     first = _finished(out / "store.sqlite")
@@ -99,7 +99,7 @@ def test_sigkill_mid_sweep_then_rerun_completes_without_duplicates(tmp_path, pro
     assert len(pngs) == 4 * 8
     assert all(cv2.imread(str(p)) is not None for p in pngs), "half-written PNG"
 
-    again = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "4/4 runs finished" in again.stdout
     assert _finished(out / "store.sqlite") == done
 
@@ -160,7 +160,7 @@ def _torch_loaded(pid: int) -> bool:
         return False
 
 
-def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: float = 300) -> dict:
+def _kill_parent_when(args: list[str], env: dict, out: Path, ready, timeout: float = 600) -> dict:
     """Start `args` (a bench command), wait until ready(run processes, fork servers, output so far),
     SIGKILL that process alone (not its process group, so nothing kills its run processes and fork
     server but the death signal), and assert that none of them survives it. Returns what was seen
@@ -326,6 +326,6 @@ def test_a_store_with_a_damaged_page_is_one_line_exit_2_and_left_untouched(tmp_p
         assert store.read_bytes() == before, f"{name} wrote to the damaged store"
     assert not (tmp_path / "out" / "images").exists()  # refused before any run
     cli = subprocess.run([*BENCH, "report", "--store", str(store), "--out", str(tmp_path / "r")], capture_output=True,
-                         text=True, env=_env(tmp_path), timeout=120)
+                         text=True, env=_env(tmp_path), timeout=600)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr, cli.stderr
     assert store.read_bytes() == before

@@ -145,6 +145,6 @@ def test_package_namespacing(tmp_path):
 
     code = ("import importlib.util as u, bench.datasets, bench.methods, bench.metrics; "
             "print([m for m in ('methods', 'metrics') if u.find_spec(m)]); print(bench.datasets.__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.split("\n")[:2] == ["[]", "bench.datasets"]

@@ -21,7 +21,7 @@ def test_ddp_two_cpu_processes_rank0_records(tmp_path: Path) -> None:
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(BENCH + ["run", "methods=controlnet", "budget=smoke", "budget.eval_samples=4", "seeds=0", "metrics=canny_f1",
                                   "strategy=ddp", "devices=2", "--quiet", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     with Store(out / "store.sqlite", read_only=True) as store:
         (rec,) = store.records()  # one record: rank 1 trained but wrote nothing
@@ -41,7 +41,7 @@ def test_global_batch_must_split_over_the_processes(tmp_path: Path) -> None:
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(BENCH + ["run", "methods=controlnet", "budget=smoke", "budget.batch_size=3", "seeds=0",
                                   "metrics=canny_f1", "strategy=ddp", "devices=2", "--quiet", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=600)
     with Store(out / "store.sqlite", read_only=True) as store:
         (rec,) = store.records()
     assert rec.status == "FAILED" and "batch_size 3 does not split over 2 processes" in rec.reason, rec.reason

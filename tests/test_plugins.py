@@ -117,7 +117,7 @@ def _bench(args: list[str], env: dict, timeout: int = 600) -> subprocess.Complet
 
 def test_entry_point_plugin_lists_runs_and_passes_the_contract(plugin_site, tmp_path) -> None:
     env = _env(tmp_path, plugin_site)
-    listing = _bench(["list"], env, 120)
+    listing = _bench(["list"], env)
     assert listing.returncode == 0, listing.stderr
     line = next(ln for ln in listing.stdout.splitlines() if ln.strip().startswith("demo_gain "))
     assert "from=entry point cb-plugin-demo 0.1.0" in line
@@ -153,7 +153,7 @@ def test_plugin_module_flag(tmp_path) -> None:
         METHODS.register("flag_gain")(type("FlagGain", (DemoGain,), {"version": "flag_gain-v1"}))
     '''))
     env = _env(tmp_path, mod_dir)
-    listing = _bench(["list", "--plugin", "my_methods.gain"], env, 120)
+    listing = _bench(["list", "--plugin", "my_methods.gain"], env)
     assert listing.returncode == 0, listing.stderr
     assert any(ln.strip().startswith("flag_gain ") and "from=--plugin my_methods.gain" in ln
                for ln in listing.stdout.splitlines())
@@ -170,7 +170,7 @@ def test_plugin_module_flag(tmp_path) -> None:
 @pytest.mark.parametrize("argv", [["list", "--plugin", "no_such_pkg.methods"],
                                   ["run", "budget=smoke", "--plugin=no_such_pkg.methods"]])
 def test_unknown_plugin_module_is_one_line(argv, tmp_path) -> None:
-    res = _bench(argv, _env(tmp_path), 120)
+    res = _bench(argv, _env(tmp_path))
     err = res.stderr.strip()
     assert res.returncode == 2 and len(err.splitlines()) == 1, err
     assert "--plugin no_such_pkg.methods: cannot import it" in err and "PYTHONPATH" in err
@@ -183,7 +183,7 @@ def test_broken_entry_point_is_one_line(tmp_path) -> None:
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cb-broken\nVersion: 0.2\n")
     (info / "entry_points.txt").write_text("[controlbench.methods]\nbroken = cb_broken_missing.methods\n")
-    res = _bench(["list"], _env(tmp_path, site), 120)
+    res = _bench(["list"], _env(tmp_path, site))
     err = res.stderr.strip()
     assert res.returncode == 2 and len(err.splitlines()) == 1, err
     assert "plugin 'broken'" in err and "cb-broken 0.2" in err and "uninstall" in err

@@ -155,7 +155,7 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp / 'chromium-profile'}"]
-    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=90, check=True)
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=600, check=True)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed "

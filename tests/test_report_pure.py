@@ -36,7 +36,7 @@ sys.exit(code)
 
 def bench_report_without_models(store: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", NO_MODELS, "report", "--store", str(store), "--out", str(out),
-                           "--html"], capture_output=True, text=True, timeout=300)
+                           "--html"], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def test_a_run_process_whose_launcher_is_already_gone_does_nothing(proxy_arch_di
     t0 = time.perf_counter()
     child = subprocess.run([sys.executable, "-m", RUN_MODULE, spec.run_id, str(out), str(result), "0",
                             json.dumps(spec.to_dict())], env={**os.environ, PARENT_ENV: "1"},  # not its parent
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=600)
     assert child.returncode == PARENT_GONE, child.stderr
     assert not out.exists() and time.perf_counter() - t0 < 30
 

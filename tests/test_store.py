@@ -143,7 +143,7 @@ with Store(path) as store:
 def test_two_processes_write_concurrently(tmp_path: Path) -> None:
     path = str(tmp_path / "shared.db")
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, p]) for p in ("a", "b")]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
     with Store(path) as store:
         assert len(store.records()) == 100
 
