@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps mediapipe==0.10.14 rtmlib
 	# W&B's sweep-config package, for the tests only, without its numpy<2 pin: see pyproject
 	$(VENV)/bin/pip install --quiet --no-deps sweeps==0.3.0
-	# the install's seconds, for `python -m bench.benchmarks --quickstart`
+	# the install's seconds, for `python -m bench.profile.benchmarks --quickstart`
 	echo $$(( $$(date +%s) - $$(cat .install-start) )) > $(VENV)/.install_seconds && rm -f .install-start
 	touch $(STAMP)
 
@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_JOBS)
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m bench.benchmarks
+	$(VENV)/bin/python -m bench.profile.benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,3 +1,10 @@
 """Datasets and condition extractors; importing registers them."""
-from bench.datasets import conditions, layouts, shapes  # noqa: F401
-from bench.datasets import aux_extractors, folders, identity, pose  # noqa: F401
+from bench.datasets import (  # noqa: F401  # noqa: F401
+    aux_extractors,
+    conditions,
+    folders,
+    identity,
+    layouts,
+    pose,
+    shapes,
+)

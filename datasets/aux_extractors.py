@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
 import torch
-
 from bench.datasets.conditions import to_uint8
-from bench.registry import CONDITIONS
-from bench.weights import WeightSpec, register_weight, weight_path
+
+from bench.core.registry import CONDITIONS
+from bench.core.weights import WeightSpec, register_weight, weight_path
 
 
 def annotator(name: str, file: str) -> WeightSpec:

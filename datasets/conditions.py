@@ -12,16 +12,16 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
-
 from bench.datasets.shapes import sample_objects
-from bench.registry import CONDITIONS
+
+from bench.core.registry import CONDITIONS
 
 SEG_PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 255, 64], [64, 64, 255]], np.uint8)  # bg + SHAPES
 
 
 class ConditionExtractor(Protocol):
     """Images -> condition maps. Extractors whose input comes from annotations (seg, depth,
-    layout) also define `from_scene(scene) -> [3,H,W]`, which `condition_from_scene` prefers."""
+    layout) also define `from_scene(scene) -> [3,H,W]`, which `bench.datasets.shapes.condition_from_scene` prefers."""
 
     name: str
     version: str
@@ -105,10 +105,3 @@ CONDITIONS.register("seg")(SegmentationFromAnnotations())
 CONDITIONS.register("depth")(DepthFromAnnotations())
 
 
-def condition_from_scene(kind: str, scene) -> torch.Tensor:
-    """The input condition for one rendered scene, [3,H,W] in [0,1]."""
-    extractor = CONDITIONS.get(kind)
-    if hasattr(extractor, "from_scene"):
-        return extractor.from_scene(scene)
-    image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(255).unsqueeze(0)
-    return extractor(image)[0]

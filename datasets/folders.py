@@ -44,9 +44,9 @@ import cv2
 import numpy as np
 import torch
 
-from bench.errors import ConfigError
-from bench.registry import CONDITIONS, DATASETS
-from bench.types import Batch
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import CONDITIONS, DATASETS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NEAREST = frozenset({"seg"})  # label maps: nearest-neighbour resize

@@ -29,11 +29,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from bench.datasets.shapes import (
+    COLORS,
+    SHAPES,
+    SPLIT_CODE,
+    SUPERSAMPLE,
+    Scene,
+    ShapeObject,
+    ShapesWorld,
+    join_phrases,
+    render,
+)
 
-from bench.datasets.shapes import (COLORS, SHAPES, SPLIT_CODE, SUPERSAMPLE, Scene, ShapeObject, ShapesWorld,
-                                   join_phrases, render)
-from bench.registry import CONDITIONS, DATASETS
-from bench.types import Batch
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS, DATASETS
 
 PATTERNS = ("split", "dot", "ring", "stripes")
 SPLIT_SEED = 4  # the identity split is fixed: it never follows the world seed
@@ -220,7 +229,7 @@ CONDITIONS.register("keypoints")(KeypointsFromAnnotations())
 
 @lru_cache(maxsize=1)
 def _antelope(directory: str):
-    from bench.antelope import ANTELOPEV2, AntelopeEncoder
+    from bench.faces.antelope import ANTELOPEV2, AntelopeEncoder
 
     return AntelopeEncoder.from_dir(Path(directory), ANTELOPEV2.name)
 
@@ -228,19 +237,20 @@ def _antelope(directory: str):
 @dataclass(frozen=True)
 class FaceKeypoints:
     """IdentityNet's condition for real face images, made as InstantID's infer.py makes it:
-    antelopev2 (bench/antelope.py) finds the largest face and `draw_kps` draws its 5 keypoints at
+    antelopev2 (bench/faces/antelope.py) finds the largest face and `draw_kps` draws its 5 keypoints at
     the image's size. An image without a detected face gets a black map: infer.py stops there,
     a dataset keeps the sample. Generated images are not re-extracted for a consistency score:
     antelopev2 is InstantID's own encoder, which the evaluator never scores with."""
 
     name: str = "face_kps"
     version: str = "face-kps-antelopev2-scrfd640-drawkps-v1"
-    weights: tuple[str, ...] = ("insightface-antelopev2",)  # bench.antelope.ANTELOPEV2
+    weights: tuple[str, ...] = ("insightface-antelopev2",)  # bench.faces.antelope.ANTELOPEV2
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from bench.antelope import draw_kps
         from bench.datasets.conditions import to_uint8
-        from bench.weights import weight_path
+
+        from bench.core.weights import weight_path
+        from bench.faces.antelope import draw_kps
 
         encoder = _antelope(str(weight_path(self.weights[0])))
         maps = []
@@ -293,7 +303,7 @@ class IdentityWorld(ShapesWorld):
         return sample_reference(self.identity(index), rng, self.resolution)
 
     def __getitem__(self, index: int) -> Batch:
-        from bench.datasets.conditions import condition_from_scene
+        from bench.datasets.shapes import condition_from_scene
 
         if not 0 <= index < self.size:
             raise IndexError(index)

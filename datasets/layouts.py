@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from bench.datasets.conditions import SEG_PALETTE
 from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, parse_prompt, prompt_for
-from bench.registry import CONDITIONS
-from bench.types import Batch
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS
 
 
 def box_slices(box, height: int, width: int) -> tuple[slice, slice]:
@@ -67,7 +67,9 @@ def layout_objects(boxes, labels, colors: list[str]) -> tuple[ShapeObject, ...]:
 
 
 def _box_iou(a: Tensor, b: Tensor) -> Tensor:
-    from torchvision.ops import box_iou  # imported here: torchvision adds ~1.3 s to every `import bench.datasets`
+    from torchvision.ops import (
+        box_iou,  # imported here: torchvision adds ~1.3 s to every `import bench.datasets`
+    )
 
     return box_iou(a, b)
 

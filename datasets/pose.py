@@ -18,11 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
 from bench.datasets.conditions import to_uint8
-from bench.errors import ConfigError
-from bench.registry import CONDITIONS, Registry
-from bench.weights import WeightSpec, register_weight, weight_path
+
+from bench.core.errors import ConfigError
+from bench.core.registry import CONDITIONS, Registry
+from bench.core.weights import WeightSpec, register_weight, weight_path
 
 COCO17 = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
           "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",

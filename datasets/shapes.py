@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import torch
 
-from bench.registry import DATASETS
-from bench.types import Batch
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS, DATASETS
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # RGB, well separated in hue so a classical detector can read them back
@@ -149,6 +149,15 @@ def sample_objects(rng: np.random.Generator, resolution: int, max_objects: int =
     return tuple(chosen)
 
 
+def condition_from_scene(kind: str, scene) -> torch.Tensor:
+    """The input condition for one rendered scene, [3,H,W] in [0,1]."""
+    extractor = CONDITIONS.get(kind)
+    if hasattr(extractor, "from_scene"):
+        return extractor.from_scene(scene)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return extractor(image)[0]
+
+
 class ShapesWorld(torch.utils.data.Dataset):
     """Map-style dataset of one split; items are single-sample `Batch`es."""
 
@@ -175,8 +184,6 @@ class ShapesWorld(torch.utils.data.Dataset):
         return render(sample_objects(rng, self.resolution), self.resolution)
 
     def __getitem__(self, index: int) -> Batch:
-        from bench.datasets.conditions import condition_from_scene
-
         if not 0 <= index < self.size:
             raise IndexError(index)
         scene = self.scene(index)

@@ -1,6 +1,6 @@
 """The base model with no control: the floor every consistency metric must beat."""
-from bench.method import Method
-from bench.registry import METHODS
+from bench.api.method import Method
+from bench.core.registry import METHODS
 
 
 @METHODS.register("baseline")

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import ConfigError
-from bench.method import Method
 from bench.methods.release import load_exact, names, one_line, read_state_dict
-from bench.registry import METHODS
+
+from bench.api.method import Method
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 
 def make_controlnet(base, conditioning_channels: int = 3):

@@ -16,7 +16,7 @@ The reward model must not be a metric's evaluator; the harness refuses such a ru
 Checkpoints: ControlNet's layouts. ControlNet++ releases diffusers ControlNetModel directories
 (README "Checkpoints Preparation": checkpoints/<task>/controlnet; eval/eval.py loads them with
 `ControlNetModel.from_pretrained`). `save_weights` writes the ControlNet the module holds: after
-training that is the EMA, which bench/callbacks.py EMAWeights copies in at the end of fit and
+training that is the EMA, which bench/run/callbacks.py EMAWeights copies in at the end of fit and
 evaluation scores (reward_control.py saves its EMA model too, `ema_controlnet.save_pretrained`).
 
 Official source: liming-ai/ControlNet_Plus_Plus @ 9ffe264 (train/reward_control.py and the
@@ -27,12 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from bench.errors import ConfigError
-from bench.method import Drops, predict_x0
 from bench.methods.controlnet import ControlNet
-from bench.registry import METHODS
 
+from bench.api.method import Drops, predict_x0
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 # The reward loss's weight (`--grad_scale`, loss = pretrain_loss + reward_loss * grad_scale,
 # reward_control.py main()) per condition, as each official launch script sets it.
@@ -104,8 +103,8 @@ class ControlNetPP(ControlNet):
 
     @classmethod
     def reward_model_ids(cls, condition, hparams):
+        from bench.core.registry import UnknownNameError
         from bench.proxy.rewards import reward_for
-        from bench.registry import UnknownNameError
 
         try:
             return (reward_for(_reward_name(condition, cls.make_recipe(hparams).reward_model)).model_id,)
@@ -140,7 +139,7 @@ class ControlNetPP(ControlNet):
 
     def sample_with_grad(self, n) -> torch.Tensor:
         """K DDIM steps from pure noise, keeping the graph through every UNet call."""
-        from bench.sampler import make_scheduler
+        from bench.api.sampler import make_scheduler
 
         sched = make_scheduler(self.base.scheduler, "ddim")
         sched.set_timesteps(self.recipe.reward_steps, device=n.x0.device)

@@ -35,13 +35,13 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from bench.errors import ConfigError
-from bench.method import Method, ParamGroup
 from bench.methods.controlnet import IMAGE_CONDITIONS
 from bench.methods.release import check_state, load_exact, read_state_dict
-from bench.registry import METHODS
+from torch import nn
+
+from bench.api.method import Method, ParamGroup
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 
 def cross_normalize(control: torch.Tensor, main: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.base_model import is_full_scale
-from bench.weights import WeightSpec, register_weight, weight_path
+from bench.core.bases import is_full_scale
+from bench.core.weights import WeightSpec, register_weight, weight_path
 
 # Text widths of the SD-family bases (CLIP ViT-L 768, OpenCLIP ViT-H 1024, SDXL's two towers 2048).
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 
-from bench.method import Method
-from bench.registry import METHODS
+from bench.api.method import Method
+from bench.core.registry import METHODS
 
 
 @METHODS.register("finetune")

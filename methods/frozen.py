@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.method import Method
-from bench.registry import METHODS
+from bench.api.method import Method
+from bench.core.registry import METHODS
 
 
 @METHODS.register("frozen")

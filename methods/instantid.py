@@ -21,7 +21,7 @@ Checkpoints: the release's `checkpoints/` directory (InstantID README, infer.py)
 and `ControlNetModel/`, IdentityNet as a diffusers ControlNet directory.
 
 At full scale the recognizer is the antelopev2 insightface pack of the `insightface-antelopev2`
-weight, run with onnxruntime (bench/antelope.py `AntelopeEncoder`; `draw_kps` there draws its
+weight, run with onnxruntime (bench/faces/antelope.py `AntelopeEncoder`; `draw_kps` there draws its
 keypoints as InstantID does).
 """
 from __future__ import annotations
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from bench.antelope import ANTELOPEV2, AntelopeEncoder
-from bench.errors import ConfigError
 from bench.methods import encoders
 from bench.methods.controlnet import make_controlnet
 from bench.methods.ip_adapter import IPAdapter
 from bench.methods.release import load_exact, weight_file
-from bench.registry import METHODS
+from torch import nn
+
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
+from bench.faces.antelope import ANTELOPEV2, AntelopeEncoder
 
 # pipeline_stable_diffusion_xl_instantid.py `set_image_proj_model`: Resampler(dim=1280, depth=4,
 # dim_head=64, heads=20, num_queries=16, embedding_dim=512, output_dim=cross_attention_dim, ff_mult=4).

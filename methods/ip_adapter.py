@@ -23,14 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench.methods import encoders
+from bench.methods.release import (
+    check_state,
+    load_exact,
+    read_groups,
+    weight_file,
+    write_groups,
+)
 from torch import nn
 
-from bench.errors import ConfigError
-from bench.method import Drops, Method
-from bench.methods import encoders
-from bench.methods.release import check_state, load_exact, read_groups, weight_file, write_groups
-from bench.registry import METHODS
-from bench.types import Batch, PromptEmbeds
+from bench.api.method import Drops, Method
+from bench.api.types import Batch, PromptEmbeds
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 
 def reference_stack(batch: Batch) -> torch.Tensor:

@@ -31,18 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench.datasets.layouts import box_slices
+from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
+from bench.methods.controlnet import ControlNet
+from bench.methods.release import load_exact, read_state_dict
 from scipy import ndimage
 from torch import Tensor, nn
 
-from bench.datasets.layouts import box_slices
-from bench.datasets.shapes import COLORS, SHAPES, ShapeObject, prompt_for
-from bench.errors import ConfigError
-from bench.method import Method
-from bench.methods.controlnet import ControlNet
-from bench.methods.release import load_exact, read_state_dict
-from bench.registry import METHODS
-from bench.sampler import generate
-from bench.types import Batch
+from bench.api.method import Method
+from bench.api.sampler import generate
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 BANK_SEED = 0
 LAYOUT_ENCODERS = "layout_encoders.safetensors"

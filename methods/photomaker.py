@@ -32,19 +32,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench.methods import encoders
+from bench.methods.ip_adapter import (
+    IPAdapter,
+    encode_each,
+    feature_dim,
+    frozen_encoder,
+    reference_stack,
+)
+from bench.methods.release import check_state, read_groups, weight_file, write_groups
 from torch import nn
 
-from bench.errors import ConfigError
-from bench.method import Method
-from bench.methods import encoders
-from bench.methods.ip_adapter import IPAdapter, encode_each, feature_dim, frozen_encoder, reference_stack
-from bench.methods.release import check_state, read_groups, weight_file, write_groups
-from bench.registry import METHODS
+from bench.api.method import Method
+from bench.api.types import Batch, PromptEmbeds
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 TRIGGER_WORD = "img"  # pipeline.py load_photomaker_adapter(trigger_word="img")
 ADAPTER = "photomaker"  # pipeline.py load_lora_weights(..., adapter_name="photomaker")
 _PEFT_LORA = re.compile(rf"^(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.{ADAPTER}\.weight$")
-from bench.types import Batch, PromptEmbeds
 
 
 class MLP(nn.Module):

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 
 Groups = dict[str, dict[str, torch.Tensor]]
 
@@ -46,7 +46,7 @@ def read_state_dict(path: Path, layout: str) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        from bench.weights import safetensors_shapes
+        from bench.core.weights import safetensors_shapes
 
         safetensors_shapes(path)  # a corrupt or truncated file: one-line ConfigError
         return load_file(str(path))

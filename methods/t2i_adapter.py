@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from bench.method import Method
 from bench.methods.controlnet import IMAGE_CONDITIONS, load_fitting, save_pretrained
-from bench.registry import METHODS
+
+from bench.api.method import Method
+from bench.core.registry import METHODS
 
 
 def adapter_layout(unet_config, scale_factor: int, in_channels: int = 3) -> dict:

@@ -10,7 +10,7 @@ The protocol the runner relies on, declared here and nowhere else:
 - ``reextract(images, batch)``: the condition the metric reads back out of generated images, as a
   picture, so the runner can save it beside the input condition for the report's sample grid.
 - ``sample_scores()`` / ``all_sample_scores()``: per-sample values, {sample id: value}, for the
-  store's per-sample table and the paired statistics (`bench/stats.py`); see `BenchMetric.record_samples`.
+  store's per-sample table and the paired statistics (`bench/analysis/stats.py`); see `BenchMetric.record_samples`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from bench.types import Batch
+from bench.api.types import Batch
 
 GenerateFn = Callable[[Batch], Tensor]  # Batch -> generated images [B,3,H,W] in [0,1]
 
@@ -36,7 +36,7 @@ class BenchMetric(torchmetrics.Metric):
     evaluators are never compared), `higher_is_better` and `condition` (the condition kind
     the metric needs in `batch.conditions`, or None), and register with METRICS.
 
-    Per-sample scores (optional; the contract the runner, the store and `bench/stats.py` rely on):
+    Per-sample scores (optional; the contract the runner, the store and `bench/analysis/stats.py` rely on):
 
     - A metric whose value is the **mean over samples of a per-sample value** (per-image F1,
       per-image RMSE, a per-image cosine, a 0/1 per-sample hit) calls

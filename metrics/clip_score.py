@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.metrics.base import BenchMetric
+from bench.metrics.fid import as_uint8, fingerprint
 from torch import Tensor, nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 
-from bench.metrics.base import BenchMetric
-from bench.metrics.fid import as_uint8, fingerprint
-from bench.registry import METRICS
-from bench.types import Batch
-from bench.weights import WeightSpec, register_weight, weight_path
+from bench.api.types import Batch
+from bench.core.registry import METRICS
+from bench.core.weights import WeightSpec, register_weight, weight_path
 
 register_weight(WeightSpec("clip-score", "clip/clip-vit-large-patch14", is_dir=True,
                            how="save openai/clip-vit-large-patch14 with CLIPModel/CLIPProcessor.save_pretrained "

@@ -5,14 +5,24 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
-
 from bench.datasets.conditions import Canny, seg_to_image
 from bench.metrics.base import BenchMetric
-from bench.proxy.analyzers import (DEPTHNET, NUM_CLASSES, SEGNET, SEGNET_VERSION, canny_model_id, config_hash,
-                                   confusion_matrix, load_depthnet, load_segnet, miou_from_confusion)
-from bench.registry import CONDITIONS, METRICS
-from bench.types import Batch
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS, METRICS
+from bench.proxy.analyzers import (
+    DEPTHNET,
+    NUM_CLASSES,
+    SEGNET,
+    SEGNET_VERSION,
+    canny_model_id,
+    config_hash,
+    confusion_matrix,
+    load_depthnet,
+    load_segnet,
+    miou_from_confusion,
+)
 
 
 @METRICS.register("canny_f1")

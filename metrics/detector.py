@@ -7,14 +7,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from bench.datasets.layouts import BoxStatistics
 from bench.datasets.shapes import SHAPES, ShapesWorld
 from bench.metrics.base import BenchMetric, GenerateFn
-from bench.metrics.layout import as_preds, as_targets, box_map_metric, filter_detected, map_value
-from bench.registry import METRICS
-from bench.types import Batch, collate
+from bench.metrics.layout import (
+    as_preds,
+    as_targets,
+    box_map_metric,
+    filter_detected,
+    map_value,
+)
+from torch import Tensor, nn
+
+from bench.api.types import Batch, collate
+from bench.core.registry import METRICS
 
 STRIDE = 4
 DETECTOR_VERSION = "centernet-tiny-v1"

@@ -28,17 +28,17 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from bench.datasets.conditions import to_uint8
-from bench.errors import ConfigError
-from bench.face_align import ARCFACE_DST, arcface_crop, similarity_transform  # noqa: F401  (re-exported)
 from bench.metrics.base import BenchMetric
 from bench.metrics.fid import fingerprint
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import METRICS, Registry
+from bench.core.weights import WeightSpec, register_weight, weight_path
+from bench.faces.align import ARCFACE_DST, arcface_crop, similarity_transform  # noqa: F401  (re-exported)
 from bench.proxy.recognizers import ID_EVALUATOR
-from bench.registry import METRICS, Registry
-from bench.types import Batch
-from bench.weights import WeightSpec, register_weight, weight_path
 
 register_weight(WeightSpec("insightface-buffalo_l", "insightface/models/buffalo_l", is_dir=True,
                            how="download https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from bench.metrics.base import BenchMetric
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
-from bench.metrics.base import BenchMetric
+from bench.api.types import Batch
+from bench.core.registry import METRICS
 from bench.proxy.analyzers import SEGNET, SEGNET_VERSION, config_hash, load_segnet
-from bench.registry import METRICS
-from bench.types import Batch
 
 
 def _sqrt_psd(m: Tensor) -> Tensor:

@@ -14,18 +14,18 @@ import pickle
 from pathlib import Path
 
 import torch
+from bench.datasets.conditions import to_uint8
+from bench.metrics.base import BenchMetric
+from bench.metrics.fd import frechet_distance
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from bench.data import cache_dir
-from bench.datasets.conditions import to_uint8
-from bench.errors import ConfigError
-from bench.files import atomic_path
-from bench.metrics.base import BenchMetric
-from bench.metrics.fd import frechet_distance
-from bench.registry import METRICS
-from bench.types import Batch
-from bench.weights import WEIGHTS, WeightSpec, register_weight, weight_path
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.files import atomic_path
+from bench.core.paths import cache_dir
+from bench.core.registry import METRICS
+from bench.core.weights import WEIGHTS, WeightSpec, register_weight, weight_path
 
 INCEPTION = register_weight(WeightSpec(
     "inception-fid", "inception/pt_inception-2015-12-05-6726825d.pth",

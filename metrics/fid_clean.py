@@ -23,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
-from bench.data import cache_dir
 from bench.datasets.conditions import to_uint8
-from bench.errors import ConfigError
-from bench.files import atomic_path
 from bench.metrics.base import BenchMetric
 from bench.metrics.fid import fingerprint
-from bench.registry import METRICS
-from bench.types import Batch
-from bench.weights import WeightSpec, register_weight, weight_path
+from torch import Tensor, nn
+
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.files import atomic_path
+from bench.core.paths import cache_dir
+from bench.core.registry import METRICS
+from bench.core.weights import WeightSpec, register_weight, weight_path
 
 CLEANFID_INCEPTION = register_weight(WeightSpec(
     "inception-cleanfid", "clean-fid/inception-2015-12-05.pt",

@@ -3,15 +3,15 @@ and the re-detection filter ODGEN applies to generated training data."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from bench.datasets.conditions import to_uint8
 from bench.datasets.layouts import layout_image
 from bench.datasets.shapes import SHAPES
 from bench.metrics.base import BenchMetric
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.registry import METRICS
 from bench.proxy.analyzers import detect_objects
-from bench.registry import METRICS
-from bench.types import Batch
 
 
 def redetect(images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -27,7 +27,9 @@ def redetect(images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 def filter_detected(images: Tensor, batch: Batch, iou: float = 0.5) -> Tensor:
     """bool [B]: True where the classical detector re-finds every conditioning box with its class at IoU >= iou."""
-    from torchvision.ops import box_iou  # imported here: torchvision adds ~1.3 s to every `import bench.metrics`
+    from torchvision.ops import (
+        box_iou,  # imported here: torchvision adds ~1.3 s to every `import bench.metrics`
+    )
 
     keep = []
     for (det_boxes, _, det_labels), boxes, labels in zip(redetect(images), batch.refs["boxes"], batch.refs["labels"]):

@@ -12,12 +12,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from bench.datasets.pose import detect, oks, pck
 from bench.metrics.base import BenchMetric
-from bench.registry import CONDITIONS, METRICS
-from bench.types import Batch
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS, METRICS
 
 
 class _PoseScore(BenchMetric):

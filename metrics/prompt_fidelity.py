@@ -4,14 +4,15 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch import Tensor
-
 from bench.datasets.conditions import to_uint8
 from bench.datasets.shapes import parse_prompt
 from bench.metrics.base import BenchMetric
+from torch import Tensor
+
+from bench.api.types import Batch
+from bench.core.registry import METRICS
 from bench.proxy.analyzers import detect_objects
-from bench.registry import METRICS
-from bench.types import Batch
+
 
 @METRICS.register("prompt_fidelity")
 class PromptFidelity(BenchMetric):

@@ -18,21 +18,30 @@ from typing import Callable
 
 import kornia
 import torch
+from bench.metrics.base import BenchMetric
+from bench.metrics.consistency import DepthRMSE, SegMIoU
+from bench.metrics.fid import (
+    FID,
+    INCEPTION,
+    RESIZE,
+    _plain_state_dict,
+    as_uint8,
+    fingerprint,
+)
+from bench.metrics.softedge import SoftEdgeSSIM
 from kornia.filters import canny as kornia_canny
 from torch import Tensor, nn
-from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure as ms_ssim,
+)
 from torchmetrics.image.fid import NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from bench.errors import ConfigError
-from bench.metrics.base import BenchMetric
-from bench.metrics.consistency import DepthRMSE, SegMIoU
-from bench.metrics.softedge import SoftEdgeSSIM
-from bench.metrics.fid import FID, INCEPTION, RESIZE, _plain_state_dict, as_uint8, fingerprint
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import CONDITIONS, METRICS
+from bench.core.weights import weight_path
 from bench.proxy.analyzers import NUM_CLASSES, SEGNET_VERSION, config_hash
-from bench.registry import CONDITIONS, METRICS
-from bench.types import Batch
-from bench.weights import weight_path
 
 
 def pil_roundtrip(images: Tensor) -> Tensor:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from bench.metrics.base import BenchMetric
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from bench.metrics.base import BenchMetric
-from bench.registry import CONDITIONS, METRICS
-from bench.types import Batch
+from bench.api.types import Batch
+from bench.core.registry import CONDITIONS, METRICS
 
 
 class SoftEdgeSSIM(BenchMetric):

@@ -83,13 +83,13 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def proxy(proxy_arch_dir):
     """The proxy architecture with random weights, loaded through the real loader."""
-    from bench.base_model import BaseModel
+    from bench.api.base_model import BaseModel
 
     return BaseModel.load(str(proxy_arch_dir))
 
 
 @pytest.fixture(scope="session")
 def smoke_budget():
-    from bench.budget import load_budgets
+    from bench.core.budget import load_budgets
 
     return load_budgets()["smoke"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.store import Store
-from bench.sweep import configs, load_sweep
-from bench.yamlio import safe_load
+from bench.core.store import Store
+from bench.core.yamlio import safe_load
+from bench.run.sweep import configs, load_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -139,7 +139,7 @@ def test_a_config_that_makes_several_records_names_the_grid_parameter(agent_env,
 
 
 def test_agent_mode_is_online_unless_wandb_mode_says_otherwise(monkeypatch) -> None:
-    from bench.wandb_mirror import wandb_mode, wandb_run_id
+    from bench.run.wandb_mirror import wandb_mode, wandb_run_id
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
@@ -154,8 +154,8 @@ def test_agent_mode_is_online_unless_wandb_mode_says_otherwise(monkeypatch) -> N
 
 def test_every_sweep_config_is_one_record(monkeypatch) -> None:
     """Every grid point (or draw) of every sweeps/*.yaml resolves to exactly one run under an agent."""
-    from bench.spec import apply_overrides, load_config, resolve
-    from bench.sweep import fit_metrics, overrides, sweep_files
+    from bench.run.spec import apply_overrides, load_config, resolve
+    from bench.run.sweep import fit_metrics, overrides, sweep_files
 
     for path in sweep_files(SWEEPS):
         for cfg in configs(load_sweep(path), count=2):
@@ -169,8 +169,8 @@ def test_every_sweep_config_is_one_record(monkeypatch) -> None:
 
 
 def test_every_sweep_file_is_valid_for_wandb() -> None:
+    from bench.run.sweep import sweep_files
     from sweeps import schema_violations_from_proposed_config
-    from bench.sweep import sweep_files
 
     files = sweep_files(SWEEPS)
     assert len(files) >= 10
@@ -195,7 +195,7 @@ W_AND_B_SPECS = [
 def test_local_draws_use_wandbs_inverse_cdf(spec) -> None:
     from sweeps.params import HyperParameter
 
-    from bench.sweep import _ppf
+    from bench.run.sweep import _ppf
 
     ref = HyperParameter("p", dict(spec))
     for x in (0.03, 0.25, 0.5, 0.61, 0.97):

@@ -11,9 +11,10 @@ pytest.importorskip("controlnet_aux")
 
 import bench.datasets  # noqa: F401  (registers)
 from bench.datasets.aux_extractors import load_detector
-from bench.errors import ConfigError
-from bench.registry import CONDITIONS
-from bench.weights import needed_weights, weights_root
+
+from bench.core.errors import ConfigError
+from bench.core.registry import CONDITIONS
+from bench.core.weights import needed_weights, weights_root
 
 
 def _hed():
@@ -89,8 +90,9 @@ def test_extractor_loads_local_weights_and_runs(name, tmp_path, monkeypatch):
 
 def test_softedge_ssim_scores_the_same_extractor(tmp_path, monkeypatch):
     import bench.metrics  # noqa: F401  (registers)
-    from bench.registry import METRICS
-    from bench.types import Batch
+
+    from bench.api.types import Batch
+    from bench.core.registry import METRICS
 
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
     (tmp_path / "annotators").mkdir()

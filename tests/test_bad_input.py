@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.store import Store
+from bench.core.store import Store
 
 RUN = ["run", "budget=smoke", "methods=baseline", "seeds=0"]
 
@@ -96,8 +96,8 @@ def missing_weight(tmp: Path, env) -> list[str]:
 
 
 def corrupt_weight(tmp: Path, env) -> list[str]:
-    from bench.builtins import load_builtins
-    from bench.weights import WEIGHTS
+    from bench.core.weights import WEIGHTS
+    from bench.run.builtins import load_builtins
 
     load_builtins()
     path = tmp / "weights" / WEIGHTS.get("inception-fid").relpath
@@ -236,17 +236,17 @@ def test_a_corrupt_unet_exits_2_from_the_real_entry_point(tmp_path, proxy_arch_d
                                          ("+1e+3", 1e3), ("1.0e-3", 1e-3), ("3", 3), ("1e", "1e"), ("e4", "e4"),
                                          ("0x10", 16), ("'1e-4'", "1e-4")])
 def test_numbers_parse_as_yaml_1_2(text, value):
-    from bench.yamlio import safe_load
+    from bench.core.yamlio import safe_load
 
     got = safe_load(text)
     assert got == value and type(got) is type(value)
 
 
 def test_scientific_notation_in_overrides_configs_sweeps_budgets_and_claims(tmp_path):
-    from bench.budget import load_budgets
-    from bench.claims import load_claims
-    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
-    from bench.sweep import load_sweep, resolve_sweep
+    from bench.analysis.claims import load_claims
+    from bench.core.budget import load_budgets
+    from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.run.sweep import load_sweep, resolve_sweep
 
     for form in (["budget.lr=1e-4"], ["--budget.lr=1e-4"], ["--budget.lr", "1e-4"]):  # what W&B agents pass
         specs, _ = resolve(apply_overrides(load_config(None), parse_overrides(["budget=smoke", *form])))
@@ -282,8 +282,8 @@ def test_a_run_with_lr_1e_minus_4_finishes(tmp_path, capsys):
 
 def test_budget_sampler_names_are_the_shared_samplers():
     """Budget.validate lists the samplers without importing torch; they must be the sampler's own."""
-    from bench.budget import SAMPLERS
-    from bench.sampler import SCHEDULERS
+    from bench.api.sampler import SCHEDULERS
+    from bench.core.budget import SAMPLERS
 
     assert set(SAMPLERS) == set(SCHEDULERS)
 
@@ -294,8 +294,9 @@ def test_complete_base_models_pass_the_weight_check(tiny_sd_dir, tiny_sdxl_dir, 
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
-    from bench.base_model import PROXY_BASE_DIR, check_weights
-    from bench.errors import ConfigError
+    from bench.api.base_model import check_weights
+    from bench.core.bases import PROXY_BASE_DIR
+    from bench.core.errors import ConfigError
 
     for path in (tiny_sd_dir, tiny_sdxl_dir, proxy_arch_dir, PROXY_BASE_DIR):
         check_weights(path)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.check import load_baseline
+from bench.analysis.check import load_baseline
 from bench.cli import main
-from bench.store import RunRecord, Store
+from bench.core.store import RunRecord, Store
 
 REPO = Path(__file__).resolve().parent.parent
-META = {"canny_f1": {"version": "c1", "higher_is_better": True},
+META = {"canny_f1": {"version": "c1", "higher_is_better": True, "consistency": True},
         "fd_segnet": {"version": "f1", "higher_is_better": False}}
 
 

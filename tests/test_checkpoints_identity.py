@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
-import bench.base_model
-from bench import antelope
 import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
+import pytest
+import torch
 from bench.methods import encoders
-from bench.registry import DATASETS, METHODS
-from bench.sampler import generate, sample_generators
-from bench.types import collate
+
+import bench.core.bases
+from bench.api.base_model import BaseModel
+from bench.api.sampler import generate, sample_generators
+from bench.api.types import collate
+from bench.core.errors import ConfigError
+from bench.core.registry import DATASETS, METHODS
+from bench.faces import antelope
 
 SEED, STEPS, GUIDANCE = 3, 3, 3.0
 
@@ -134,7 +134,11 @@ def _assert_loaded(groups: dict, written: dict) -> None:
 
 def tiny_clip_dir(directory, projection_dim=16):
     """A tiny CLIP vision tower + processor, saved as the released encoders are."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=24, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
@@ -148,7 +152,7 @@ def tiny_clip_dir(directory, projection_dim=16):
 def full_scale_at(monkeypatch, tmp_path):
     """Treat tiny SD layouts of text width `width` as full scale, with tiny CLIP towers as the named weights."""
     def at(width: int, projection_dim: int = 16):
-        monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (width,))
+        monkeypatch.setattr(bench.core.bases, "SD_TEXT_WIDTHS", (width,))
         monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path / "weights"))
         for spec in (encoders.CLIP_IP_ADAPTER, encoders.CLIP_PHOTOMAKER):
             tiny_clip_dir(tmp_path / "weights" / spec.relpath, projection_dim)
@@ -241,7 +245,7 @@ def test_ip_adapter_generates_what_diffusers_load_ip_adapter_generates(tiny_sd_d
 
 
 def test_the_clip_encoders_are_named_weights_and_refused_as_evaluators():
-    from bench.weights import WEIGHTS
+    from bench.core.weights import WEIGHTS
 
     for spec in (encoders.CLIP_IP_ADAPTER, encoders.CLIP_PHOTOMAKER):
         assert WEIGHTS.get(spec.name) is spec and spec.is_dir
@@ -250,7 +254,7 @@ def test_the_clip_encoders_are_named_weights_and_refused_as_evaluators():
 
 
 def test_a_missing_clip_encoder_names_the_weight(tiny_sd_dir, monkeypatch, tmp_path, smoke_budget):
-    monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (32,))
+    monkeypatch.setattr(bench.core.bases, "SD_TEXT_WIDTHS", (32,))
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
     with pytest.raises(ConfigError, match="missing weight 'clip-vision-ip-adapter'.*ip_adapter/image_encoder"):
         METHODS.get("ip_adapter")(BaseModel.load(str(tiny_sd_dir)), None, smoke_budget, {})
@@ -451,7 +455,7 @@ def tiny_antelope_pack(directory):
 def test_antelope_encoder_detects_the_face_and_embeds_its_aligned_crop(monkeypatch, tmp_path):
     import numpy as np
 
-    from bench.face_align import arcface_crop
+    from bench.faces.align import arcface_crop
 
     monkeypatch.setattr(antelope, "DET_SIZE", (64, 64))
     enc = antelope.AntelopeEncoder.from_dir(tiny_antelope_pack(tmp_path / "antelopev2"), "antelopev2")
@@ -470,7 +474,7 @@ def test_antelope_encoder_detects_the_face_and_embeds_its_aligned_crop(monkeypat
 
 
 def test_instantid_at_full_scale_encodes_with_the_antelope_pack(tiny_sd_dir, monkeypatch, tmp_path, smoke_budget):
-    monkeypatch.setattr(bench.base_model, "SD_TEXT_WIDTHS", (32,))
+    monkeypatch.setattr(bench.core.bases, "SD_TEXT_WIDTHS", (32,))
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(tmp_path))
     base = BaseModel.load(str(tiny_sd_dir))
     with pytest.raises(ConfigError, match="missing weight 'insightface-antelopev2'"):
@@ -486,10 +490,10 @@ def test_face_kps_condition_draws_the_detected_faces_keypoints(monkeypatch, tmp_
     keypoints drawn by draw_kps at the image's size; no face, a black map; no pack, the one-line
     missing-weight error (and the weight is part of the config-time preflight)."""
     import numpy as np
-
     from bench.datasets.identity import _antelope
-    from bench.registry import CONDITIONS
-    from bench.weights import needed_weights
+
+    from bench.core.registry import CONDITIONS
+    from bench.core.weights import needed_weights
 
     extractor = CONDITIONS.get("face_kps")
     assert needed_weights(extractor) == [antelope.ANTELOPEV2.name] and "face_kps" in METHODS.get("instantid").conditions
@@ -525,9 +529,9 @@ def test_full_scale_encoder_weights_are_checked_at_config_time(tmp_path, monkeyp
     missing-weight error, before any run; on the proxy it is not needed."""
     import json
 
-    from bench.base_model import dir_is_full_scale
-    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
-    from bench.weights import needed_weights
+    from bench.core.bases import dir_is_full_scale
+    from bench.core.weights import needed_weights
+    from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
 
     base = tmp_path / "sd15"
     (base / "unet").mkdir(parents=True)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from bench.registry import METHODS
-from bench.spec import apply_overrides, load_config, resolve
-from bench.store import Store
+from bench.core.registry import METHODS
+from bench.core.store import Store
+from bench.run.spec import apply_overrides, load_config, resolve
 
 PLUGIN = "cb_ckpt_demo"
 PLUGIN_FILE = '''
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 from bench.methods.controlnet import ControlNet
-from bench.registry import METHODS
+from bench.core.registry import METHODS
 
 FILE = "control.safetensors"
 
@@ -88,7 +88,8 @@ def _images(rec) -> dict[str, np.ndarray]:
 
 
 def test_a_trained_run_saves_its_checkpoint_and_bench_eval_rescores_it(plugin, proxy_arch_dir, tmp_path):
-    from bench.runner import execute, rescore_specs
+    from bench.run.execute import execute
+    from bench.run.spec import rescore_specs
 
     spec = _spec(proxy_arch_dir, tmp_path / "out")
     source = execute(spec, tmp_path / "out", progress=False)
@@ -114,7 +115,7 @@ def test_a_trained_run_saves_its_checkpoint_and_bench_eval_rescores_it(plugin, p
 
 def test_bench_eval_refuses_a_trained_run_without_a_checkpoint(plugin, proxy_arch_dir, tmp_path, capsys):
     from bench.cli import main
-    from bench.runner import failed
+    from bench.run.execute import failed
 
     spec = _spec(proxy_arch_dir, tmp_path / "out")
     old = dataclasses.replace(failed(spec, ""), status="FINISHED", reason="",  # trained before checkpoints existed
@@ -137,7 +138,7 @@ class Killed(Exception):
 
 def _killed_after(monkeypatch, step: int) -> None:
     """The run dies right after the resume checkpoint of `step` is written (as a SIGKILL would)."""
-    from bench.callbacks import ResumeCheckpoint
+    from bench.run.callbacks import ResumeCheckpoint
 
     save = ResumeCheckpoint.on_train_batch_end
 
@@ -157,7 +158,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     summation-order noise, far below one step's update (the control at the end differs by more)."""
     import shutil
 
-    from bench.runner import execute
+    from bench.run.execute import execute
 
     over = {"budget.train_steps": 4, "budget.train_size": 8, "budget.curve_steps": [0, 3], "budget.eval_samples": 2,
             "budget.curve_samples": 2, "checkpoint_every": 3, "hparams.ckpt_demo.ema_decay": 0.5}
@@ -183,7 +184,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     assert resumed.metrics == pytest.approx(whole.metrics, abs=1e-6)
 
     # The control: resumed without its place in the data order, the run ends elsewhere.
-    from bench.callbacks import ResumableLoader
+    from bench.run.callbacks import ResumableLoader
 
     monkeypatch.setattr(ResumableLoader, "load_state_dict", lambda self, state: None)
     c = _trained_weights(execute(spec, tmp_path / "c", progress=False))

@@ -10,16 +10,16 @@ from __future__ import annotations
 import re
 import shutil
 
+import bench.methods  # noqa: F401  (registers the methods)
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import bench.methods  # noqa: F401  (registers the methods)
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
-from bench.registry import METHODS
-from bench.sampler import generate, sample_generators
-from bench.types import Batch
+from bench.api.base_model import BaseModel
+from bench.api.sampler import generate, sample_generators
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 SEED, STEPS, GUIDANCE = 7, 4, 3.0
 
@@ -267,7 +267,7 @@ def test_controlnet_pp_saves_the_ema_weights_evaluation_scores(proxy, smoke_budg
     """EMAWeights copies the average into the module when fit ends; save_weights then writes it."""
     from types import SimpleNamespace
 
-    from bench.callbacks import EMAWeights
+    from bench.run.callbacks import EMAWeights
 
     m = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {})
     ema, trainer = EMAWeights(decay=0.5), SimpleNamespace(global_step=1)

@@ -5,11 +5,12 @@ import dataclasses
 
 import pytest
 
-from bench.claims import Claim, evaluate, evaluate_all, load_claims
-from bench.report import render_markdown, leaderboard
-from bench.store import RunRecord
+from bench.analysis.claims import Claim, evaluate, evaluate_all, load_claims
+from bench.core.store import RunRecord
+from bench.report.markdown import render_markdown
+from bench.report.tables import leaderboard
 
-F1 = {"version": "1", "higher_is_better": True}
+F1 = {"version": "1", "higher_is_better": True, "consistency": True}  # as the runner records canny_f1 on canny runs
 SEED_CLAIMS = {
     "controlnet-memory-vs-finetune", "controlnet-time-vs-finetune", "controlnet-memory-vs-frozen",
     "controlnet-time-vs-frozen", "controlnet-memory-23pct-of", "t2i-adapter-77m",

@@ -136,13 +136,13 @@ def _processes() -> dict[int, tuple[list[bytes], int]]:
 
 
 def _run_processes(out: Path) -> dict[int, list[bytes]]:
-    """Live run processes (`python -m bench.runner RUN_ID OUT_DIR ...`) writing to `out`, by pid."""
+    """Live run processes (`python -m bench.run.process RUN_ID OUT_DIR ...`) writing to `out`, by pid."""
     return {pid: args for pid, (args, _) in _processes().items()
-            if b"bench.runner" in args and str(out).encode() in args}
+            if b"bench.run.process" in args and str(out).encode() in args}
 
 
 def _fork_servers(parent: int) -> dict[int, list[bytes]]:
-    """The fork servers (bench.forkserver) that process `parent` started, by pid."""
+    """The fork servers (bench.run.forkserver) that process `parent` started, by pid."""
     return {pid: args for pid, (args, ppid) in _processes().items() if b"--fork-server" in args and ppid == parent}
 
 
@@ -222,7 +222,7 @@ def test_killing_bench_run_at_any_point_leaves_no_run_process_and_the_rerun_comp
     importing = _kill_parent_when(args, env, out, lambda kids, servers, text: bool(servers))
     assert not importing["kids"] and not any(importing["torch"].values()), "killed too late: torch was imported"
     spawned = _kill_parent_when(args, env, out, lambda kids, servers, text: bool(kids))
-    (run_id,) = {a[a.index(b"bench.runner") + 1].decode() for a in spawned["kids"].values()}
+    (run_id,) = {a[a.index(b"bench.run.process") + 1].decode() for a in spawned["kids"].values()}
     # without the server: a fresh interpreter per run, killed before it has imported torch
     fresh = _kill_parent_when(args, {**env, "CONTROLBENCH_FORK_SERVER": "0"}, out,
                               lambda kids, servers, text: bool(kids))
@@ -237,7 +237,7 @@ def test_killing_bench_run_at_any_point_leaves_no_run_process_and_the_rerun_comp
 
     # 2000 steps (another run id) keep it training long enough to be killed there on any machine
     trained = _kill_parent_when([*args, "budget.train_steps=2000"], env, out, training)
-    (long_id,) = {a[a.index(b"bench.runner") + 1].decode() for a in trained["kids"].values()}
+    (long_id,) = {a[a.index(b"bench.run.process") + 1].decode() for a in trained["kids"].values()}
     assert any(trained["torch"].values()) and b"sample:" not in trained["output"]
     assert not (out / "images" / long_id).exists()
 
@@ -287,7 +287,7 @@ def test_two_concurrent_bench_runs_on_one_out_split_the_work(tmp_path, proxy_arc
 
 def _damaged_store(path: Path) -> bytes:
     """A store whose SQLite header is valid but one of whose pages is garbage."""
-    from bench.store import RunRecord, Store
+    from bench.core.store import RunRecord, Store
 
     with Store(path) as store:
         for i in range(40):
@@ -305,7 +305,7 @@ def test_a_store_with_a_damaged_page_is_one_line_exit_2_and_left_untouched(tmp_p
     store = tmp_path / "store.sqlite"
     before = _damaged_store(store)
     good = tmp_path / "good.sqlite"
-    from bench.store import Store
+    from bench.core.store import Store
 
     Store(good).close()
     grid = _test_sweep_helpers()._grid(tmp_path, proxy_arch_dir, 1)

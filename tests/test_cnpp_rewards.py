@@ -5,17 +5,23 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import bench.methods  # noqa: F401  (registers the methods)
 import pytest
 import torch
-
-import bench.methods  # noqa: F401  (registers the methods)
-from bench.errors import ConfigError
-from bench.methods.controlnet_pp import OFFICIAL_REWARD_WEIGHT
-from bench.proxy.rewards import (DEFAULT_REWARD, CannyMagnitude, canny_magnitude, depth_reward_loss, reward_for,
-                                 seg_reward_loss)
 from bench.datasets.shapes import ShapesWorld
-from bench.registry import METHODS
-from bench.types import Batch, collate
+from bench.methods.controlnet_pp import OFFICIAL_REWARD_WEIGHT
+
+from bench.api.types import Batch, collate
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
+from bench.proxy.rewards import (
+    DEFAULT_REWARD,
+    CannyMagnitude,
+    canny_magnitude,
+    depth_reward_loss,
+    reward_for,
+    seg_reward_loss,
+)
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:

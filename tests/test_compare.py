@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.check import summarize
-from bench.claims import Claim, evaluate
+from bench.analysis.check import summarize
+from bench.analysis.claims import Claim, evaluate
+from bench.analysis.compare import group_runs
 from bench.cli import main
-from bench.compare import group_runs
-from bench.report import leaderboard, render_markdown
-from bench.spec import apply_overrides, load_config, resolve
-from bench.store import SCHEMA_VERSION, RunRecord, Store, spec_hash
+from bench.core.store import SCHEMA_VERSION, RunRecord, Store, spec_hash
+from bench.report.markdown import render_markdown
+from bench.report.tables import leaderboard
+from bench.run.spec import apply_overrides, load_config, resolve
 
-F1 = {"version": "1", "higher_is_better": True}
+F1 = {"version": "1", "higher_is_better": True, "consistency": True}  # as the runner records canny_f1 on canny runs
 
 
 def _specs(**overrides):
@@ -36,7 +37,7 @@ def test_adding_a_seed_adds_exactly_one_run_per_method():
 
 
 def test_seeds_are_validated():
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="repeat a seed"):
         _specs(seeds="0,0")
@@ -88,7 +89,8 @@ def test_schema1_store_upgrades_to_todays_run_ids(tmp_path):
 
 def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp_path, monkeypatch):
     """A two-seed run finished by a schema-1 controlbench, then seeds=0,1,2: only seed 2 runs."""
-    import bench.runner as runner
+    import bench.run.runner as runner
+    from bench.run.execute import failed
 
     path = tmp_path / "store.sqlite"
     old = [_schema1(s.to_dict(), [0, 1]) for s in _specs(seeds="0,1")]
@@ -99,7 +101,7 @@ def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp
     # the decision under test: which specs reach here
     def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
         executed.append((spec.method, spec.seed))
-        return runner.failed(spec, "not executed in this test")
+        return failed(spec, "not executed in this test")
 
     monkeypatch.setattr(runner, "run_isolated", spy)
     with Store(path) as store:

@@ -3,15 +3,15 @@ of the published SD1.5 `controlnet.safetensors`): its keys, strict loading with 
 injection after the UNet mid block checked against a hand computation, errors, and the save -> load round trip."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
-from bench.registry import METHODS
+from bench.api.base_model import BaseModel
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 # `ControlNetModel()` of ControlNeXt-SD1.5/models/controlnet.py, counted by instantiating the official class.
 OFFICIAL_LEGACY_PARAMS = 5_352_327
@@ -71,10 +71,9 @@ def _inputs(base, seed=0):
 
 
 def test_sd15_scale_legacy_branch_is_the_official_module(smoke_budget):
-    from bench.arch import build_arch
 
     with torch.device("meta"):
-        method = _method(build_arch("sd15-arch"), smoke_budget)
+        method = _method(BaseModel.load("sd15-arch"), smoke_budget)
         branch = method.new_branch(legacy=True)
     assert not method.legacy  # fresh training uses the current layout
     ours = {k: tuple(v.shape) for k, v in branch.state_dict().items()}

@@ -3,14 +3,14 @@ control module and the tuned UNet weights (absolute on SD1.5, deltas on SDXL), s
 and one-line errors for files that do not fit."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
-from bench.registry import METHODS
+from bench.api.base_model import BaseModel
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 # `ControlNeXtModel()` of dvlab-research/ControlNeXt ControlNeXt-SD1.5-Training/models/controlnext.py, counted by
 # instantiating the official class (its SDXL twin, ControlNeXt-SDXL/models/controlnet.py, has the same count).
@@ -72,10 +72,9 @@ def _tuned_file(method, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_sd15_scale_branch_is_the_official_module(smoke_budget):
-    from bench.arch import build_arch
 
     with torch.device("meta"):
-        method = _method(build_arch("sd15-arch"), smoke_budget, unet_trainable="")
+        method = _method(BaseModel.load("sd15-arch"), smoke_budget, unet_trainable="")
     ours = {k: tuple(v.shape) for k, v in method.branch.state_dict().items()}
     assert ours == official_shapes()
     assert sum(method.branch.state_dict()[k].numel() for k in ours) == OFFICIAL_SD15_PARAMS

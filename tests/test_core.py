@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.budget import Budget, load_budgets
-from bench.errors import ConfigError
-from bench.registry import Registry, UnknownNameError
-from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+from bench.core.budget import Budget, load_budgets
+from bench.core.errors import ConfigError
+from bench.core.registry import Registry, UnknownNameError
+from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
 
 
 def test_registry_did_you_mean_and_duplicates():
@@ -107,7 +107,6 @@ def test_shapes_world_is_deterministic_with_disjoint_splits():
 
 def test_canny_condition_is_opencv_canny():
     import cv2
-
     from bench.datasets.conditions import Canny, to_uint8
     from bench.datasets.shapes import ShapesWorld
 
@@ -119,7 +118,7 @@ def test_canny_condition_is_opencv_canny():
 
 
 def test_shipped_proxy_base_matches_code_config():
-    from bench.base_model import PROXY_BASE_DIR
+    from bench.core.bases import PROXY_BASE_DIR
     from bench.proxy.base import config_hash
 
     meta = json.loads((PROXY_BASE_DIR / "controlbench.json").read_text())
@@ -129,8 +128,8 @@ def test_shipped_proxy_base_matches_code_config():
 
 
 def test_shipped_tokenizer_files_are_what_the_code_writes(tmp_path):
-    """bench.arch reads the shipped vocab/merges instead of importing the proxy package."""
-    from bench.base_model import PROXY_BASE_DIR
+    """bench.api.arch reads the shipped vocab/merges instead of importing the proxy package."""
+    from bench.core.bases import PROXY_BASE_DIR
     from bench.proxy.base import write_tokenizer_files
 
     write_tokenizer_files(tmp_path)

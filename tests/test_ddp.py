@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.store import Store, machine_key
+from bench.core.store import Store, machine_key
 
 BENCH = [sys.executable, "-m", "bench.cli"]
 

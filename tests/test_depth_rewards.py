@@ -3,20 +3,30 @@ from __future__ import annotations
 
 import dataclasses
 
+import bench.metrics  # noqa: F401  (registers the metrics)
 import numpy as np
 import pytest
 import torch
+from bench.datasets.conditions import (
+    MAX_OBJECTS,
+    depth_from_scene,
+    to_uint8,
+)
+from bench.datasets.shapes import ShapeObject, ShapesWorld, condition_from_scene, render
+from bench.metrics.consistency import DepthRMSE, SegMIoU
 from safetensors.torch import save_file
 
-import bench.metrics  # noqa: F401  (registers the metrics)
-from bench.datasets.conditions import MAX_OBJECTS, condition_from_scene, depth_from_scene, to_uint8
-from bench.datasets.shapes import ShapeObject, ShapesWorld, render
-from bench.metrics.consistency import DepthRMSE, SegMIoU
-from bench.proxy.analyzers import (DEPTHNET, REWARD_DEPTHNET, REWARD_SEGNET, SEGNET, analyzer_metadata,
-                                   render_split)
+from bench.api.types import Batch, collate
+from bench.core.registry import CONDITIONS, METRICS, UnknownNameError
+from bench.proxy.analyzers import (
+    DEPTHNET,
+    REWARD_DEPTHNET,
+    REWARD_SEGNET,
+    SEGNET,
+    analyzer_metadata,
+    render_split,
+)
 from bench.proxy.rewards import DEFAULT_REWARD, REWARDS, canny_magnitude, reward_for
-from bench.registry import CONDITIONS, METRICS, UnknownNameError
-from bench.types import Batch, collate
 
 DEPTHNET_RMSE_BOUND = 32.0  # shipped depthnet: 27.0 on these 64 scenes, 27.2 on 256 (order-blind floor 23.7)
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
 
-import bench.methods  # noqa: F401
-
 
 def _fake_and_real(base: str, precision: str, batches):
-    from bench.estimate import Estimator
-    from bench.profile import ProfileSetup
+    from bench.profile.estimate import Estimator
+    from bench.profile.measure import ProfileSetup
 
     setup = ProfileSetup(base, 32, 2, precision, 1)
     fake, real = Estimator("controlnet", setup), Estimator("controlnet", setup, fake=False)
@@ -30,13 +29,13 @@ def _fake_and_real(base: str, precision: str, batches):
 def test_estimate_equals_live_bytes_on_real_tensors():
     """Same rig (the proxy, pixel space), same step, same tracker: fake tensors count exactly
     what real ones hold, at the peak and in each part of it, and the same FLOPs."""
-    from bench.estimate import CATEGORIES
+    from bench.core.store import ESTIMATE_CATEGORIES
 
     fake, steps = _fake_and_real("proxy", "fp32", (2,))
     (f, r), = steps
     assert f.peak_bytes == r.peak_bytes > 0
     assert f.split == r.split and f.flops == r.flops > 0
-    assert all(f.split[c] > 0 for c in CATEGORIES)
+    assert all(f.split[c] > 0 for c in ESTIMATE_CATEGORIES)
     # steady state: the AdamW state (2 fp32 moments + a step count per tensor) and every gradient
     # are live at the peak
     params = fake.rig.method.trainable_parameters()
@@ -51,18 +50,18 @@ def test_estimate_of_a_latent_model_under_autocast_is_within_cpu_kernel_differen
     - group norm keeps mean/rstd in fp32 for bf16 input with fp32 weights (meta: bf16);
     - group norm keeps a channels-last input channels-last (the VAE attention's reshape makes
       one), so diffusers' resnet `.contiguous()` copies it (meta: already contiguous)."""
-    from bench.estimate import CATEGORIES
+    from bench.core.store import ESTIMATE_CATEGORIES
 
     _, steps = _fake_and_real(str(tiny_sd_dir), "bf16", (2,))
     (f, r), = steps
     assert f.flops == r.flops > 0
-    assert {c: f.split[c] for c in CATEGORIES[:3]} == {c: r.split[c] for c in CATEGORIES[:3]}
+    assert {c: f.split[c] for c in ESTIMATE_CATEGORIES[:3]} == {c: r.split[c] for c in ESTIMATE_CATEGORIES[:3]}
     assert 0 <= r.peak_bytes - f.peak_bytes <= 0.01 * r.peak_bytes
 
 
 def test_tracker_counts_storages_once_and_frees_them():
     """A view adds nothing, a dead tensor leaves; the peak is the largest live sum."""
-    from bench.estimate import StorageTracker
+    from bench.profile.estimate import StorageTracker
 
     tracker = StorageTracker()
     with tracker:
@@ -76,7 +75,7 @@ def test_tracker_counts_storages_once_and_frees_them():
 
 
 def test_conv_flops_match_a_hand_count():
-    from bench.estimate import flop_counter
+    from bench.profile.estimate import flop_counter
 
     n, cin, cout, k, h = 2, 3, 8, 3, 16
     conv = torch.nn.Conv2d(cin, cout, k, padding=1)
@@ -93,11 +92,11 @@ def test_conv_flops_match_a_hand_count():
 @pytest.mark.parametrize("kernel", ["math", "efficient"])
 def test_attention_flops_match_a_hand_count(kernel):
     """diffusers' cross-attention layer: four projections and QK^T, AV. The CPU's fused kernel is
-    not in torch's FLOP registry; bench.estimate adds it with the same formula."""
+    not in torch's FLOP registry; bench.profile.estimate adds it with the same formula."""
     from diffusers.models.attention_processor import Attention
 
-    from bench.estimate import flop_counter
-    from bench.profile import attention_kernel
+    from bench.profile.estimate import flop_counter
+    from bench.profile.measure import attention_kernel
 
     n, lq, s, c, cc, heads, d = 2, 16, 7, 32, 24, 4, 8
     inner = heads * d
@@ -121,8 +120,8 @@ def test_sd15_estimate_rig_has_the_published_counts():
     """Built on the meta device and placed as fake tensors: no memory, and the exact counts
     (UNet 859.5M, ControlNet 361.3M; T2I-Adapter's default is the released 1-channel canny one,
     77.0M; the 3-channel full adapter, 77.4M, is what a depth condition builds)."""
-    from bench.estimate import Estimator
-    from bench.profile import ProfileSetup
+    from bench.profile.estimate import Estimator
+    from bench.profile.measure import ProfileSetup
 
     controlnet = Estimator("controlnet", ProfileSetup("sd15-arch", 512, 1, "bf16", 1))
     t2i = {c: Estimator("t2i_adapter", ProfileSetup("sd15-arch", 512, 1, "bf16", 1, c)).counts["params_trainable"]
@@ -134,9 +133,9 @@ def test_sd15_estimate_rig_has_the_published_counts():
 
 
 def test_profile_estimate_cli_stores_estimates_apart_from_measurements(tmp_path, capsys, tiny_sd_dir):
-    from bench.claims import evaluate_all, load_claims
+    from bench.analysis.claims import evaluate_all, load_claims
     from bench.cli import main
-    from bench.store import Store
+    from bench.core.store import Store
 
     store = tmp_path / "est.sqlite"
     rc = main(["profile", "--estimate", "--arch", str(tiny_sd_dir), "--methods", "frozen,controlnet,baseline",
@@ -177,8 +176,8 @@ def test_profile_bad_input_is_one_line_naming_the_fix(argv, fix, capsys):
 @functools.lru_cache(maxsize=None)
 def _option_step(base: str, precision: str = "fp32", checkpointing: bool = False, attention: str = "default"):
     """The fake estimate of one controlnet step at 32 px, batch 2, and its rig (shared by the tests below)."""
-    from bench.estimate import Estimator
-    from bench.profile import ProfileSetup
+    from bench.profile.estimate import Estimator
+    from bench.profile.measure import ProfileSetup
 
     est = Estimator("controlnet", ProfileSetup(base, 32, 2, precision, 1, checkpointing=checkpointing,
                                                attention=attention))
@@ -207,8 +206,8 @@ def test_attention_kernel_math_saves_the_attention_matrix_the_fused_kernel_does_
     probabilities against n*heads*lq fp32 logsumexps."""
     from diffusers.models.attention_processor import Attention
 
-    from bench.estimate import StorageTracker
-    from bench.profile import attention_kernel
+    from bench.profile.estimate import StorageTracker
+    from bench.profile.measure import attention_kernel
 
     n, lq, s, c, cc, heads, d = 2, 64, 77, 32, 24, 4, 8
     torch.manual_seed(0)
@@ -256,7 +255,7 @@ def test_state_bytes_follow_the_precision_by_hand_count(precision, size):
 def test_profile_estimate_help_explains_every_option(capsys):
     """`bench profile --estimate --help`: every option is listed with an explanation, and the
     estimate's own options say what they change."""
-    from bench.cli import build_parser, main
+    from bench.cli.main import build_parser, main
 
     with pytest.raises(SystemExit) as done:
         main(["profile", "--estimate", "--help"])
@@ -295,8 +294,8 @@ def test_html_report_shows_the_estimate_curves_escaped(tmp_path):
 
     import cv2
 
-    from bench.profile import ProfileSetup, to_records
-    from bench.report import write_report
+    from bench.profile.measure import ProfileSetup, to_records
+    from bench.report.write import write_report
 
     evil = "<script>alert(1)</script>"
     setup = ProfileSetup(f"base<b>{evil}", 512, 1, "bf16", 1)

@@ -13,10 +13,11 @@ skdata = pytest.importorskip("skimage.data")
 if importlib.util.find_spec("face_recognition_models") is None:
     pytest.skip("needs face-recognition-models (the face extra)", allow_module_level=True)
 
-from bench.errors import ConfigError  # noqa: E402
 from bench.metrics import face  # noqa: E402
-from bench.types import Batch  # noqa: E402
-from bench.weights import needed_weights, preflight  # noqa: E402
+
+from bench.api.types import Batch  # noqa: E402
+from bench.core.errors import ConfigError  # noqa: E402
+from bench.core.weights import needed_weights, preflight  # noqa: E402
 
 ASTRONAUT = skdata.astronaut()
 FLIP = np.ascontiguousarray(ASTRONAUT[:, ::-1])

@@ -2,25 +2,24 @@
 with tiny random weights saved where users put real ones, the preflight, and `bench doctor`."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch import nn
-from torchmetrics.image.kid import KernelInceptionDistance
-
-from bench.cli import main
-from bench.errors import ConfigError
 from bench.metrics.clip_score import ClipScore
 from bench.metrics.fd import _stats, frechet_distance
 from bench.metrics.fid import FID
 from bench.metrics.protocol import KID
-from bench.types import Batch
-from bench.weights import WEIGHTS
+from torch import nn
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from bench.api.types import Batch
+from bench.cli import main
+from bench.core.errors import ConfigError
+from bench.core.weights import WEIGHTS
 
 
 class TinyFeatures(nn.Module):
@@ -86,7 +85,7 @@ def test_fid_equals_torchmetrics_with_the_same_feature_module():
 
 
 def test_fid_reference_features_are_cached_by_pixels(tmp_path, monkeypatch):
-    from bench.data import cache_dir
+    from bench.core.paths import cache_dir
 
     monkeypatch.setenv("CONTROLBENCH_CACHE", str(tmp_path / "cache"))
     real, fake = _images(32, 3), _images(32, 4, shift=0.1)
@@ -108,7 +107,7 @@ def test_fid_reference_features_are_cached_by_pixels(tmp_path, monkeypatch):
 
 
 def test_missing_weights_are_the_preflight_error_not_a_network_error(tmp_path, monkeypatch, capsys):
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     _weights_root(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,9 +1,9 @@
-"""bench.files: the one temp-then-rename writer."""
+"""bench.core.files: the one temp-then-rename writer."""
 from __future__ import annotations
 
 import pytest
 
-from bench.files import atomic_path, atomic_write, remove_stale_temps
+from bench.core.files import atomic_path, atomic_write, remove_stale_temps
 
 
 def test_write_replaces_target_and_leaves_no_temp(tmp_path):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 
+import bench.datasets  # noqa: F401  (registers)
 import cv2
 import numpy as np
 import pytest
 import torch
-
-import bench.datasets  # noqa: F401  (registers)
-from bench.data import cache_dir, materialize
 from bench.datasets.folders import Fit, hash_split
-from bench.errors import ConfigError
-from bench.registry import DATASETS
+
+from bench.core.errors import ConfigError
+from bench.core.paths import cache_dir
+from bench.core.registry import DATASETS
+from bench.run.data import materialize
 
 
 def write_png(path, h=40, w=60, seed=0):
@@ -124,7 +125,7 @@ def test_imagefolder_items_splits_and_determinism(imagefolder):
 
 
 def test_precomputed_condition_used_else_extracted(imagefolder):
-    from bench.registry import CONDITIONS
+    from bench.core.registry import CONDITIONS
 
     ds = DATASETS.get("imagefolder")(split="train", size=9, resolution=32, conditions=("canny",))
     for i in range(len(ds)):

@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import pytest
 
-from bench.artifacts import file_name
 from bench.cli import main
-from bench.store import Store
+from bench.core.artifacts import file_name
+from bench.core.store import Store
 
 
 def _builders():
@@ -105,7 +105,7 @@ def test_folder_dataset_runs_end_to_end(layout, tmp_path, monkeypatch, capsys):
     for rec in records:
         images = Path(rec.artifacts["images"])
         assert images.parent.parent == out
-        from bench.artifacts import SampleManifest
+        from bench.core.artifacts import SampleManifest
 
         manifest = SampleManifest.read(rec.artifacts["samples"])
         ids = manifest.ids

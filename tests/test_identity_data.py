@@ -4,13 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from bench.data import materialize
-from bench.datasets.identity import (IDENTITIES, KEYPOINTS_LOCAL, PATTERNS, IdentityWorld, draw_keypoints,
-                                     identity_pools, keypoints_of, render_identity)
+from bench.datasets.identity import (
+    IDENTITIES,
+    KEYPOINTS_LOCAL,
+    PATTERNS,
+    IdentityWorld,
+    draw_keypoints,
+    identity_pools,
+    keypoints_of,
+    render_identity,
+)
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, ShapeObject
-from bench.registry import CONDITIONS, DATASETS
-from bench.types import collate
+
+from bench.api.types import collate
+from bench.core.registry import CONDITIONS, DATASETS
+from bench.run.data import materialize
 
 PALETTE = np.array([BACKGROUND, *COLORS.values()], np.float32)
 NAMES = ["background", *COLORS]

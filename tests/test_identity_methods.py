@@ -1,17 +1,17 @@
 """IP-Adapter, InstantID and PhotoMaker: the mechanisms each one claims, and an evaluator none of them uses."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
 import bench.metrics  # noqa: F401  (methods no longer import metrics, so register them here)
-from bench.base_model import BaseModel
+import pytest
+import torch
 from bench.methods.ip_adapter import reference_stack
-from bench.registry import DATASETS, METHODS, METRICS
-from bench.sampler import generate
-from bench.types import collate
+
+from bench.api.base_model import BaseModel
+from bench.api.sampler import generate
+from bench.api.types import collate
+from bench.core.registry import DATASETS, METHODS, METRICS
 
 IDENTITY_METHODS = ("ip_adapter", "instantid", "photomaker")
 
@@ -42,9 +42,9 @@ def test_the_evaluator_is_none_of_the_methods_encoders(name, base, smoke_budget)
 
 
 def test_scoring_with_a_methods_own_encoder_is_refused(monkeypatch):
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
     from bench.proxy.recognizers import IMAGE_ENCODER
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     monkeypatch.setattr(METRICS.get("id_sim_proxy"), "evaluator_ids", (IMAGE_ENCODER.model_id,))
     cfg = apply_overrides(load_config(None), [("methods", ["ip_adapter"]), ("dataset", "identity"),
@@ -138,8 +138,8 @@ def test_photomaker_replaces_exactly_the_class_word_copies(base, smoke_budget):
 
 
 def test_identity_run_records_both_parts_with_their_directions(tmp_path):
-    from bench.runner import execute
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.run.execute import execute
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     cfg = apply_overrides(load_config(None), [("methods", ["baseline"]), ("dataset", "identity"),
                                               ("condition", "keypoints"), ("metrics", ["id_sim_proxy"]),
@@ -186,7 +186,7 @@ def test_ip_adapter_drops_are_mutually_exclusive(probs, base, smoke_budget):
 
 
 def test_ip_adapter_drop_recipe_is_checked():
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
 
     cls = METHODS.get("ip_adapter")
     with pytest.raises(ConfigError, match="must be <= 1"):
@@ -200,7 +200,7 @@ def test_ip_adapter_drop_recipe_is_checked():
 def test_a_dropped_image_trains_on_the_zero_embedding_tokens(name, base, smoke_budget, monkeypatch):
     """noised_prediction applies draw_drops' image mask once: the dropped sample gets the tokens of
     a zero embedding (tutorial_train.py `torch.zeros_like(image_embed)`), its prompt stays."""
-    from bench.method import Drops
+    from bench.api.method import Drops
 
     method = METHODS.get(name)(base, "keypoints", smoke_budget, {}).train()
     monkeypatch.setattr(method, "draw_drops", lambda n: Drops(text=torch.tensor([False, True]),
@@ -354,7 +354,8 @@ def test_photomaker_never_trains_on_a_prompt_without_its_class_word(base, smoke_
 def test_photomaker_merges_the_id_after_start_merge_step(base, smoke_budget, monkeypatch):
     """pipeline.py: `if i <= start_merge_step` text-only, else ID-fused; 10 of 50 steps by default."""
     from bench.methods.photomaker import merge_step
-    from bench.types import PromptEmbeds
+
+    from bench.api.types import PromptEmbeds
 
     assert (merge_step(0.2, 50), merge_step(0.2, 10), merge_step(0.2, 4)) == (10, 2, 0)
     steps, last_text_only = 50, 10

@@ -1,12 +1,21 @@
-"""The import layering of bench/, datasets/, proxy, metrics/ and methods/, checked statically.
+"""The import layering of bench/ and its sub-packages, checked statically (README "Layout" tells the same story).
 
-Bottom to top:
-1. core `bench` modules (registry, types, budget, store, base_model, method, sampler, ...);
-2. `bench.datasets` (datasets/): core only;
-3. `bench.proxy` (bench/proxy/, the proxy world's trained models): core + datasets;
-4. `bench.metrics` (metrics/) and `bench.methods` (methods/): core + datasets + proxy, never each other;
-5. app modules (CLI, spec, runner, report, ...): anything.
+A module's layer is the second part of its dotted name (`bench.run.spec` is in `run`); bottom to top:
 
+    core                  -> nothing
+    api, faces            -> core
+    datasets              -> core, api, faces
+    proxy                 -> core, api, datasets
+    metrics | methods     -> core, api, faces, datasets, proxy (never each other)
+    analysis              -> core
+    report                -> core, analysis
+    run                   -> core, api, faces, datasets, proxy, metrics, methods, analysis, report
+    profile               -> core, api, datasets, run
+    cli                   -> anything
+    entry                 -> core, api, run, profile
+
+`entry` is the package itself (`bench/__init__.py`, the library entry point) and the one-file modules at
+bench/'s top, which are one-release re-export shims (`bench.registry`, `bench.types`, `bench.benchmarks`).
 Every `import` / `from ... import` counts, including those inside functions, and so does
 `importlib.import_module("...")` with a literal name. Run this file as a script to print the
 package-level import graph.
@@ -15,26 +24,33 @@ from __future__ import annotations
 
 import ast
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# bench/<name>.py (or bench/<name>/) modules that sit at the top: they wire everything together.
-APP_MODULES = frozenset({"cli", "spec", "runner", "report", "report_html", "plots", "check", "claims", "sweep",
-                         "profile", "estimate", "benchmarks", "wandb_mirror", "builtins", "preflight"})
-LAYER_PACKAGES = ("datasets", "proxy", "metrics", "methods")  # bench.<these> are layers of their own
+BELOW_MODELS = {"core", "api", "faces", "datasets", "proxy"}
 ALLOWED = {
     "core": {"core"},
-    "datasets": {"core", "datasets"},
-    "proxy": {"core", "datasets", "proxy"},
-    "metrics": {"core", "datasets", "proxy", "metrics"},
-    "methods": {"core", "datasets", "proxy", "methods"},
-    "app": {"core", "datasets", "proxy", "metrics", "methods", "app"},
+    "api": {"core", "api"},
+    "faces": {"core", "faces"},
+    "datasets": {"core", "api", "faces", "datasets"},
+    "proxy": {"core", "api", "datasets", "proxy"},
+    "metrics": BELOW_MODELS | {"metrics"},
+    "methods": BELOW_MODELS | {"methods"},
+    "analysis": {"core", "analysis"},
+    "report": {"core", "analysis", "report"},
+    # run's entry point (bench.run.session) ends with the report of the store it wrote
+    "run": BELOW_MODELS | {"metrics", "methods", "analysis", "report", "run"},
+    "profile": {"core", "api", "datasets", "run", "profile"},
+    "cli": {"core", "api", "faces", "datasets", "proxy", "metrics", "methods", "analysis", "report", "run",
+            "profile", "cli", "entry"},
+    "entry": {"core", "api", "run", "profile", "entry"},
 }
+TORCH_FREE = ("analysis", "report")  # no torch-stack import anywhere: `bench report` and `bench check`
 
 
 def package_dirs(root: Path = ROOT) -> dict[str, str]:
@@ -48,11 +64,9 @@ def layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "bench":
         return None
-    if len(parts) == 1:
-        return "core"  # bench/__init__.py
-    if parts[1] in LAYER_PACKAGES:
-        return parts[1]
-    return "app" if parts[1] in APP_MODULES else "core"
+    if len(parts) == 1 or parts[1] not in ALLOWED:
+        return "entry"  # bench itself, or a one-file module at its top (a shim)
+    return parts[1]
 
 
 def module_name(path: Path, root: Path, dirs: dict[str, str]) -> str:
@@ -125,10 +139,63 @@ def package_graph(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def format_graph(graph: dict[str, set[str]], every_layer: bool = False) -> str:
-    order = ["core", "datasets", "proxy", "metrics", "methods", "app"]
+    order = list(ALLOWED)
     sources = order if every_layer else sorted(graph, key=order.index)
     return "\n".join(f"{src} -> {', '.join(sorted(graph.get(src, ()), key=order.index)) or '(nothing)'}"
                      for src in sources)
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """bench module -> the bench modules it imports (function-level imports too). `from a import b`
+    is an edge to a.b when a.b is a module, else to a."""
+    dirs = package_dirs(root)
+    files = {module_name(path, root, dirs): path for d in sorted(dirs) for path in sorted((root / d).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            for target in imported_modules(node, module, path.name == "__init__.py"):
+                while target not in files and "." in target:
+                    target = target.rsplit(".", 1)[0]  # a name imported from a module, not a submodule
+                if target in files and target != module:
+                    graph.setdefault(module, set()).add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    seen: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if seen.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in seen and (found := visit(nxt, path + [nxt])):
+                return found
+        seen[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in seen and (found := visit(node, [node])):
+            return found
+    return None
+
+
+TORCH_STACK = ("torch", "torchvision", "diffusers", "transformers", "lightning", "torchmetrics", "kornia")
+
+
+def torch_imports(root: Path = ROOT) -> list[str]:
+    """Imports of the torch stack anywhere (functions too) in the torch-free layers' files."""
+    dirs = package_dirs(root)
+    found = []
+    for path in sorted((root / "bench").rglob("*.py")):
+        module = module_name(path, root, dirs)
+        if layer(module) not in TORCH_FREE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            for target in imported_modules(node, module, path.name == "__init__.py"):
+                if target.split(".")[0] in TORCH_STACK:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: imports {target}")
+    return found
 
 
 def test_every_import_respects_the_layering():
@@ -140,9 +207,49 @@ def test_the_check_sees_every_package_file():
     edges = import_edges()
     files = {e.file for e in edges}
     for expected in ("datasets/layouts.py", "metrics/layout.py", "methods/controlnet_pp.py", "bench/proxy/rewards.py",
-                     "bench/cli.py", "bench/base_model.py"):
+                     "bench/cli/main.py", "bench/api/base_model.py"):
         assert expected in files
     assert {e.source for e in edges} == set(ALLOWED)
+
+
+def test_module_graph_has_no_cycles():
+    cycle = find_cycle(module_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_a_module_cycle_is_found(tmp_path):
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for directory in package_dirs():
+        (tmp_path / directory).mkdir()
+    (tmp_path / "bench/report").mkdir(parents=True)
+    (tmp_path / "bench/report/plots.py").write_text("def f():\n    from bench.report.tables import Table\n")
+    (tmp_path / "bench/report/tables.py").write_text("from bench.report import plots\n")
+    assert find_cycle(module_graph(tmp_path)) == ["bench.report.plots", "bench.report.tables", "bench.report.plots"]
+
+
+@pytest.mark.parametrize("torch_free", ["analysis", "report"])
+def test_report_and_analysis_import_no_torch(torch_free):
+    assert torch_free in TORCH_FREE
+    assert torch_imports() == []
+
+
+def test_core_modules_import_without_torch():
+    """core may import torch inside a function that needs it (provenance reads the GPU), never at import."""
+    import subprocess
+
+    modules = sorted(m for m in module_graph() if layer(m) == "core" and m != "bench")
+    code = f"import sys; [__import__(m) for m in {modules!r}]; print(sorted(set(sys.modules) & {set(TORCH_STACK)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr + out.stdout
+
+
+def test_a_torch_import_in_the_report_layer_fails(tmp_path):
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for directory in package_dirs():
+        (tmp_path / directory).mkdir()
+    (tmp_path / "bench/report").mkdir(parents=True)
+    (tmp_path / "bench/report/plots.py").write_text("def f():\n    import torch.nn.functional as F\n")
+    assert torch_imports(tmp_path) == ["bench/report/plots.py:2: imports torch.nn.functional"]
 
 
 def test_package_graph_has_no_cycles():
@@ -165,14 +272,18 @@ def test_package_graph_has_no_cycles():
 BAD = [  # (file, source, what the message must name)
     ("datasets/layouts.py", "def fit():\n    from bench.metrics.prompt_fidelity import parse_prompt\n",
      "datasets/layouts.py:2: 'from bench.metrics.prompt_fidelity import parse_prompt' makes datasets import metrics"),
-    ("bench/registry.py", "def load_builtins():\n    import bench.datasets\n",
-     "bench/registry.py:2: 'import bench.datasets' makes core import datasets"),
-    ("bench/base_model.py", "from bench import proxy\n", "bench/base_model.py:1: 'from bench import proxy' makes core import proxy"),
+    ("bench/core/registry.py", "def load_builtins():\n    import bench.datasets\n",
+     "bench/core/registry.py:2: 'import bench.datasets' makes core import datasets"),
+    ("bench/api/base_model.py", "from bench import proxy\n", "bench/api/base_model.py:1: 'from bench import proxy' makes api import proxy"),
+    # the three edges the layout move removed: each must fail again if it came back
+    ("bench/analysis/check.py", "def f():\n    from bench.run.builtins import load_builtins\n", "makes analysis import run"),
+    ("bench/core/weights.py", "from bench.api.base_model import BaseModel\n", "makes core import api"),
+    ("bench/report/html.py", "from bench.profile.estimate import estimate\n", "makes report import profile"),
     ("methods/instantid.py", "from bench.metrics.face import IDSim\n", "makes methods import metrics"),
     ("metrics/fd.py", "from ..methods import controlnet\n", "metrics/fd.py:1: 'from ..methods import controlnet' makes metrics import methods"),
     ("bench/proxy/rewards.py", "import importlib\nimportlib.import_module('bench.metrics.consistency')\n",
      "bench/proxy/rewards.py:2:"),
-    ("bench/proxy/base.py", "from bench.runner import execute\n", "makes proxy import app"),
+    ("bench/proxy/base.py", "from bench.run.execute import execute\n", "makes proxy import run"),
 ]
 
 
@@ -192,11 +303,15 @@ def test_allowed_edges_pass(tmp_path):
     for directory in package_dirs():
         (tmp_path / directory).mkdir()
     (tmp_path / "bench" / "proxy").mkdir()
-    (tmp_path / "bench/proxy/base.py").write_text("from bench.datasets.shapes import SHAPES\nfrom bench.types import Batch\n")
+    (tmp_path / "bench/proxy/base.py").write_text("from bench.datasets.shapes import SHAPES\nfrom bench.api.types import Batch\n")
     (tmp_path / "methods/ip_adapter.py").write_text("def f():\n    from bench.proxy.recognizers import IMAGE_ENCODER\n")
-    (tmp_path / "bench/cli.py").write_text("import bench.metrics, bench.methods\nfrom bench.proxy import base\n")
+    (tmp_path / "bench/cli").mkdir()
+    (tmp_path / "bench/cli/main.py").write_text("import bench.metrics, bench.methods\nfrom bench.proxy import base\n")
+    (tmp_path / "bench/report").mkdir()
+    (tmp_path / "bench/report/write.py").write_text("from bench.analysis.claims import evaluate_all\n")
     assert violations(tmp_path) == []
-    assert format_graph(package_graph(tmp_path)) == "proxy -> core, datasets\nmethods -> proxy\napp -> proxy, metrics, methods"
+    assert format_graph(package_graph(tmp_path)) == ("proxy -> api, datasets\nmethods -> proxy\nreport -> analysis\n"
+                                                     "cli -> proxy, metrics, methods")
 
 
 if __name__ == "__main__":  # print the package-level graph of a tree (default: this checkout)

@@ -6,9 +6,9 @@ import socket
 import pytest
 
 from bench.cli import main
-from bench.report import leaderboard
-from bench.runner import machine_identity
-from bench.store import RunRecord, Store, machine_key
+from bench.core.provenance import machine_identity
+from bench.core.store import RunRecord, Store, machine_key
+from bench.report.tables import leaderboard
 
 CPU_BOX = {"device": "cpu", "device_name": None, "device_count": 0, "cuda": None, "driver": None,
            "cpu": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cpu_cores": 2, "torch_threads": 2, "torch": "2.5.1+cpu",
@@ -16,7 +16,7 @@ CPU_BOX = {"device": "cpu", "device_name": None, "device_count": 0, "cuda": None
 GPU_BOX = {"device": "cuda", "device_name": "NVIDIA H200", "device_count": 1, "cuda": "12.4", "driver": "550.54.15",
            "cpu": "AMD EPYC 9654 96-Core Processor", "cpu_cores": 16, "torch_threads": 16, "torch": "2.5.1+cu124",
            "host": "0f9e8d7c6b5a"}
-F1 = {"version": "1", "higher_is_better": True}
+F1 = {"version": "1", "higher_is_better": True, "consistency": True}  # as the runner records canny_f1 on canny runs
 
 
 def _rec(run_id: str, method: str, seed: int, machine: dict, step: float, mem: float) -> RunRecord:
@@ -99,7 +99,7 @@ def test_one_machine_is_named_not_split() -> None:
 
 
 def test_claims_never_compare_step_times_across_machines() -> None:
-    from bench.claims import evaluate, load_claims
+    from bench.analysis.claims import evaluate, load_claims
 
     claim = next(c for c in load_claims() if c.id == "t2i-adapter-faster-step")
     # controlnet only on the GPU box, t2i_adapter only on the CPU box: a 10x "speed-up" that is the machine's

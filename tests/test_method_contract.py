@@ -1,21 +1,22 @@
 """Contracts every registered method must keep; a new method file is covered automatically."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
 
-import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.registry import METHODS
-from bench.sampler import generate
-from bench.types import Batch
+from bench.api.base_model import BaseModel
+from bench.api.sampler import generate
+from bench.api.types import Batch
+from bench.core.registry import METHODS
 
 
 def _batch(cls, n: int = 2, res: int = 32) -> Batch:
     """A batch from the method's sample dataset, carrying the condition it needs."""
     import bench.datasets  # noqa: F401  (registers the datasets)
-    from bench.registry import DATASETS
-    from bench.types import collate
+
+    from bench.api.types import collate
+    from bench.core.registry import DATASETS
 
     world = DATASETS.get(cls.sample_dataset)("train", n, res, (_condition(cls),), seed=0)
     return collate([world[i] for i in range(n)])
@@ -76,7 +77,7 @@ def test_training_step_changes_only_trainable_parameters(name, base, smoke_budge
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_unknown_hparam_is_rejected(name, base, smoke_budget):
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
 
     cls = METHODS.get(name)
     with pytest.raises(ConfigError, match="unknown hparam"):
@@ -88,7 +89,7 @@ def test_recipe_is_a_frozen_typed_dataclass_with_defaults(name):
     import dataclasses
     import typing
 
-    from bench.method import Method
+    from bench.api.method import Method
 
     cls = METHODS.get(name)
     assert issubclass(cls.Recipe, Method.Recipe) and cls.Recipe.__name__ == "Recipe"
@@ -105,8 +106,9 @@ def test_recipe_is_a_frozen_typed_dataclass_with_defaults(name):
 
 
 def test_recipe_overrides_are_typed_at_config_time():
-    from bench.errors import ConfigError
     from bench.methods.controlnext import ControlNeXt
+
+    from bench.core.errors import ConfigError
 
     r = ControlNeXt.make_recipe({"controlnext_scale": 1, "branch_blocks": 3, "empty_prompt_prob": "1e-1"})
     assert r.controlnext_scale == 1.0 and isinstance(r.controlnext_scale, float)  # an int is a float
@@ -129,8 +131,8 @@ def test_a_method_takes_a_recipe_instance_or_overrides(base, smoke_budget):
 
 
 def test_the_run_spec_keeps_only_the_given_overrides():
-    from bench.errors import ConfigError
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.core.errors import ConfigError
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     cfg = apply_overrides(load_config(None), [("budget", "smoke"), ("methods", "controlnet,controlnext"), ("seeds", "0"),
                                               ("hparams.controlnext.controlnext_scale", 1)])
@@ -143,7 +145,7 @@ def test_the_run_spec_keeps_only_the_given_overrides():
 
 
 def test_recipe_validation_runs_at_config_time():
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reward_steps must be >= 1"):
         METHODS.get("controlnet_pp").check_hparams({"reward_steps": 0})

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import pytest
-
 import bench.datasets  # noqa: F401  (registers the conditions)
 import bench.metrics  # noqa: F401  (registers the metrics)
+import pytest
 from bench.metrics.base import BenchMetric
-from bench.registry import CONDITIONS, METRICS
+
+from bench.core.registry import CONDITIONS, METRICS
 
 
 @pytest.mark.parametrize("name", METRICS.names())

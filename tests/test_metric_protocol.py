@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from bench.builtins import load_builtins
 from bench.metrics.base import BenchMetric
-from bench.registry import METRICS
+
+from bench.core.registry import METRICS
+from bench.run.builtins import load_builtins
 
 load_builtins()
 
@@ -41,7 +41,8 @@ def test_a_metric_that_does_not_synthesize_says_so() -> None:
 def test_reextracting_a_real_image_draws_its_own_condition(name: str, condition: str, min_agreement: float) -> None:
     """On real scenes a re-extraction looks like the input condition: same drawing, same palette."""
     from bench.datasets.shapes import ShapesWorld
-    from bench.types import collate
+
+    from bench.api.types import collate
 
     batch = collate([ShapesWorld("eval", 8, 32, conditions=(condition,))[i] for i in range(8)])
     metric = METRICS.get(name)()
@@ -57,7 +58,8 @@ def test_reextracting_a_real_image_draws_its_own_condition(name: str, condition:
 
 def test_metrics_without_a_condition_reextract_nothing() -> None:
     from bench.datasets.shapes import ShapesWorld
-    from bench.types import collate
+
+    from bench.api.types import collate
 
     batch = collate([ShapesWorld("eval", 2, 32)[i] for i in range(2)])
     assert METRICS.get("prompt_fidelity")().reextract(batch.image, batch) is None
@@ -73,8 +75,8 @@ def test_per_sample_scores_average_to_the_metric(name: str, dataset: str, condit
     is the value (or part) the metric computes, and every sample id has one value."""
     import math
 
-    from bench.registry import DATASETS
-    from bench.types import collate
+    from bench.api.types import collate
+    from bench.core.registry import DATASETS
 
     world = DATASETS.get(dataset)("eval", 6, 32, (condition,) if condition else (), seed=0)
     batch = collate([world[i] for i in range(6)])

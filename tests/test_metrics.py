@@ -1,23 +1,30 @@
 """Metrics against hand-computed cases, reference implementations and the shipped analyzers."""
 from __future__ import annotations
 
+import bench.metrics  # noqa: F401  (registers the metrics)
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from safetensors.torch import save_file
-from torchmetrics.classification import BinaryF1Score, MulticlassJaccardIndex
-
-import bench.metrics  # noqa: F401  (registers the metrics)
 from bench.datasets.conditions import Canny
 from bench.datasets.shapes import COLORS, SHAPES, ShapesWorld, parse_prompt
 from bench.metrics.consistency import CannyF1, SegMIoU
 from bench.metrics.fd import FDSegnet, frechet_distance
 from bench.metrics.prompt_fidelity import PromptFidelity
-from bench.proxy.analyzers import (SEGNET_PATH, config_hash, detect_objects, load_segnet, render_split,
-                                   segnet_config, segnet_metadata)
-from bench.registry import METRICS
-from bench.types import Batch, collate
+from safetensors.torch import save_file
+from torchmetrics.classification import BinaryF1Score, MulticlassJaccardIndex
+
+from bench.api.types import Batch, collate
+from bench.core.registry import METRICS
+from bench.proxy.analyzers import (
+    SEGNET_PATH,
+    config_hash,
+    detect_objects,
+    load_segnet,
+    render_split,
+    segnet_config,
+    segnet_metadata,
+)
 
 
 def _batch(image: torch.Tensor, prompts: list[str] | None = None, **conditions: torch.Tensor) -> Batch:

@@ -4,22 +4,42 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-import pytest
-import torch
-
 import bench.datasets  # noqa: F401
 import bench.methods  # noqa: F401
 import bench.metrics  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
+import numpy as np
+import pytest
+import torch
 from bench.datasets.conditions import SEG_PALETTE
 from bench.datasets.layouts import BoxStatistics, layout_objects
-from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, Scene, ShapesWorld, parse_prompt, render
-from bench.metrics.detector import DetectorUtility, TinyCenterNet, detector_map, train_detector
-from bench.metrics.layout import LayoutMAP, as_preds, as_targets, box_map_metric, filter_detected, map_value
-from bench.registry import CONDITIONS, METHODS, METRICS
-from bench.types import Batch, collate
+from bench.datasets.shapes import (
+    BACKGROUND,
+    COLORS,
+    SHAPES,
+    Scene,
+    ShapesWorld,
+    parse_prompt,
+    render,
+)
+from bench.metrics.detector import (
+    DetectorUtility,
+    TinyCenterNet,
+    detector_map,
+    train_detector,
+)
+from bench.metrics.layout import (
+    LayoutMAP,
+    as_preds,
+    as_targets,
+    box_map_metric,
+    filter_detected,
+    map_value,
+)
+
+from bench.api.base_model import BaseModel
+from bench.api.types import Batch, collate
+from bench.core.errors import ConfigError
+from bench.core.registry import CONDITIONS, METHODS, METRICS
 
 
 def _world_batch(split: str, n: int, **kw) -> Batch:

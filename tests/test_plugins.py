@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.store import Store
+from bench.core.store import Store
 
 BENCH = [sys.executable, "-m", "bench.cli"]
 
-# Written against the method contract only (bench.method.Method), as a researcher's own package would.
+# Written against the method contract only (bench.api.method.Method), as a researcher's own package would.
 METHOD_FILE = '''
 """A method outside controlbench: one trainable gain on the UNet's input (a minimal control branch)."""
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.method import Method
+from bench.api.method import Method
 
 
 class DemoGain(Method):
@@ -75,6 +75,7 @@ def install_flat(src: Path, site: Path) -> None:
     directories and a .dist-info with METADATA and entry_points.txt, written here from SRC's
     pyproject.toml (pip would need the `wheel` package to build it, and no index is reachable in CI)."""
     import shutil
+
     import tomllib
 
     meta = tomllib.loads((src / "pyproject.toml").read_text())
@@ -148,7 +149,7 @@ def test_plugin_module_flag(tmp_path) -> None:
     (mod_dir / "my_methods").mkdir(parents=True)
     (mod_dir / "my_methods" / "__init__.py").write_text("")
     (mod_dir / "my_methods" / "gain.py").write_text(METHOD_FILE + textwrap.dedent('''
-        from bench.registry import METHODS
+        from bench.core.registry import METHODS
 
         METHODS.register("flag_gain")(type("FlagGain", (DemoGain,), {"version": "flag_gain-v1"}))
     '''))

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 
+import bench.datasets  # noqa: F401  (registers)
 import numpy as np
 import pytest
 import torch
+from bench.datasets.pose import (
+    COCO_SIGMAS,
+    DWPOSE,
+    MMPose,
+    RtmlibPose,
+    draw_skeleton,
+    oks,
+    pck,
+)
 
-import bench.datasets  # noqa: F401  (registers)
-from bench.datasets.pose import COCO_SIGMAS, DWPOSE, MMPose, RtmlibPose, draw_skeleton, oks, pck
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 
 HAS_MEDIAPIPE = importlib.util.find_spec("mediapipe") is not None
 
@@ -103,12 +111,12 @@ def test_mmpose_missing_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not HAS_MEDIAPIPE, reason="mediapipe (the pose extra) is not installed")
 def test_mediapipe_finds_the_astronaut_and_pose_metrics_score_one():
+    import bench.metrics  # noqa: F401  (registers)
+    from bench.datasets.pose import POSE_BACKENDS
     from skimage.data import astronaut
 
-    from bench.datasets.pose import POSE_BACKENDS
-    import bench.metrics  # noqa: F401  (registers)
-    from bench.registry import CONDITIONS, METRICS
-    from bench.types import Batch
+    from bench.api.types import Batch
+    from bench.core.registry import CONDITIONS, METRICS
 
     image = astronaut()
     kp = POSE_BACKENDS.get("mediapipe").keypoints(image)

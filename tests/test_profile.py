@@ -1,12 +1,11 @@
 """Full-scale architectures, finetune/frozen references and `bench profile`."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
 
-import bench.methods  # noqa: F401
-from bench.registry import METHODS
-
+from bench.core.registry import METHODS
 
 # (arch, UNet, ControlNet, (T2I-Adapter's condition, its count), ControlNeXt's official tuned pattern and
 # its ceiling as a fraction of ControlNet).
@@ -20,13 +19,13 @@ PUBLISHED_COUNTS = [("sd15-arch", 859.5e6, 361.3e6, ("canny", 77e6), ("to_out", 
 
 @pytest.mark.parametrize("arch,unet,controlnet,t2i,controlnext", PUBLISHED_COUNTS)
 def test_arch_reproduces_published_parameter_counts(arch, unet, controlnet, t2i, controlnext, smoke_budget):
-    from bench.arch import build_arch
+    from bench.api.base_model import BaseModel
 
     def trainable(method, condition="canny", hparams=None):
         return sum(p.numel() for p in METHODS.get(method)(base, condition, smoke_budget, hparams or {}).trainable_parameters())
 
     with torch.device("meta"):  # counts need shapes only: no memory, no init time
-        base = build_arch(arch)
+        base = BaseModel.load(arch)
         counts = {m: trainable(m) for m in ("finetune", "controlnet", "frozen")}
         t2i_count = trainable("t2i_adapter", t2i[0])
         grey_t2i, rgb_t2i = trainable("t2i_adapter", "canny"), trainable("t2i_adapter", "depth")
@@ -42,9 +41,9 @@ def test_arch_reproduces_published_parameter_counts(arch, unet, controlnet, t2i,
 
 
 def test_profile_cli_prints_ratios_and_stores_records(tmp_path, capsys, proxy_arch_dir):
-    from bench.claims import evaluate_all, load_claims
+    from bench.analysis.claims import evaluate_all, load_claims
     from bench.cli import main
-    from bench.store import Store
+    from bench.core.store import Store
 
     store = tmp_path / "profile.sqlite"
     rc = main(["profile", "--arch", str(proxy_arch_dir), "--methods", "finetune,frozen,controlnet", "--resolution",
@@ -75,7 +74,7 @@ def test_profile_rejects_unknown_method_with_a_suggestion(capsys):
 def test_profile_sd15_at_512_on_gpu(precision, tmp_path, capsys):
     """The full-scale profile the issue asks for on a GPU: 512², half precision, CUDA allocator peaks."""
     from bench.cli import main
-    from bench.store import Store
+    from bench.core.store import Store
 
     store = tmp_path / "profile.sqlite"
     rc = main(["profile", "--arch", "sd15", "--methods", "frozen,controlnet", "--resolution", "512", "--batch", "1",
@@ -90,7 +89,7 @@ def test_profile_sd15_at_512_on_gpu(precision, tmp_path, capsys):
 def test_compare_estimate_pairs_variants_and_takes_ratios_against_the_first():
     """Hand-made rows: est/GPU per variant, FLOP and time ratios against the first; a failed
     estimate is left out."""
-    from bench.benchmarks import compare_estimate
+    from bench.profile.benchmarks import compare_estimate
 
     est = [dict(variant="frozen", est_peak_mem_mb=900.0, flops_per_step=2e12),
            dict(variant="controlnet", est_peak_mem_mb=1500.0, flops_per_step=3e12),
@@ -105,8 +104,8 @@ def test_compare_estimate_pairs_variants_and_takes_ratios_against_the_first():
 
 
 def test_estimate_vs_gpu_refuses_without_a_cuda_device():
-    from bench.benchmarks import estimate_vs_gpu
-    from bench.errors import ConfigError
+    from bench.core.errors import ConfigError
+    from bench.profile.benchmarks import estimate_vs_gpu
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -120,10 +119,10 @@ def test_estimate_is_within_10_percent_of_the_cuda_peak_at_512():
     """Issue 18 item 5: for 3 methods at 512², bf16, batch 1, the fake-tensor estimate's peak is
     within 10% of torch.cuda.max_memory_allocated for the same step of the same code, and the
     FLOP ratio orders the methods as their measured step times do."""
-    from bench.benchmarks import compare_estimate
-    from bench.builtins import load_builtins
-    from bench.estimate import estimate
-    from bench.profile import ProfileSetup, profile
+    from bench.profile.benchmarks import compare_estimate
+    from bench.profile.estimate import estimate
+    from bench.profile.measure import ProfileSetup, profile
+    from bench.run.builtins import load_builtins
 
     load_builtins()
     variants = ["frozen", "controlnet", "t2i_adapter"]

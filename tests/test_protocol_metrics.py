@@ -6,9 +6,19 @@ import io
 import math
 from pathlib import Path
 
+import bench.datasets  # noqa: F401  (registers the conditions)
+import bench.metrics  # noqa: F401  (registers the metrics)
 import numpy as np
 import pytest
 import torch
+from bench.metrics.protocol import (
+    MS_SSIM_MIN_SIZE,
+    CannyF1CNPP,
+    DepthRMSEPerImage,
+    SegMIoUIgnore0,
+    binary_f1_per_image,
+    mmseg_intersect_and_union,
+)
 from kornia.filters import canny
 from PIL import Image
 from torch import nn
@@ -16,14 +26,10 @@ from torchmetrics.classification import BinaryF1Score
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
 from torchvision.transforms import functional as TF
 
-import bench.datasets  # noqa: F401  (registers the conditions)
-import bench.metrics  # noqa: F401  (registers the metrics)
-from bench.errors import ConfigError
-from bench.metrics.protocol import (MS_SSIM_MIN_SIZE, CannyF1CNPP, DepthRMSEPerImage, SegMIoUIgnore0,
-                                    binary_f1_per_image, mmseg_intersect_and_union)
-from bench.registry import METRICS
-from bench.types import Batch
-from bench.weights import WEIGHTS
+from bench.api.types import Batch
+from bench.core.errors import ConfigError
+from bench.core.registry import METRICS
+from bench.core.weights import WEIGHTS
 
 
 def _batch(image: torch.Tensor, start: int = 0, **conditions: torch.Tensor) -> Batch:
@@ -271,8 +277,8 @@ def _save_png_folder(images: torch.Tensor, folder: Path) -> None:
 
 
 def test_fid_clean_matches_clean_fid_compute_fid_on_the_same_folders(tmp_path, monkeypatch):
-    from cleanfid import fid as cleanfid
     from bench.metrics.fid_clean import FIDClean
+    from cleanfid import fid as cleanfid
 
     root = tmp_path / "weights"
     monkeypatch.setenv("CONTROLBENCH_WEIGHTS", str(root))
@@ -324,7 +330,8 @@ def test_fid_clean_refuses_a_file_that_is_not_torchscript(tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def eval_scenes() -> Batch:
     from bench.datasets.shapes import ShapesWorld
-    from bench.types import collate
+
+    from bench.api.types import collate
 
     world = ShapesWorld("eval", 32, conditions=("canny", "depth"))
     return collate([world[i] for i in range(len(world))])

@@ -22,11 +22,11 @@ def test_quickstart_leaderboard_shows_paired_intervals(tmp_path):
 
 
 def test_quickstart_split_accounts_for_each_runs_time(tmp_path):
-    """Each record carries its phases' wall seconds (bench.runner.PhaseClock), which add up to no
-    more than the run process's life; `bench.benchmarks.quickstart_split` sums them per phase, as
+    """Each record carries its phases' wall seconds (bench.run.execute.PhaseClock), which add up to no
+    more than the run process's life; `bench.profile.benchmarks.quickstart_split` sums them per phase, as
     lane-seconds when runs ran two at a time."""
-    from bench.benchmarks import PHASES, quickstart_split
-    from bench.store import Store
+    from bench.core.store import Store
+    from bench.profile.benchmarks import PHASES, quickstart_split
 
     out = tmp_path / "qs"
     assert main(["run", "bench/configs/quickstart.yaml", "budget=smoke", "methods=baseline,controlnet", "seeds=0",
@@ -50,7 +50,7 @@ def test_quickstart_split_accounts_for_each_runs_time(tmp_path):
 def test_median_ratio_interval_is_a_point_for_an_exact_ratio():
     """Every step of the harness exactly 1.5x its paired bare step: ratio and both bounds are 1.5;
     a harness that is sometimes slower widens the interval around the median."""
-    from bench.benchmarks import median_ratio
+    from bench.profile.benchmarks import median_ratio
 
     bare = [0.1 + 0.01 * i for i in range(30)]
     assert median_ratio([1.5 * b for b in bare], bare) == pytest.approx((1.5, 1.5, 1.5))
@@ -60,9 +60,9 @@ def test_median_ratio_interval_is_a_point_for_an_exact_ratio():
 
 def test_train_ratio_interleaves_the_harness_and_bare_loops():
     """The overhead benchmark times the same number of harness and bare steps, one pair per step."""
-    from bench.base_model import BaseModel
-    from bench.benchmarks import train_ratio
-    from bench.budget import load_budgets
+    from bench.api.base_model import BaseModel
+    from bench.core.budget import load_budgets
+    from bench.profile.benchmarks import train_ratio
 
     harness, bare = train_ratio(BaseModel.load("proxy"), load_budgets()["smoke"], steps=4, batch=2)
     assert len(harness) == len(bare) == 4 and min(harness + bare) > 0

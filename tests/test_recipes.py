@@ -3,19 +3,19 @@ learning-rate groups, ControlNeXt's injection point, T2I-Adapter's grey input, a
 per-step prompt hook."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import numpy as np
 import pytest
 import torch
+from bench.datasets.shapes import ShapesWorld
+from bench.methods.controlnext import cross_normalize
 from scipy import stats
 
-import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
-from bench.method import cubic_timesteps
-from bench.methods.controlnext import cross_normalize
-from bench.datasets.shapes import ShapesWorld
-from bench.registry import METHODS
-from bench.types import collate
+from bench.api.base_model import BaseModel
+from bench.api.method import cubic_timesteps
+from bench.api.types import collate
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
 
 
 def _batch(n: int, conditions=("canny",)):
@@ -202,7 +202,7 @@ class _StepRecorder:
 def test_the_sampler_asks_for_each_steps_prompt_embedding(proxy, smoke_budget):
     """`step_embeds` is called once per step with its index, and what it returns is denoised with:
     switching at step k differs from never switching exactly from step k on."""
-    from bench.sampler import generate
+    from bench.api.sampler import generate
 
     baseline = METHODS.get("baseline")(proxy, None, smoke_budget, {})
     batch = _batch(2)
@@ -220,7 +220,7 @@ def test_ema_averages_from_its_start_step_and_replaces_the_weights():
     """EMAWeights against a hand-run EMA with diffusers' warm-up decay min(decay, (1+s)/(10+s))."""
     import lightning as L
 
-    from bench.callbacks import EMAWeights
+    from bench.run.callbacks import EMAWeights
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -259,7 +259,7 @@ def test_weights_is_a_run_input_not_a_recipe_field(tmp_path):
     """hparams.<method>.weights names a checkpoint: it goes to RunSpec.weights (absolute, in the run
     id only when set), never into the recipe; a method without a layout, or a missing path, is a
     one-line config error."""
-    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
 
     cfg = load_config(None)
     plain, _ = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=baseline"])))
@@ -292,8 +292,8 @@ def test_an_sdxl_base_takes_controlnexts_sdxl_recipe(tiny_sd_dir, tiny_sdxl_dir,
     """ControlNeXt-SDXL-Training's own values on an SDXL base (prompt dropout 0.2, scale 1.0, only the
     cross-attention `to_out` tuned), its SD1.5 values elsewhere; the run spec records the recipe
     the run builds, and a config's hparams still win."""
-    from bench.base_model import base_family
-    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.core.bases import base_family
+    from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
 
     assert [base_family(b) for b in ("proxy", "sd15-arch", "sdxl-arch", str(tiny_sd_dir), str(tiny_sdxl_dir))] == \
         ["sd", "sd", "sdxl", "sd", "sdxl"]

@@ -8,16 +8,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from bench.datasets.identity import IdentityWorld, identity_pools
 from bench.metrics import face
+from safetensors.torch import load_file, save_file
+
+from bench.api.types import collate
+from bench.core.registry import METRICS
 from bench.proxy import recognizers
 from bench.proxy.analyzers import ANALYZERS, analyzer_metadata
-from bench.proxy.recognizers import (ID_EVALUATOR, IMAGE_ENCODER, INSTANCE_EMBED, RECOGNIZERS, attribute_accuracy,
-                                     verification)
-from bench.registry import METRICS
-from bench.types import collate
+from bench.proxy.recognizers import (
+    ID_EVALUATOR,
+    IMAGE_ENCODER,
+    INSTANCE_EMBED,
+    RECOGNIZERS,
+    attribute_accuracy,
+    verification,
+)
 
 torch.set_num_threads(1)
 
@@ -123,7 +129,7 @@ def test_id_sim_proxy_prefers_the_right_identity():
 
 
 def test_pretrain_trains_the_recognizers_after_the_analyzers(monkeypatch, capsys):
-    from bench import cli
+    from bench.cli import main as cli
 
     trained = []
     monkeypatch.setattr(recognizers.Analyzer, "train", lambda self, *a, **k: trained.append(self.name) or "x")

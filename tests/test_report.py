@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import ci95, leaderboard, render_markdown, write_report
-from bench.store import RunRecord
+from bench.analysis.stats import ci95
+from bench.core.store import RunRecord
+from bench.report.markdown import render_markdown
+from bench.report.tables import leaderboard
+from bench.report.write import write_report
 
 META = {"git_sha": "deadbeefcafe", "generated_by": "bench report"}
-F1 = {"version": "1", "higher_is_better": True}
+F1 = {"version": "1", "higher_is_better": True, "consistency": True}  # as the runner records canny_f1 on canny runs
 FD = {"version": "1", "higher_is_better": False}
 
 
@@ -207,9 +210,9 @@ def test_tuning_best_trial_respects_direction(meta: dict, best_index: int) -> No
 
 
 def _fmt_expected(x: float) -> str:
-    from bench.report import _fmt
+    from bench.report.numbers import format_number
 
-    return _fmt(x)
+    return format_number(x)
 
 
 def test_tuning_trials_average_seeds_and_note_unequal_budgets() -> None:
@@ -272,7 +275,7 @@ def test_report_exports_per_sample_scores_as_csv(tmp_path: Path, capsys) -> None
     import csv
 
     from bench.cli import main
-    from bench.store import Store
+    from bench.core.store import Store
 
     with Store(tmp_path / "s.sqlite") as store:
         store.put(_with_scores(rec("a0", seed=0), n=3))
@@ -290,7 +293,7 @@ def test_wandb_mirror_logs_per_sample_scores_as_a_table(tmp_path: Path, monkeypa
     """Real wandb, offline: the run's history holds the scores table, and its table file the rows."""
     import json
 
-    from bench import wandb_mirror
+    from bench.run import wandb_mirror
     from tests.test_agent import run_contents
 
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)

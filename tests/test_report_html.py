@@ -12,16 +12,17 @@ import cv2
 import numpy as np
 import pytest
 
-from bench.artifacts import SampleManifest, file_name, run_paths
-from bench.claims import evaluate_all
-from bench.plots import write_plots, write_sample_grids
-from bench.report import leaderboard, write_report
-from bench.report_html import render_html
-from bench.store import RunRecord
+from bench.analysis.claims import evaluate_all
+from bench.core.artifacts import SampleManifest, file_name, run_paths
+from bench.core.store import RunRecord
+from bench.report.html import render_html
+from bench.report.plots import write_plots, write_sample_grids
+from bench.report.tables import leaderboard
+from bench.report.write import write_report
 
 EVIL = "ev\"il'<script>alert(1)</script>"
 EVIL_PROMPT = "<script>alert(\"prompt\")</script> 'quoted' & \"double\""
-F1 = {"version": "1", "higher_is_better": True}
+F1 = {"version": "1", "higher_is_better": True, "consistency": True}  # as the runner records canny_f1 on canny runs
 N_IDS = 3
 
 

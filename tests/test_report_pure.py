@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from bench.artifacts import GRID_SAMPLES, SampleManifest, file_name
-from bench.store import RunRecord, Store
+from bench.core.artifacts import GRID_SAMPLES, SampleManifest, file_name
+from bench.core.store import RunRecord, Store
 
 # Run in a fresh interpreter: any import of these libraries fails, and is listed on stdout.
 NO_MODELS = """
@@ -43,8 +43,8 @@ def bench_report_without_models(store: Path, out: Path) -> subprocess.CompletedP
 def finished_store(tmp_path_factory, proxy_arch_dir) -> Path:
     """Two tiny real runs (budget smoke, random proxy weights): canny scored by canny_f1, seg
     by the seg_miou evaluator; executed in-process, recorded in a store."""
-    from bench.runner import execute
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.run.execute import execute
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     tmp = tmp_path_factory.mktemp("pure")
     store_path = tmp / "store.sqlite"
@@ -138,9 +138,9 @@ def test_grid_samples_of_a_nested_id_are_written_flat(tmp_path: Path) -> None:
     """Ids from folder datasets carry '/': their grid files stay inside the run's directories."""
     import torch
 
-    from bench.artifacts import run_paths
-    from bench.runner import _write_grid_samples
-    from bench.types import Batch
+    from bench.api.types import Batch
+    from bench.core.artifacts import run_paths
+    from bench.run.execute import _write_grid_samples
 
     paths = run_paths(tmp_path, "run")
     for key in ("images", "conditions", "reextracted"):

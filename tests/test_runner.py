@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from bench.spec import apply_overrides, load_config, resolve
-from bench.store import RunRecord, Store
+from bench.core.store import RunRecord, Store
+from bench.run.spec import apply_overrides, load_config, resolve
 
 
 def _specs(base_dir, tmp_path, **over):
@@ -18,10 +18,11 @@ def _specs(base_dir, tmp_path, **over):
 
 def test_nan_loss_raises_a_clear_error(proxy_arch_dir, smoke_budget):
     import bench.methods  # noqa: F401
-    from bench.base_model import BaseModel
     from bench.datasets.shapes import ShapesWorld
-    from bench.registry import METHODS
-    from bench.types import collate
+
+    from bench.api.base_model import BaseModel
+    from bench.api.types import collate
+    from bench.core.registry import METHODS
 
     method = METHODS.get("controlnet")(BaseModel.load(str(proxy_arch_dir)), "canny", smoke_budget, {})
     batch = collate([ShapesWorld("train", 2, 32, conditions=("canny",))[i] for i in range(2)])
@@ -31,7 +32,7 @@ def test_nan_loss_raises_a_clear_error(proxy_arch_dir, smoke_budget):
 
 
 def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
-    from bench.runner import run_specs
+    from bench.run.runner import run_specs
 
     (good,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"])
     bad = dataclasses.replace(good, base_model=str(tmp_path / "missing"))
@@ -49,8 +50,8 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(proxy_arch_dir, tmp_path):
 
 
 def test_a_run_planned_with_other_code_versions_is_refused(proxy_arch_dir, tmp_path):
-    from bench.errors import ConfigError
-    from bench.runner import execute
+    from bench.core.errors import ConfigError
+    from bench.run.execute import execute
 
     (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], metrics=["fd_segnet"])
     stale = dataclasses.replace(spec, method_version="baseline-v0")
@@ -59,7 +60,7 @@ def test_a_run_planned_with_other_code_versions_is_refused(proxy_arch_dir, tmp_p
 
 
 def test_consistency_curve_is_measured_on_fixed_steps_and_subset(proxy_arch_dir, tmp_path):
-    from bench.runner import execute
+    from bench.run.execute import execute
 
     (spec, *_), out = _specs(proxy_arch_dir, tmp_path, methods=["controlnet"], metrics=["canny_f1", "fd_segnet"],
                              **{"budget.curve_steps": [0, 2], "budget.curve_samples": 4})
@@ -79,7 +80,7 @@ def test_a_run_process_whose_launcher_is_already_gone_does_nothing(proxy_arch_di
     import sys
     import time
 
-    from bench.runner import PARENT_ENV, PARENT_GONE, RUN_MODULE
+    from bench.run.process import PARENT_ENV, PARENT_GONE, RUN_MODULE
 
     (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"])
     result = out / "records" / f"{spec.run_id}.json"
@@ -94,7 +95,8 @@ def test_a_run_process_whose_launcher_is_already_gone_does_nothing(proxy_arch_di
 def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arch_dir, tmp_path, monkeypatch):
     import socket
 
-    import bench.runner as runner
+    import bench.run.runner as runner
+    from bench.run.execute import failed
 
     specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
     executed = []
@@ -102,7 +104,7 @@ def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arc
     # the decision under test: which specs reach here
     def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
         executed.append(spec.run_id)
-        return dataclasses.replace(runner.failed(spec, ""), status="FINISHED")
+        return dataclasses.replace(failed(spec, ""), status="FINISHED")
 
     monkeypatch.setattr(runner, "run_isolated", spy)
     with Store(tmp_path / "store.sqlite") as store:
@@ -121,7 +123,7 @@ def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
     import os
     import threading
 
-    import bench.runner as runner
+    import bench.run.runner as runner
 
     specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1, 2])
     cores = len(os.sched_getaffinity(0))
@@ -150,7 +152,7 @@ def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
         assert r.machine["concurrent_runs"] == 2 and r.machine["torch_threads"] == max(1, cores // 2)
 
 
-fork_server = pytest.mark.skipif(not __import__("bench.forkserver").forkserver.supported(),
+fork_server = pytest.mark.skipif(not __import__("bench.run.forkserver").run.forkserver.supported(),
                                  reason="the fork server needs Linux and setproctitle")
 
 
@@ -159,8 +161,8 @@ def test_a_forked_run_records_what_a_fresh_interpreter_records(proxy_arch_dir, t
     """The fork server changes how a run process starts, not what it computes: the same scores to
     the bit. Each record says how its process started, and their machine keys differ (CPU peak RSS
     depends on it)."""
-    from bench.runner import run_all
-    from bench.store import machine_key
+    from bench.core.store import machine_key
+    from bench.run.runner import run_all
 
     (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["controlnet"], metrics=["canny_f1"])
     records = {}
@@ -181,7 +183,7 @@ def test_a_dead_fork_server_fails_its_live_run_and_later_runs_start_fresh(proxy_
     import os
     import signal
 
-    from bench.runner import Launcher, run_isolated
+    from bench.run.process import Launcher, run_isolated
 
     specs, out = _specs(proxy_arch_dir, tmp_path, methods=["baseline"], seeds=[0, 1])
     with Launcher() as launcher:

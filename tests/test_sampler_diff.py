@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.base_model import BaseModel
-from bench.registry import METHODS
-from bench.sampler import generate, sample_generators
-from bench.types import Batch
+from bench.api.base_model import BaseModel
+from bench.api.sampler import generate, sample_generators
+from bench.api.types import Batch
+from bench.core.registry import METHODS
 
 SEED, STEPS, GUIDANCE = 7, 4, 3.0
 
@@ -32,7 +32,11 @@ def _randomize(method) -> None:
 @pytest.mark.parametrize("method_name", ["controlnet", "t2i_adapter", "baseline"])
 def test_shared_sampler_matches_diffusers_pipeline(method_name, tiny_sd_dir, smoke_budget):
     import bench.methods  # noqa: F401
-    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from diffusers import (
+        StableDiffusionAdapterPipeline,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
 
     base = BaseModel.load(str(tiny_sd_dir))
     assert base.vae is not None and base.scale_factor == 2
@@ -73,8 +77,11 @@ def test_shared_sampler_matches_diffusers_sdxl_pipeline(method_name, tiny_sdxl_d
     diffusers SDXL pipelines pass them. The negative prompt is "" (our CFG's unconditional
     input); without one, SDXL pipelines zero it (`force_zeros_for_empty_prompt`)."""
     import bench.methods  # noqa: F401
-    from diffusers import (StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        StableDiffusionXLAdapterPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     base = BaseModel.load(str(tiny_sdxl_dir))
     assert base.is_sdxl and base.text_encoder_2 is not None
@@ -132,7 +139,7 @@ def test_negative_prompt_matches_diffusers_pipeline(tiny_sd_dir, smoke_budget):
 
 
 def test_an_empty_negative_prompt_keeps_budget_keys():
-    from bench.budget import load_budgets
+    from bench.core.budget import load_budgets
 
     quick = load_budgets()["quick"]
     assert "negative_prompt" not in quick.as_dict()

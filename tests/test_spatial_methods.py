@@ -1,18 +1,18 @@
 """ControlNeXt and ControlNet++ internals, multi-condition configs and the self-grading guard."""
 from __future__ import annotations
 
+import bench.methods  # noqa: F401
 import pytest
 import torch
-
-import bench.methods  # noqa: F401
-from bench.base_model import BaseModel
-from bench.errors import ConfigError
-from bench.method import predict_x0
-from bench.methods.controlnext import cross_normalize
 from bench.datasets.shapes import ShapesWorld
-from bench.registry import METHODS
-from bench.spec import resolve
-from bench.types import Batch, collate
+from bench.methods.controlnext import cross_normalize
+
+from bench.api.base_model import BaseModel
+from bench.api.method import predict_x0
+from bench.api.types import Batch, collate
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS
+from bench.run.spec import resolve
 
 
 def _batch(n: int, conditions=("canny",)) -> Batch:

@@ -1,4 +1,4 @@
-"""bench.stats: coverage of the nominal 95% intervals on synthetic data with a known effect,
+"""bench.analysis.stats: coverage of the nominal 95% intervals on synthetic data with a known effect,
 the seed-t fallback, pairing. Vectorised numpy only; no models."""
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from bench.stats import (BOOTSTRAP, SEED_T, SINGLE, bootstrap_interval, leaderboard_interval, paired_difference,
-                         seed_t_interval, seeds_needed)
+from bench.analysis.stats import (
+    BOOTSTRAP,
+    SEED_T,
+    SINGLE,
+    bootstrap_interval,
+    leaderboard_interval,
+    paired_difference,
+    seed_t_interval,
+    seeds_needed,
+)
 
 EXPERIMENTS = 1000  # simulated experiments per coverage test
 S, N = 4, 40        # seeds x eval samples per experiment

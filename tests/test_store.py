@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.store import SCHEMA_VERSION, RunRecord, Store, StoreError
+from bench.core.store import SCHEMA_VERSION, RunRecord, Store, StoreError
 
 
 def make_record(run_id: str, status: str = "FINISHED", created_at: float = 1.0, **kw) -> RunRecord:
@@ -131,7 +131,7 @@ def test_foreign_sqlite_db_is_refused(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from bench.store import RunRecord, Store
+from bench.core.store import RunRecord, Store
 path, prefix = sys.argv[1], sys.argv[2]
 with Store(path) as store:
     for i in range(50):
@@ -192,7 +192,7 @@ def test_a_claim_whose_run_process_outlived_its_claimant_is_not_taken_over(tmp_p
     would run the same config twice at once."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "bench.runner", "run-x", "out"])
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "bench.run.process", "run-x", "out"])
     try:
         with Store(tmp_path / "s.db") as store:
             store._db.execute("INSERT INTO claims VALUES ('run-x', ?, ?, 0)", (socket.gethostname(), dead.pid))
@@ -274,10 +274,10 @@ def test_runner_records_metric_sample_scores_into_the_store(proxy_arch_dir, tmp_
     (BenchMetric.record_samples) reach the record and the store's table."""
     import torch
 
-    from bench.builtins import load_builtins
-    from bench.registry import METRICS
-    from bench.runner import execute
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.core.registry import METRICS
+    from bench.run.builtins import load_builtins
+    from bench.run.execute import execute
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     load_builtins()
     cls = METRICS.get("canny_f1")

@@ -14,10 +14,17 @@ import pytest
 import yaml
 
 from bench.cli import main
-from bench.errors import ConfigError
-from bench.runner import run_isolated
-from bench.store import Store
-from bench.sweep import configs, fit_metrics, load_sweep, overrides, resolve_sweep, sweep_files
+from bench.core.errors import ConfigError
+from bench.core.store import Store
+from bench.run.process import run_isolated
+from bench.run.sweep import (
+    configs,
+    fit_metrics,
+    load_sweep,
+    overrides,
+    resolve_sweep,
+    sweep_files,
+)
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 BENCH = [sys.executable, "-m", "bench.cli"]
@@ -69,7 +76,7 @@ def test_sweep_files_are_wandb_format_and_resolve_against_the_registries():
 
 def test_wandb_agent_args_and_local_overrides_agree():
     """`wandb agent` passes `--key=value`; the local sweep passes the same key/values."""
-    from bench.spec import apply_overrides, load_config, parse_overrides
+    from bench.run.spec import apply_overrides, load_config, parse_overrides
 
     sweep = load_sweep(SWEEPS / "compute_profile.yaml")
     cfg = configs(sweep)[0]
@@ -115,7 +122,7 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
 def test_one_sweep_combination_runs_end_to_end_with_smoke(tmp_path, proxy_arch_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     sweep = load_sweep(SWEEPS / "spatial.yaml")
-    from bench.spec import apply_overrides, load_config, resolve
+    from bench.run.spec import apply_overrides, load_config, resolve
 
     grid = configs(sweep)
     assert len(grid) == 5 * 2 * 3, "one config per (method, condition, seed)"
@@ -185,7 +192,7 @@ def test_sweep_without_local_explains_wandb(tmp_path, capsys):
 
 
 def test_budget_refinement_of_a_named_budget():
-    from bench.spec import apply_overrides, load_config, parse_overrides
+    from bench.run.spec import apply_overrides, load_config, parse_overrides
 
     cfg = apply_overrides(load_config(None), parse_overrides(["budget.train_steps=9"]))
     assert cfg["budget"] == {"name": "quickstart", "train_steps": 9}
@@ -194,7 +201,7 @@ def test_budget_refinement_of_a_named_budget():
 
 
 def test_store_merge_is_idempotent_by_run_id(tmp_path, capsys):
-    from bench.store import RunRecord
+    from bench.core.store import RunRecord
 
     def rec(run_id: str) -> RunRecord:
         return RunRecord(run_id=run_id, spec={"method": "baseline"}, status="FINISHED", created_at=1.0)
@@ -212,7 +219,13 @@ def test_store_merge_is_idempotent_by_run_id(tmp_path, capsys):
 
 
 def test_strategy_and_devices_reach_the_spec_without_changing_single_device_ids():
-    from bench.spec import RunSpec, apply_overrides, load_config, parse_overrides, resolve
+    from bench.run.spec import (
+        RunSpec,
+        apply_overrides,
+        load_config,
+        parse_overrides,
+        resolve,
+    )
 
     plain, _ = resolve(apply_overrides(load_config(None), parse_overrides(["budget=smoke", "methods=controlnet"])))
     ddp, _ = resolve(apply_overrides(load_config(None), parse_overrides(

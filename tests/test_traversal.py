@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from bench.artifacts import MAX_NAME_BYTES, file_name
+from bench.core.artifacts import MAX_NAME_BYTES, file_name
 
 TRICKY = ["eval-000001", "person26/1.png", "eval/shard0/4", "..", ".", "", "/", "x", "x.png", "x.png.png", "x~",
           "x~.png", "x%7E", "x%7E.png", "x%2Epng", ".png", "~", "~.png", "~~.png", "../../etc/passwd", "/abs/x.png",

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from bench.builtins import load_builtins
-from bench.errors import ConfigError
-from bench.registry import METHODS, METRICS
-from bench.sweep import load_sweep, resolve_sweep
-from bench.yamlio import safe_load
+from bench.core.errors import ConfigError
+from bench.core.registry import METHODS, METRICS
+from bench.core.yamlio import safe_load
+from bench.run.builtins import load_builtins
+from bench.run.sweep import load_sweep, resolve_sweep
 
 load_builtins()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.report import leaderboard
-from bench.store import RunRecord, Store, upgrade_spec
-from bench.wandb_mirror import mirror, records_from_wandb
+from bench.core.store import RunRecord, Store, upgrade_spec
+from bench.report.tables import leaderboard
+from bench.run.wandb_mirror import mirror, records_from_wandb
 from tests.test_agent import offline_log
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wandb_runs.json"
@@ -23,8 +23,8 @@ def _offline_dirs(out: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_offline_mirror_uses_the_harness_run_id_and_never_duplicates(tmp_path, proxy_arch_dir, monkeypatch):
-    from bench.runner import run_specs
-    from bench.spec import apply_overrides, load_config, parse_overrides, resolve
+    from bench.run.runner import run_specs
+    from bench.run.spec import apply_overrides, load_config, parse_overrides, resolve
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from bench.core.files import atomic_path
 from bench.datasets.conditions import depth_from_scene
 from bench.datasets.shapes import BACKGROUND, COLORS, SHAPES, ShapesWorld
-from bench.files import atomic_path
 
 ANALYZERS_DIR = Path(__file__).resolve().parent / "assets" / "analyzers"  # inside bench/ in every install
 NUM_CLASSES = 1 + len(SHAPES)  # background + shapes, as in Scene.semantic

@@ -168,5 +168,5 @@ def pretrain(out_dir: Path, steps: int | None = None, progress: bool = True) -> 
     (work / "controlbench.json").write_text(json.dumps(meta, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    os.replace(work, out_dir)  # a whole directory, renamed like bench.files renames a file (which it cannot do)
+    os.replace(work, out_dir)  # a whole directory, renamed like bench.core.files renames a file (which it cannot do)
     return out_dir

@@ -25,9 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.proxy.analyzers import DEPTHNET, REWARD_DEPTHNET, REWARD_SEGNET, SEGNET, Analyzer
-from bench.registry import Registry
-from bench.types import Batch
+from bench.api.types import Batch
+from bench.core.registry import Registry
+from bench.proxy.analyzers import (
+    DEPTHNET,
+    REWARD_DEPTHNET,
+    REWARD_SEGNET,
+    SEGNET,
+    Analyzer,
+)
 
 REWARDS: Registry = Registry("reward model")
 DEFAULT_REWARD = {"canny": "canny_magnitude", "seg": "reward_segnet", "depth": "reward_depthnet"}

@@ -1,0 +1,115 @@
+"""Running many specs: `run_all` claims each run in the store, runs it in its own process
+(bench.run.process), `--jobs N` at once, and records what came back.
+
+Importing this module imports no torch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.core.store import RunRecord, Store
+from bench.run.spec import RunSpec
+
+if TYPE_CHECKING:
+
+    pass
+
+
+from bench.run.process import Launcher, run_isolated
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What run_all did: the records of the specs already FINISHED or run here, in spec order,
+    how many of them ran here, and the specs left to another live process that claimed them;
+    `bench.run_config` adds where the store and report are."""
+
+    records: list[RunRecord]
+    ran: int
+    elsewhere: list[RunSpec]
+    # set by bench.run.session (run_config / rescore): where the store and the report are, and the wall time
+    store_path: Path | None = None
+    out_dir: Path | None = None
+    report: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        return sum(r.finished for r in self.records)
+
+
+def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True, jobs: int = 1) -> RunSummary:
+    """Run every spec not already FINISHED in the store and not claimed by another live process
+    (Store.claim, as `bench sweep` does: concurrent commands on one store split the work);
+    FAILED runs do not stop the rest. Only this process (this thread) writes the store.
+    ``jobs`` > 1 runs that many run processes at once, each with an equal share of the CPU cores
+    (for many-core CPUs; step times then come from a shared machine, and each record says how many
+    runs shared it: machine.concurrent_runs). Each run is claimed only when a slot frees, so other
+    processes on the store still split the work."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    records: dict[int, RunRecord] = {}
+    elsewhere, ran, live = [], 0, []
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // jobs)
+    bar = tqdm(total=len(specs), desc="runs", disable=not progress)
+    pending: dict = {}  # future -> (index, spec)
+
+    def collect(done) -> None:
+        nonlocal ran
+        for future in done:
+            i, spec = pending.pop(future)
+            record = future.result()
+            if jobs > 1 and record.machine:
+                record.machine["concurrent_runs"] = jobs
+            try:
+                store.put(record)
+            finally:
+                store.release(spec.run_id)
+            records[i], ran = record, ran + 1
+            bar.update()
+            if record.status != "FINISHED":
+                tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) FAILED: {record.reason}")
+
+    with Launcher() as launcher, ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            for i, spec in enumerate(specs):
+                while len(pending) >= jobs:
+                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
+                bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
+                existing = store.get(spec.run_id)
+                if existing is None or not existing.finished:
+                    if not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
+                        existing = store.get(spec.run_id)
+                        if existing is None or not existing.finished:
+                            elsewhere.append(spec)
+                            bar.update()
+                            tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
+                                       "live process: skipped here")
+                            continue
+                if existing is not None and existing.finished:
+                    records[i] = existing
+                    bar.update()
+                    continue
+                child_progress = progress and jobs == 1  # several runs' bars would interleave
+                launcher.warm()
+                pending[pool.submit(run_isolated, spec, out_dir, child_progress, threads if jobs > 1 else None,
+                                    live.append, launcher)] = (i, spec)
+            while pending:
+                collect(wait(pending, return_when=FIRST_COMPLETED).done)
+        except BaseException:  # interrupted: the runs go with us (their claims die with this process)
+            for proc in live:
+                if proc.poll() is None:
+                    proc.kill()
+            raise
+    bar.close()
+    return RunSummary([records[i] for i in sorted(records)], ran, elsewhere)
+
+
+def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:
+    """run_all's records: one per spec, except those another live process claimed."""
+    return run_all(specs, store, out_dir, progress).records
