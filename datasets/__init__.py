@@ -1,10 +1,5 @@
-"""Datasets and condition extractors; importing registers them."""
-from bench.datasets import (  # noqa: F401  # noqa: F401
-    aux_extractors,
-    conditions,
-    folders,
-    identity,
-    layouts,
-    pose,
-    shapes,
-)
+"""Datasets and condition extractors, registered in DATASETS and CONDITIONS.
+
+Importing this package imports none of them: a lookup imports a built-in's module on first use
+(bench/configs/catalog.json says which); `bench.run.builtins.load_builtins` imports them all.
+"""

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from bench.datasets.conditions import to_uint8
 
-from bench.core.errors import ConfigError
 from bench.core.registry import CONDITIONS, Registry
 from bench.core.weights import WeightSpec, register_weight, weight_path
+from bench.core.optional import require
 
 COCO17 = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
           "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",
@@ -47,10 +47,6 @@ MMPOSE = register_weight(WeightSpec(
     how="put an mmpose top-down COCO config as config.py and its checkpoint as checkpoint.pth in this folder"))
 
 
-def _missing(backend: str, what: str) -> ConfigError:
-    return ConfigError(f"pose backend {backend} needs {what}")
-
-
 @dataclass(frozen=True)
 class MediapipePose:
     name: str = "mediapipe"
@@ -67,11 +63,7 @@ class MediapipePose:
 
     @cached_property
     def _pose(self):
-        try:
-            import mediapipe as mp
-        except ImportError:
-            raise _missing("mediapipe", "pip install -e '.[pose]' && "
-                                        "pip install --no-deps mediapipe==0.10.14") from None
+        mp = require("mediapipe")
         return mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1, min_detection_confidence=0.5)
 
     def keypoints(self, image: np.ndarray) -> np.ndarray:
@@ -102,11 +94,8 @@ class RtmlibPose:
     @cached_property
     def _model(self):
         path = weight_path(self.weight.name)  # checked first: rtmlib downloads a path it cannot find
-        try:
-            from rtmlib import RTMPose
-        except ImportError:
-            raise _missing(self.name, "rtmlib and onnxruntime: pip install -e '.[pose]' && "
-                                      "pip install --no-deps rtmlib") from None
+        require("onnxruntime")
+        RTMPose = require("rtmlib").RTMPose
         return RTMPose(str(path), model_input_size=self.input_size, backend="onnxruntime", device="cpu")
 
     def keypoints(self, image: np.ndarray) -> np.ndarray:
@@ -147,17 +136,12 @@ class MMPose:
     @cached_property
     def _model(self):
         root = weight_path(MMPOSE.name)
-        try:
-            from mmpose.apis import init_model
-        except ImportError as e:
-            raise _missing("mmpose", f"mmpose with full mmcv (mim install mmcv mmpose); import failed: {e}") from None
+        init_model = require("mmpose.apis").init_model
         return init_model(str(root / "config.py"), str(root / "checkpoint.pth"), device="cpu")
 
     def keypoints(self, image: np.ndarray) -> np.ndarray:
         model = self._model  # the weight check and the import error come first
-        from mmpose.apis import inference_topdown
-
-        inst = inference_topdown(model, image[..., ::-1].copy())[0].pred_instances
+        inst = require("mmpose.apis").inference_topdown(model, image[..., ::-1].copy())[0].pred_instances
         return np.concatenate([inst.keypoints[0, :17], inst.keypoint_scores[0, :17, None]], 1).astype(np.float32)
 
 

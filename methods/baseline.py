@@ -6,3 +6,4 @@ from bench.core.registry import METHODS
 @METHODS.register("baseline")
 class Baseline(Method):
     version = "baseline-v1"
+    no_checkpoint = "trains nothing"

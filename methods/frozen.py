@@ -14,6 +14,7 @@ from bench.core.registry import METHODS
 @METHODS.register("frozen")
 class FrozenBackward(Method):
     version = "frozen-v1"
+    no_checkpoint = "a profiling reference (bench profile, the ControlNet claims), not a method anyone deploys"
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)

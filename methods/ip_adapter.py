@@ -254,8 +254,15 @@ class IPAdapter(Method):
             for k, v in expected["ip_adapter"].items():
                 v.copy_(groups["ip_adapter"][k])
 
+    def released_names(self) -> tuple[str, ...]:
+        """Files a weights directory may hold: this harness's own, then h94/IP-Adapter's published names
+        for the base's family (at the top, or under the release's models/ or sdxl_models/)."""
+        family, folder = ("sdxl", "sdxl_models") if self.base.is_sdxl else ("sd15", "models")
+        names = (f"ip-adapter_{family}.safetensors", f"ip-adapter_{family}.bin")
+        return (self.weights_file, *names, *(f"{folder}/{n}" for n in names), "ip-adapter.bin")
+
     def load_weights(self, path: Path) -> None:
-        self.load_adapter(weight_file(Path(path), (self.weights_file, "ip-adapter.bin"), self.weights_layout))
+        self.load_adapter(weight_file(Path(path), self.released_names(), self.weights_layout))
 
     def save_weights(self, directory: Path) -> None:
         write_groups(Path(directory) / self.weights_file, self.adapter_groups())

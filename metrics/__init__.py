@@ -1,20 +1,6 @@
-"""torchmetrics-style benchmark metrics; importing registers them in METRICS."""
-from bench.metrics import (  # noqa: F401  # noqa: F401  # noqa: F401
-    clip_score,
-    consistency,
-    detector,
-    face,  # noqa: F401
-    fd,
-    fid,
-    fid_clean,  # noqa: F401
-    layout,
-    pose,
-    prompt_fidelity,
-    protocol,  # noqa: F401
-    softedge,
-)
+"""torchmetrics-style benchmark metrics, one concern per file, registered in METRICS by decorator.
 
-# Metrics from other installed packages (entry point group `controlbench.metrics`), after the builtins.
-from bench.core.registry import load_entry_points  # noqa: E402
-
-load_entry_points("controlbench.metrics")
+Importing this package imports none of them: `METRICS.get(name)` imports a built-in's module on
+first use (bench/configs/catalog.json says which), and `bench.run.builtins.load_builtins` imports
+them all, with the entry-point plugins of `controlbench.metrics`.
+"""

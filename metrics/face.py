@@ -39,6 +39,7 @@ from bench.core.registry import METRICS, Registry
 from bench.core.weights import WeightSpec, register_weight, weight_path
 from bench.faces.align import ARCFACE_DST, arcface_crop, similarity_transform  # noqa: F401  (re-exported)
 from bench.proxy.recognizers import ID_EVALUATOR
+from bench.core.optional import missing_message, require
 
 register_weight(WeightSpec("insightface-buffalo_l", "insightface/models/buffalo_l", is_dir=True,
                            how="download https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip "
@@ -87,11 +88,7 @@ def _unit(v) -> np.ndarray:
 
 
 def _dlib():
-    try:
-        import dlib
-    except ImportError:
-        raise ConfigError("the dlib face backend needs dlib: pip install 'controlbench[face]'") from None
-    return dlib
+    return require("dlib")
 
 
 def dlib_model(filename: str) -> str:
@@ -99,7 +96,7 @@ def dlib_model(filename: str) -> str:
     spec = importlib.util.find_spec("face_recognition_models")
     path = Path(spec.submodule_search_locations[0]) / "models" / filename if spec else None
     if path is None or not path.is_file():
-        raise ConfigError(f"dlib model {filename} not found: pip install 'controlbench[face]' (face-recognition-models)")
+        raise ConfigError(missing_message("face_recognition_models", f"no {filename}"))
     return str(path)
 
 
@@ -166,10 +163,7 @@ class InsightFaceBackend(FaceBackend):
     alignment = f"dlib-hog-up{HOG_UPSAMPLE}-t{HOG_MIN_SCORE}+68pt-kps5/arcface-112-similarity/rgb-m127.5-s127.5"
 
     def __init__(self, pack: str = "insightface-buffalo_l") -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConfigError("the insightface face backend needs onnxruntime: pip install onnxruntime") from None
+        ort = require("onnxruntime")
         directory = weight_path(pack)
         for path in sorted(directory.glob("*.onnx")):
             options = ort.SessionOptions()

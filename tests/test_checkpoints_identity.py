@@ -185,6 +185,28 @@ def test_ip_adapter_official_layout_loads(suffix, proxy_base, smoke_budget, tmp_
     assert torch.allclose(method.project(emb), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["ip-adapter_sd15.bin", "models/ip-adapter_sd15.bin", "models/ip-adapter_sd15.safetensors"])
+def test_ip_adapter_weights_directory_finds_the_published_file_name(where, proxy_base, smoke_budget, tmp_path):
+    """hparams.ip_adapter.weights=DIR: a copy of h94/IP-Adapter (or of its models/ folder) loads by the
+    release's own file name."""
+    from safetensors.torch import save_file
+
+    method = METHODS.get("ip_adapter")(proxy_base, None, smoke_budget, {})
+    g = torch.Generator().manual_seed(0)
+    written = {"image_proj": official_image_proj(method.embedding_dim(), proxy_base.unet.config.cross_attention_dim, 4, g),
+               "ip_adapter": official_ip_layers(proxy_base.unet, g)}
+    path = tmp_path / "IP-Adapter" / where
+    path.parent.mkdir(parents=True)
+    if where.endswith(".bin"):
+        torch.save(written, path)
+    else:
+        save_file({f"{grp}.{k}": v for grp, sd in written.items() for k, v in sd.items()}, str(path))
+    method.load_weights(tmp_path / "IP-Adapter")
+    _assert_loaded(method.adapter_groups(), written)
+    with pytest.raises(ConfigError, match="no ip-adapter.safetensors or ip-adapter_sd15.safetensors or ip-adapter_sd15.bin"):
+        method.load_weights(tmp_path)  # a directory without any of the names
+
+
 def test_ip_adapter_save_load_round_trip_and_layout_errors(proxy_base, smoke_budget, tmp_path):
     from safetensors.torch import load_file, save_file
 

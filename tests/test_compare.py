@@ -172,3 +172,36 @@ def test_a_table_whose_rows_differ_in_seeds_says_so():
     assert "rows differ in seeds" in text and "baseline [0]" in text and "controlnet [0, 1]" in text
     same, _ = leaderboard(recs[:2])
     assert "rows differ in seeds" not in render_markdown(same, [], {})
+
+
+def _finished(spec, seed: int, value: float, **spec_changes) -> RunRecord:
+    """A FINISHED canny_f1 record of `spec` at `seed`, its spec fields changed as given."""
+    d = {**spec.to_dict(), "seed": seed, **spec_changes}
+    return RunRecord(run_id=f"{d['method']}-{d.get('base_model')}-{d.get('method_version')}-{seed}", spec=d,
+                     status="FINISHED", metrics={"canny_f1": value}, metric_meta={"canny_f1": F1})
+
+
+def test_runs_on_two_base_models_never_share_a_table():
+    """Same method, budget and seeds on two base models: two tables, never one averaged row."""
+    from bench.analysis.compare import group_runs
+
+    spec = next(s for s in _specs() if s.method == "controlnet")
+    records = [_finished(spec, 0, 0.2, base_model="proxy"), _finished(spec, 1, 0.3, base_model="proxy"),
+               _finished(spec, 0, 0.8, base_model="/models/sd15"), _finished(spec, 1, 0.9, base_model="/models/sd15")]
+    groups, excluded = group_runs(records)
+    assert not excluded and sorted(g.key.base_model for g in groups) == ["/models/sd15", "proxy"]
+    tables, _ = leaderboard(records)
+    assert sorted(t.rows[0].metrics["canny_f1"][0] for t in tables) == pytest.approx([0.25, 0.85])
+
+
+def test_two_versions_of_a_method_are_two_rows():
+    """A method's code changed version between runs: its rows stay apart, never averaged."""
+    from bench.analysis.compare import group_runs
+
+    spec = next(s for s in _specs() if s.method == "controlnet")
+    records = [_finished(spec, 0, 0.2, method_version="controlnet-v1"), _finished(spec, 1, 0.3, method_version="controlnet-v1"),
+               _finished(spec, 0, 0.8, method_version="controlnet-v2"), _finished(spec, 1, 0.9, method_version="controlnet-v2")]
+    (group,), _ = group_runs(records)
+    assert sorted(a.method_version for a in group.arms) == ["controlnet-v1", "controlnet-v2"]
+    (table,), _ = leaderboard(records)
+    assert sorted(r.metrics["canny_f1"][0] for r in table.rows) == pytest.approx([0.25, 0.85])

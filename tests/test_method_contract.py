@@ -175,18 +175,15 @@ def test_trains_and_samples_on_saved_sd_layouts(name, layout, saved_layouts, smo
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
-# Profiling references (bench profile, the ControlNet claims), not methods anyone deploys: nothing to save.
-NO_CHECKPOINT = {"baseline": "trains nothing", "frozen": "a profiling reference", "finetune": "a profiling reference"}
-
-
 @pytest.mark.parametrize("name", METHODS.names())
 def test_trained_weights_round_trip_through_their_layout(name, base, smoke_budget, tmp_path):
     """Issue 15's round trip: train a step, save_weights, load into a freshly built method, and
     regenerate: the images equal the trained method's. Every trainable method has a layout."""
     cls = METHODS.get(name)
     if not cls.weights_layout:
-        assert name in NO_CHECKPOINT, f"{name} trains but has no weights_layout/save_weights/load_weights"
-        pytest.skip(NO_CHECKPOINT[name])
+        assert cls.no_checkpoint, (f"{name} has no weights_layout/save_weights/load_weights; give it those, or say "
+                                   "why it has none in `no_checkpoint`")
+        pytest.skip(cls.no_checkpoint)
     torch.manual_seed(0)
     trained = cls(base, _condition(cls), smoke_budget, {})
     trained.train()

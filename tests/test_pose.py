@@ -104,7 +104,7 @@ def test_mmpose_missing_is_one_line(tmp_path, monkeypatch):
         MMPose().keypoints(np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "pose/mmpose").mkdir(parents=True)
     (tmp_path / "pose/mmpose/config.py").write_text("")
-    with pytest.raises(ConfigError, match=r"pose backend mmpose needs mmpose with full mmcv") as e:
+    with pytest.raises(ConfigError, match=r"the mmpose pose backend needs mmpose: mim install mmcv mmpose") as e:
         MMPose().keypoints(np.zeros((8, 8, 3), np.uint8))
     assert "\n" not in str(e.value)
 

@@ -102,3 +102,24 @@ def test_seeds_needed_follows_the_variance() -> None:
     iv = seed_t_interval([0.0, 0.2, 0.1])
     assert seeds_needed(iv, iv.half / 2) == 12  # half-width must halve: 4x the 3 seeds
     assert seeds_needed(iv, 0.0) is None
+
+
+def test_the_bootstrap_draws_every_sample_and_every_seed() -> None:
+    """An off-by-one draw (rng.integers(0, N - 1)) never picks the last sample or seed; put all the
+    signal there and the interval would sit below the point estimate."""
+    last_sample = np.array([[0.0, 0.0, 0.0, 0.0, 100.0]])  # one seed: the bootstrap resamples samples
+    iv = bootstrap_interval([last_sample], seed=0)
+    assert iv.estimate == pytest.approx(20.0) and iv.lo < iv.estimate < iv.hi
+    last_seed = np.zeros((5, 3))
+    last_seed[4] = 100.0  # five seeds, the last one far off: the seed stage must draw it
+    iv = bootstrap_interval([last_seed], seed=0)
+    assert iv.estimate == pytest.approx(20.0) and iv.lo < iv.estimate < iv.hi
+
+
+def test_the_bootstrap_replicates_are_centred_on_the_grand_mean() -> None:
+    """Resampling is unbiased: the replicates' mean is the grand mean, to its Monte-Carlo error."""
+    from bench.analysis.stats import _replicates
+
+    x = np.random.default_rng(3).normal(size=(4, 9)) + np.arange(9)  # the later samples are larger
+    reps = _replicates([x], 20000, np.random.default_rng(0))[:, 0]
+    assert abs(reps.mean() - x.mean()) < 4 * reps.std() / math.sqrt(len(reps))

@@ -227,6 +227,10 @@ class Method(L.LightningModule):
     # line (a file or directory, and its key layout), for errors and `bench doctor`; empty: the
     # method has no checkpoint (nothing trained, or no official release layout).
     weights_layout: ClassVar[str] = ""
+    # A method that trains but writes no checkpoint says why here (a profiling reference, a plugin
+    # with no release format): its runs then record no checkpoint and `bench eval` cannot re-score
+    # them. A trainable method needs a weights_layout (with load/save_weights) or this reason.
+    no_checkpoint: ClassVar[str] = ""
 
     def load_weights(self, path: Path) -> None:
         """Load a released (or a saved) checkpoint in the official layout into this method's

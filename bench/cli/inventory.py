@@ -6,25 +6,25 @@ from pathlib import Path
 
 from bench.core.errors import ConfigError
 
+from bench.core.optional import require
 from bench.core.paths import PACKAGE_DIR
 
 
 def _list(args) -> int:
+    """Built-ins from the catalog (no torch import); entry-point and --plugin entries are imported."""
     from bench.core.budget import load_budgets
-    from bench.core.registry import CONDITIONS, DATASETS, METHODS, METRICS
-    from bench.run.builtins import load_builtins
+    from bench.core.registry import CONDITIONS, DATASETS, METHODS, METRICS, ENTRY_POINT_GROUPS, load_entry_points
 
-    load_builtins()
-
+    for group in ENTRY_POINT_GROUPS:  # plugins must be imported to be listed; the --plugin ones main() loaded
+        load_entry_points(group)
     for title, reg in (("methods", METHODS), ("metrics", METRICS), ("datasets", DATASETS), ("conditions", CONDITIONS)):
         print(f"{title}:")
         for name in reg.names():
-            obj = reg.get(name)
-            extra = ""
+            d, extra = reg.details(name), ""
             if title == "methods":
-                extra = f"  conditions={','.join(obj.conditions) or 'any'}  version={obj.version}"
+                extra = f"  conditions={','.join(d['conditions']) or 'any'}  version={d['version']}"
             elif title == "metrics":
-                extra = f"  {'higher' if obj.higher_is_better else 'lower'} is better  version={obj.version}"
+                extra = f"  {'higher' if d['higher_is_better'] else 'lower'} is better  version={d['version']}"
             print(f"  {name}{extra}  from={reg.origin(name)}")
     print("budgets:")
     for name, b in load_budgets().items():
@@ -60,10 +60,7 @@ def _test_method(args) -> int:
     if not tests.is_file():
         raise ConfigError(f"no contract tests at {tests}: they ship with the controlbench source tree; pass "
                           "--tests PATH/tests/test_method_contract.py from a checkout")
-    try:
-        import pytest
-    except ImportError:
-        raise ConfigError("bench test-method needs pytest: pip install 'controlbench[test]'") from None
+    pytest = require("pytest")
     only = _OnlyMethod(args.name)
     code = pytest.main([str(tests), "-q", "-p", "no:cacheprovider", "--rootdir", str(tests.parents[1]),
                         *(["-x"] if args.exitfirst else [])], plugins=[only])

@@ -8,7 +8,8 @@ import contextlib
 import difflib
 import importlib
 import os
-from typing import Callable, Generic, Iterator, TypeVar
+import sys
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from bench.core.errors import ConfigError
 
@@ -23,10 +24,21 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """name -> object. With a `catalog` kind, the built-ins are known by name before their modules are
+    imported (bench.core.catalog): `get` imports a built-in's module on first use, `names` and `details`
+    need no import, so `bench list` and `bench report` never load torch."""
+
+    def __init__(self, kind: str, catalog: str | None = None):
         self.kind = kind
+        self.catalog = catalog  # bench.core.catalog kind, or None for registries without built-in entries
         self._items: dict[str, T] = {}
         self._origins: dict[str, str] = {}
+        self._modules: dict[str, str] = {}
+
+    def _lazy(self) -> dict[str, dict[str, Any]]:
+        from bench.core.catalog import builtin_entries
+
+        return builtin_entries(self.catalog) if self.catalog else {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register `obj` under `name` and set `obj.name = name`, so the name is written
@@ -42,37 +54,65 @@ class Registry(Generic[T]):
                                  "drop its name, the registry sets it")
             _set_name(obj, name)
             self._items[name] = obj
-            self._origins[name] = _origin or _module_origin(obj)
+            self._origins[name] = _origin or _module_origin(module)
+            self._modules[name] = module
             return obj
 
+        # the module whose code called register: where the catalog finds the name again (obj.__module__
+        # would name `abc` for classes made by type() under ABCMeta)
+        module = str(sys._getframe(1).f_globals.get("__name__", "?"))
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._lazy():
+            importlib.import_module(self._lazy()[name]["module"])  # its decorator registers it
         try:
             return self._items[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._items, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"
             ) from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._lazy()))
+
+    def loaded(self) -> dict[str, T]:
+        """The objects registered so far (built-ins whose modules were imported, plugins)."""
+        return dict(self._items)
+
+    def module(self, name: str) -> str:
+        """The module that registers ``name`` (imported or not)."""
+        if name in self._items:
+            return self._modules[name]
+        self.get(name)
+        return self._modules[name]
+
+    def details(self, name: str) -> dict[str, Any]:
+        """What `bench list` shows of ``name`` (bench.core.catalog.describe), without importing a built-in."""
+        from bench.core.catalog import describe
+
+        if name not in self._items and name in self._lazy():
+            return dict(self._lazy()[name].get("details", {}))
+        return describe(self.catalog or self.kind, self.get(name))
 
     def unregister(self, name: str) -> None:
         """Remove `name` (a test's temporary entry), so later registry-wide checks do not see it."""
         self._items.pop(name, None)
         self._origins.pop(name, None)
+        self._modules.pop(name, None)
 
     def origin(self, name: str) -> str:
         """Where ``name`` was registered from: "builtin", "entry point DIST VERSION", "--plugin MODULE"
         or "module MODULE" (imported some other way)."""
+        if name not in self._items and name in self._lazy():
+            return "builtin"
         self.get(name)
         return self._origins[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -91,8 +131,7 @@ def _registering_from(origin: str):
         _origin = outer
 
 
-def _module_origin(obj: object) -> str:
-    module = str(getattr(obj, "__module__", "") or "")
+def _module_origin(module: str) -> str:
     return "builtin" if module == "bench" or module.startswith("bench.") else f"module {module or '?'}"
 
 
@@ -125,7 +164,7 @@ def load_entry_points(group: str) -> None:
             except Exception as e:  # noqa: BLE001 - any import failure of a plugin is one line
                 raise ConfigError(f"plugin {ep.name!r} ({group} entry point of {who}, {ep.value}) failed to load: "
                                   f"{_first_line(e)}; fix or uninstall that package") from None
-            if not isinstance(obj, type(os)) and obj not in registry._items.values():
+            if not isinstance(obj, type(os)) and obj not in registry.loaded().values():
                 registry.register(ep.name)(obj)
 
 
@@ -157,8 +196,8 @@ def _set_name(obj: object, name: str) -> None:
         pass
 
 
-METHODS: Registry = Registry("method")
-METRICS: Registry = Registry("metric")
-DATASETS: Registry = Registry("dataset")
-CONDITIONS: Registry = Registry("condition")
+METHODS: Registry = Registry("method", catalog="method")
+METRICS: Registry = Registry("metric", catalog="metric")
+DATASETS: Registry = Registry("dataset", catalog="dataset")
+CONDITIONS: Registry = Registry("condition", catalog="condition")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.core.optional import require
 from bench.core.weights import WeightSpec, register_weight, weight_path
 
 # InstantID: infer.py `FaceAnalysis(name='antelopev2', ...)`, `app.prepare(ctx_id=0, det_size=(640, 640))`.
@@ -24,7 +25,7 @@ SCRFD_STRIDES, SCRFD_ANCHORS = (8, 16, 32), 2  # scrfd.py `_init_vars` for a mod
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    ort = require("onnxruntime")
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

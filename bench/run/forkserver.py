@@ -18,6 +18,14 @@ Each run is still a process of its own, started from the same imported state:
 Linux only (prctl, pidfd). Elsewhere, with CONTROLBENCH_FORK_SERVER=0, or when the server cannot
 start, each run gets a fresh interpreter as before (bench.run.process.run_isolated).
 
+Why not `multiprocessing`'s forkserver (`set_start_method("forkserver")` + `set_forkserver_preload`)?
+It would save these ~300 lines, but it cannot give two of the properties above that the harness relies on:
+- its children run a pickled target inside the multiprocessing bootstrap, with the server's argv, so
+  Lightning's DDP launcher (which re-runs `sys.argv`) would start copies of the fork server, not ranks;
+- its server is started by the first `Process.start()` with no death signal of ours, and its children
+  are its own: a killed launcher leaves the server (and its runs) alive, where here every link dies.
+(The /proc title could be set in its children as well; that alone would not justify this module.)
+
 Protocol: JSON lines over two pipes. Launcher -> server: {"tag", "argv", "threads"} starts a run,
 {"kill": tag} kills it. Server -> launcher: {"ready": pid} once, then {"tag", "pid"} when a run has
 started and {"tag", "code"} when it has ended (code as Popen.returncode: -N for signal N).

@@ -91,6 +91,8 @@ def _init(run_id: str, spec: dict[str, Any], out_dir: Path, mode: str, config: d
     import wandb
 
     wid = wandb_run_id(run_id)
+    # an agent's (or user's) WANDB_DIR wins; else beside the run's outputs
+    out_dir = Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else out_dir
     if mode == "offline" and wid:  # one local dir per run id: a re-run replaces, never adds
         for old in (out_dir / "wandb").glob(f"offline-run-*-{wid}"):
             shutil.rmtree(old, ignore_errors=True)
