@@ -212,15 +212,20 @@ def test_the_check_sees_every_package_file():
     assert {e.source for e in edges} == set(ALLOWED)
 
 
+def _empty_tree(tmp_path: Path) -> None:
+    """This checkout's pyproject and empty package directories: a tree to add one bad file to."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for directory in package_dirs():
+        (tmp_path / directory).mkdir()
+
+
 def test_module_graph_has_no_cycles():
     cycle = find_cycle(module_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_a_module_cycle_is_found(tmp_path):
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    for directory in package_dirs():
-        (tmp_path / directory).mkdir()
+    _empty_tree(tmp_path)
     (tmp_path / "bench/report").mkdir(parents=True)
     (tmp_path / "bench/report/plots.py").write_text("def f():\n    from bench.report.tables import Table\n")
     (tmp_path / "bench/report/tables.py").write_text("from bench.report import plots\n")
@@ -244,9 +249,7 @@ def test_core_modules_import_without_torch():
 
 
 def test_a_torch_import_in_the_report_layer_fails(tmp_path):
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    for directory in package_dirs():
-        (tmp_path / directory).mkdir()
+    _empty_tree(tmp_path)
     (tmp_path / "bench/report").mkdir(parents=True)
     (tmp_path / "bench/report/plots.py").write_text("def f():\n    import torch.nn.functional as F\n")
     assert torch_imports(tmp_path) == ["bench/report/plots.py:2: imports torch.nn.functional"]
@@ -289,9 +292,7 @@ BAD = [  # (file, source, what the message must name)
 
 @pytest.mark.parametrize("file,source,message", BAD, ids=[b[0] for b in BAD])
 def test_a_bad_edge_fails_and_names_file_line_and_import(tmp_path, file, source, message):
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    for directory in package_dirs():
-        (tmp_path / directory).mkdir()
+    _empty_tree(tmp_path)
     (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / file).write_text(source)
     bad = violations(tmp_path)
@@ -299,9 +300,7 @@ def test_a_bad_edge_fails_and_names_file_line_and_import(tmp_path, file, source,
 
 
 def test_allowed_edges_pass(tmp_path):
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    for directory in package_dirs():
-        (tmp_path / directory).mkdir()
+    _empty_tree(tmp_path)
     (tmp_path / "bench" / "proxy").mkdir()
     (tmp_path / "bench/proxy/base.py").write_text("from bench.datasets.shapes import SHAPES\nfrom bench.api.types import Batch\n")
     (tmp_path / "methods/ip_adapter.py").write_text("def f():\n    from bench.proxy.recognizers import IMAGE_ENCODER\n")
