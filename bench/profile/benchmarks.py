@@ -446,16 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         print(estimate_vs_rss([c for c in RSS_CONFIGS if not (args.no_sd15 and c[1] != "proxy")]))
         return 0
-    if args.methods:
-        from bench.profile.measure import (
-            ProfileSetup,
-            format_table,
-            profile,
-            split_variants,
-        )
+    if args.methods:  # `bench profile`'s own path, on the quick budget's resolution
+        from bench.profile.measure import format_table
+        from bench.profile.session import run_profile
 
-        setup = ProfileSetup(args.base, load_budgets()["quick"].resolution, args.batch, "fp32", args.steps, args.condition)
-        print(format_table(profile(split_variants(args.methods), setup)))
+        result = run_profile(args.methods, arch=args.base, resolutions=[load_budgets()["quick"].resolution],
+                             batches=[args.batch], steps=args.steps, condition=args.condition)
+        print("\n".join(format_table(rows) for _, rows in result.measured))
         return 0
     if args.quickstart:
         wall = time_quickstart(args.quickstart)
