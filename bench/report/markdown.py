@@ -115,6 +115,48 @@ def _markdown_tuning(tables: Sequence[Table]) -> list[str]:
     return out
 
 
+def _markdown_table(t: Table) -> list[str]:
+    """One comparable table: its group's facts, the leaderboard rows, the interval and paired notes,
+    the per-machine compute where it is split, and each row's recipe."""
+    out: list[str] = []
+    g = t.group
+    out += [f"## {escape_md(t.title)}", ""]
+    out.append(f"- budget: {escape_md(g['budget'] or '?')} (key `{escape_md(g['budget_key'])}`)")
+    out.append(f"- dataset: {escape_md(g['dataset'])} version {escape_md(g['dataset_version'] or '?')}; "
+               f"condition: {escape_md(g['condition'])}; base model: {escape_md(g['base_model'] or '?')}")
+    mv = ", ".join(f"{escape_md(m)}@{escape_md(v)}" for m, v in g["metric_versions"].items())
+    out.append(f"- metric versions: {mv}")
+    if g.get("git_shas"):
+        out.append(f"- git: {', '.join(escape_md(s[:12]) for s in g['git_shas'])}")
+    if g.get("budget_fields"):
+        out.append(f"- budget fields: `{escape_md(json.dumps(g['budget_fields'], sort_keys=True))}`")
+    if g.get("seed_note"):
+        out.append(f"- **{escape_md(g['seed_note'])}**")
+    if len(t.machines) == 1:
+        out.append(f"- machine: {escape_md(next(iter(t.machines.values())))}")
+    elif g.get("machine_note"):
+        out.append(f"- **{escape_md(g['machine_note'])}**")
+    out.append("")
+    heads = ["method", "seeds"] + [escape_md(metric_header(t, m)) for m in t.columns]
+    heads += [h for _, h, _ in COMPUTE_COLUMNS]
+    out.append("| " + " | ".join(heads) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
+    for r in t.rows:
+        out.append("| " + " | ".join([escape_md(r.method)] + row_cells(t, r)) + " |")
+    note = interval_note(t)
+    if note:
+        out += ["", escape_md(note)]
+    if t.paired:
+        out += ["", escape_md(t.paired)]
+    if t.split_by_machine:
+        out += ["", "Compute by machine (each figure is the mean over that machine's runs only):", "",
+                "| " + " | ".join(MACHINE_HEADERS) + " |",
+                "|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(MACHINE_HEADERS) - 3)) + "|"]
+        out += ["| " + " | ".join(escape_md(c) for c in cells) + " |" for cells in machine_rows(t)]
+    out += [""] + _markdown_recipes(t.rows)
+    return out
+
+
 def render_markdown(
     tables: list[Table], excluded: list[tuple[RunRecord, str]], meta: Mapping[str, Any],
     claims: Sequence[ClaimResult] | None = None, figures: Sequence[Figure] = (),
@@ -132,41 +174,7 @@ def render_markdown(
     if not tables:
         out += ["_No finished runs to compare._", ""]
     for t in tables:
-        g = t.group
-        out += [f"## {escape_md(t.title)}", ""]
-        out.append(f"- budget: {escape_md(g['budget'] or '?')} (key `{escape_md(g['budget_key'])}`)")
-        out.append(f"- dataset: {escape_md(g['dataset'])} version {escape_md(g['dataset_version'] or '?')}; "
-                   f"condition: {escape_md(g['condition'])}; base model: {escape_md(g['base_model'] or '?')}")
-        mv = ", ".join(f"{escape_md(m)}@{escape_md(v)}" for m, v in g["metric_versions"].items())
-        out.append(f"- metric versions: {mv}")
-        if g.get("git_shas"):
-            out.append(f"- git: {', '.join(escape_md(s[:12]) for s in g['git_shas'])}")
-        if g.get("budget_fields"):
-            out.append(f"- budget fields: `{escape_md(json.dumps(g['budget_fields'], sort_keys=True))}`")
-        if g.get("seed_note"):
-            out.append(f"- **{escape_md(g['seed_note'])}**")
-        if len(t.machines) == 1:
-            out.append(f"- machine: {escape_md(next(iter(t.machines.values())))}")
-        elif g.get("machine_note"):
-            out.append(f"- **{escape_md(g['machine_note'])}**")
-        out.append("")
-        heads = ["method", "seeds"] + [escape_md(metric_header(t, m)) for m in t.columns]
-        heads += [h for _, h, _ in COMPUTE_COLUMNS]
-        out.append("| " + " | ".join(heads) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
-        for r in t.rows:
-            out.append("| " + " | ".join([escape_md(r.method)] + row_cells(t, r)) + " |")
-        note = interval_note(t)
-        if note:
-            out += ["", escape_md(note)]
-        if t.paired:
-            out += ["", escape_md(t.paired)]
-        if t.split_by_machine:
-            out += ["", "Compute by machine (each figure is the mean over that machine's runs only):", "",
-                    "| " + " | ".join(MACHINE_HEADERS) + " |",
-                    "|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(MACHINE_HEADERS) - 3)) + "|"]
-            out += ["| " + " | ".join(escape_md(c) for c in cells) + " |" for cells in machine_rows(t)]
-        out += [""] + _markdown_recipes(t.rows)
+        out += _markdown_table(t)
     out += _markdown_tuning(tables)
     out += ["## Excluded runs", ""]
     if excluded:

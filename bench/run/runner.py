@@ -42,13 +42,10 @@ class RunSummary:
 
 
 def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True, jobs: int = 1) -> RunSummary:
-    """Run every spec not already FINISHED in the store and not claimed by another live process
-    (Store.claim, as `bench sweep` does: concurrent commands on one store split the work);
-    FAILED runs do not stop the rest. Only this process (this thread) writes the store.
-    ``jobs`` > 1 runs that many run processes at once, each with an equal share of the CPU cores
-    (for many-core CPUs; step times then come from a shared machine, and each record says how many
-    runs shared it: machine.concurrent_runs). Each run is claimed only when a slot frees, so other
-    processes on the store still split the work."""
+    """Run every spec not FINISHED in the store nor claimed by another live process (`_claim`: concurrent
+    commands on one store split the work); FAILED runs do not stop the rest; only this thread writes the
+    store. ``jobs`` > 1 runs that many run processes at once, each on an equal share of the CPU cores
+    (records say so: machine.concurrent_runs); a run is claimed only when a slot frees."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm.auto import tqdm
@@ -81,18 +78,14 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
                 while len(pending) >= jobs:
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
                 bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
-                existing = store.get(spec.run_id)
-                if existing is None or not existing.finished:
-                    if not store.claim(spec.run_id):  # finished meanwhile, or a live process runs it
-                        existing = store.get(spec.run_id)
-                        if existing is None or not existing.finished:
-                            elsewhere.append(spec)
-                            bar.update()
-                            tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
-                                       "live process: skipped here")
-                            continue
-                if existing is not None and existing.finished:
-                    records[i] = existing
+                state, existing = _claim(store, spec)
+                if state != "claimed":
+                    if state == "finished":
+                        records[i] = existing
+                    else:
+                        elsewhere.append(spec)
+                        tqdm.write(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) is claimed by another "
+                                   "live process: skipped here")
                     bar.update()
                     continue
                 child_progress = progress and jobs == 1  # several runs' bars would interleave
@@ -108,6 +101,18 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
             raise
     bar.close()
     return RunSummary([records[i] for i in sorted(records)], ran, elsewhere)
+
+
+def _claim(store: Store, spec: RunSpec) -> tuple[str, RunRecord | None]:
+    """("finished", its record) when the store holds the run FINISHED; ("claimed", None) when this
+    process now owns it; ("elsewhere", None) when another live process does."""
+    existing = store.get(spec.run_id)
+    if existing is not None and existing.finished:
+        return "finished", existing
+    if store.claim(spec.run_id):
+        return "claimed", None
+    existing = store.get(spec.run_id)  # finished meanwhile, or a live process runs it
+    return ("finished", existing) if existing is not None and existing.finished else ("elsewhere", None)
 
 
 def run_specs(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True) -> list[RunRecord]:

@@ -229,10 +229,8 @@ def _weights(method: str, cls, value) -> str:
     return str(path.resolve())
 
 
-def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
-    """Resolve names against the registries; returns the run specs and the output directory."""
-    load_builtins()
-
+def _budget(cfg: dict) -> Budget:
+    """The config's budget: a name in the budgets file, or {name: ..., field: value, ...} overriding one."""
     budget_cfg = _need(cfg, "budget")
     budgets = load_budgets(Path(cfg.get("budgets_file") or BUDGETS_FILE))
     if isinstance(budget_cfg, dict):  # budget: {name: quick, train_steps: 100}
@@ -244,7 +242,14 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         name, budget_cfg = budget_cfg, {}
     if name not in budgets:
         raise ConfigError(str(UnknownNameError(f"unknown budget {name!r} (known: {', '.join(budgets)})")))
-    budget = budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
+    return budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
+
+
+def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
+    """Resolve names against the registries; returns the run specs and the output directory."""
+    load_builtins()
+
+    budget = _budget(cfg)
     seeds = _seeds(cfg.get("seeds"))
     conditions = _conditions(cfg.get("condition"))
     try:
