@@ -113,7 +113,8 @@ def test_agent_run_is_one_wandb_run_with_the_agents_id(agent_env) -> None:
         (record,) = store.records()  # exactly one harness record
     assert record.finished and record.method == "controlnet" and record.seed == 1 and record.condition == "canny"
 
-    runs = sorted((out / "wandb").glob("*run-*"))
+    assert not (out / "wandb").exists()  # the agent's WANDB_DIR holds the W&B files, not the run's out dir
+    runs = sorted((agent_env / "wandb").glob("*run-*"))
     assert [r.name.rsplit("-", 1)[1] for r in runs] == ["agentrun01"], runs  # exactly one W&B run: the agent's
     run = run_contents(next(runs[0].glob("*.wandb")))
     assert run["ids"] == {"agentrun01"}
