@@ -129,11 +129,11 @@ def test_id_sim_proxy_prefers_the_right_identity():
 
 
 def test_pretrain_trains_the_recognizers_after_the_analyzers(monkeypatch, capsys):
-    from bench.cli import main as cli
+    from bench.cli import main
 
     trained = []
     monkeypatch.setattr(recognizers.Analyzer, "train", lambda self, *a, **k: trained.append(self.name) or "x")
-    assert cli.main(["pretrain", "--analyzers-only"]) == 0
+    assert main(["pretrain", "--analyzers-only"]) == 0
     assert trained == [a.name for a in ANALYZERS] + [r.name for r in RECOGNIZERS]
 
 
