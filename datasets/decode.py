@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 89_478_485  # = Pillow's default Image.MAX_IMAGE_PIXELS (see above)
+UNDECODABLE = "cannot be decoded; fix or remove it"
 
 
 class DecodeError(ValueError):
@@ -45,8 +46,8 @@ def image_size(data: bytes) -> tuple[int, int]:
         count = re.search(r"\((\d+) pixels\)", str(e))
         raise DecodeError(f"is {f'{int(count[1]):,} pixels, ' if count else ''}over the decode cap of {MAX_IMAGE_PIXELS:,} "
                           "(Pillow's decompression-bomb limit); downscale it or remove its entry") from None
-    except Exception as e:  # noqa: BLE001 - Pillow raises several kinds for bytes it cannot identify
-        raise DecodeError(f"cannot be decoded ({_first_line(e)}); fix or remove it") from None
+    except Exception:  # noqa: BLE001 - Pillow raises several kinds for bytes it cannot identify
+        raise DecodeError(UNDECODABLE) from None
     if width * height > MAX_IMAGE_PIXELS:
         raise DecodeError(f"is {width}x{height} = {width * height:,} pixels, over the decode cap of "
                           f"{MAX_IMAGE_PIXELS:,} (Pillow's decompression-bomb limit); downscale it or remove its entry")
@@ -56,12 +57,12 @@ def image_size(data: bytes) -> tuple[int, int]:
 def decode_rgb(data: bytes) -> np.ndarray:
     """An image file's bytes -> HxWx3 uint8 RGB, within the pixel cap; DecodeError otherwise."""
     if not data:
-        raise DecodeError("is empty (0 bytes); fix or remove it")
+        raise DecodeError(UNDECODABLE)
     image_size(data)
     image, native = _capturing_stderr(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
     if image is None:
         said = [line.strip() for line in native.decode("utf-8", "replace").splitlines() if line.strip()]
-        raise DecodeError(f"cannot be decoded{f' ({said[-1][:200]})' if said else ''}; fix or remove it")
+        raise DecodeError(f"cannot be decoded ({said[-1][:200]}); fix or remove it" if said else UNDECODABLE)
     if native:
         os.write(2, native)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -83,8 +84,3 @@ def _capturing_stderr(call: Callable[[], object]) -> tuple[object, bytes]:
             os.close(saved)
         sink.seek(0)
         return result, sink.read()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
