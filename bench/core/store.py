@@ -2,6 +2,9 @@
 
 The store is the single source of truth for finished work: a run whose id is already
 FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
+How the file is opened without changing it (checks, read-only access, creation) is
+bench/core/storefile.py. Over 500 lines: the record's JSON rules and the store's upsert rules
+read each other, and splitting them would leave each half needing the other.
 """
 from __future__ import annotations
 

@@ -50,8 +50,10 @@ def check_paths(out_dir: Path, store: Path) -> None:
     why = unwritable(out_dir)
     if why:
         raise ConfigError(f"--out {out_dir} {why}; pass --out with a directory you can write")
-    why = unwritable(store, directory=False) or (unwritable(store.parent) if os.path.exists(store) else None)
-    if why:  # an existing store's directory too: SQLite writes its -wal and -shm beside it
+    why = unwritable(store, directory=False)
+    if not why and os.path.exists(store) and unwritable(store.parent):  # SQLite keeps -wal and -shm beside it
+        why = f"is in a directory this process cannot write ({store.parent}), where SQLite keeps its -wal and -shm"
+    if why:
         raise ConfigError(f"--store {store} {why}; pass --store with a path you can write "
                           "(`bench report`/`bench check` read a store without writing it)")
 
