@@ -47,6 +47,7 @@ import torch
 from bench.api.types import Batch
 from bench.core.errors import ConfigError
 from bench.core.registry import CONDITIONS, DATASETS
+from bench.datasets.decode import DecodeError, decode_rgb
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NEAREST = frozenset({"seg"})  # label maps: nearest-neighbour resize
@@ -187,10 +188,10 @@ class FolderDataset(torch.utils.data.Dataset):
             data = source.read_bytes() if isinstance(source, Path) else source()
         except OSError as e:
             raise ConfigError(f"image {at} cannot be read ({e.strerror or e}); restore it or remove its entry") from None
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-        if image is None:
-            raise ConfigError(f"image {at} cannot be decoded; fix or remove it")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        try:  # within the decoded-size cap, native decoder output in the one line (bench.datasets.decode)
+            return decode_rgb(data)
+        except DecodeError as e:
+            raise ConfigError(f"image {at} {e}") from None
 
     def sources(self, rec: Record) -> list[tuple[Source, str]]:
         """Every file or cell an item of `rec` reads: image, the requested conditions, references."""
@@ -202,7 +203,8 @@ class FolderDataset(torch.utils.data.Dataset):
 
         Covers the records this instance holds (its split, `size` of them), each one's image,
         its requested condition maps and its identity references, as one `__getitem__` would read
-        them, with the same decoder (cv2.imdecode), so a file passes here iff a run can read it.
+        them, with the same decoder (cv2.imdecode, within the pixel cap of bench.datasets.decode), so a file
+        passes here iff a run can read it.
         With more than VERIFY_MAX_FILES distinct files it decodes a deterministic sample: the
         VERIFY_MAX_FILES whose sha1 of (file label) is smallest, the same ones on every call and
         machine. Raises a one-line ConfigError naming the first bad file, its index entry and the fix.

@@ -6,15 +6,22 @@ already exists, and checks: exit code 2, exactly one line on stderr naming the p
 traceback, the store's bytes unchanged with no FAILED (or any other) row added, and nothing
 written under --out. Scientific notation is the positive case: it parses as YAML 1.2 does
 everywhere (CLI, config, sweep, budgets, claims) and a run with `budget.lr=1e-4` finishes.
+
+Issue 28's hostile-input matrix (at the end) runs each case as a shell would, in a subprocess, and
+compares the sha256 of every file around it. Over 500 lines: the issues ask for every bad-input
+case in this one file, so a reader finds the whole list of what is refused in one place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +30,7 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.core.store import Store
+from bench.core.store import RunRecord, Store
 
 RUN = ["run", "budget=smoke", "methods=baseline", "seeds=0"]
 
@@ -77,17 +84,25 @@ def missing_base_model(tmp: Path, env) -> list[str]:
     return [f"base_model={tmp / 'nowhere'}"]
 
 
-def corrupt_png(tmp: Path, env) -> list[str]:
-    root = tmp / "folder"
+def imagefolder(root: Path) -> Path:
+    """Six 40x60 PNGs and their metadata.jsonl; img/0.png and img/1.png are the eval split."""
     (root / "img").mkdir(parents=True)
     rows = []
     for i in range(6):
-        cv2.imwrite(str(root / f"img/{i}.png"), np.full((40, 60, 3), 40 * i, np.uint8))
+        cv2.imwrite(str(root / f"img/{i}.png"), np.random.RandomState(i).randint(0, 255, (40, 60, 3), np.uint8))
         rows.append(json.dumps({"file_name": f"img/{i}.png", "text": f"a box {i}", "split": "eval" if i < 2 else "train"}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+FOLDER_RUN = ["dataset=imagefolder", "metrics=canny_f1", "budget.eval_samples=2", "budget.train_size=4"]
+
+
+def corrupt_png(tmp: Path, env) -> list[str]:
+    root = imagefolder(tmp / "folder")
     (root / "img/1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)  # an eval image
     env.setenv("CONTROLBENCH_DATA_IMAGEFOLDER", str(root))
-    return ["dataset=imagefolder", "metrics=canny_f1", "budget.eval_samples=2", "budget.train_size=4"]
+    return FOLDER_RUN
 
 
 def missing_weight(tmp: Path, env) -> list[str]:
@@ -324,3 +339,210 @@ def test_complete_base_models_pass_the_weight_check(tiny_sd_dir, tiny_sdxl_dir, 
     shards[-1].unlink()
     with pytest.raises(ConfigError, match=f"weights missing: .*{shards[-1].name} \\(listed in"):
         check_weights(sharded)
+
+
+# ---- issue 28: hostile input stays bounded, and a refusal leaves every file byte-identical ----------
+# Each case runs `python -m bench.cli` in a subprocess (the exit code and stderr a shell sees, fd 2
+# included, where libpng writes) and checks: exit 2, one stderr line, no traceback, the sha256 of every
+# file (and the set of directories) under the case's directory unchanged, so no -wal/-shm/out dir
+# appears; the bomb cases also keep the command's peak RSS under 1 GiB. Permission cases run as root
+# without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (setpriv), so a 555 directory binds root as it binds a
+# user; as a non-root user they run as they are.
+
+NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
+# the child's peak RSS (ru_maxrss of waited-for children, KiB on Linux), written to argv[1]
+PEAK = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+QUIET_RUN = [*RUN, "--quiet"]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _bench(argv: list[str], env: dict | None = None, as_user: bool = False, peak: Path | None = None):
+    cmd = [sys.executable, "-m", "bench.cli", *argv]
+    if as_user and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot drop the capabilities that bypass permissions")
+        cmd = [*NO_DAC, *cmd]
+    if peak is not None:
+        cmd = [sys.executable, "-c", PEAK, str(peak), *cmd]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _sqlite(path: Path, *sql: str) -> Path:
+    db = sqlite3.connect(path)  # rollback journal mode, as sqlite3 and most tools leave a file
+    for statement in sql:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    return path
+
+
+def _read_only_dir(w: Path) -> Path:
+    d = w / "ro"
+    d.mkdir()
+    with Store(d / "store.sqlite") as store:
+        store.put(RunRecord(run_id="r1", spec={"method": "baseline", "budget_key": "k", "seed": 0}, status="FINISHED"))
+    d.chmod(0o555)
+    return d
+
+
+def _png_bomb(path: Path, side: int = 20000) -> None:
+    """An all-zero side x side 1-bit greyscale PNG: 40 KB on disk, side^2 x 3 bytes once cv2 decodes it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def foreign_merge_target(w: Path):
+    _sqlite(w / "f.db", "CREATE TABLE notes (x)")
+    return ["store", "merge", str(w / "f.db"), str(w / "db" / "store.sqlite")], {}
+
+
+def newer_rollback_store(w: Path):
+    _sqlite(w / "v99.sqlite", "CREATE TABLE runs (run_id TEXT)", "PRAGMA user_version=99")
+    return [*QUIET_RUN, f"--store={w / 'v99.sqlite'}", f"--out={w / 'out'}"], {}
+
+
+def merge_into_read_only_dir(w: Path):
+    return ["store", "merge", str(_read_only_dir(w) / "store.sqlite"), str(w / "db" / "store.sqlite")], {}
+
+
+def unwritable_out(w: Path):
+    (w / "locked").mkdir(mode=0o555)
+    return [*QUIET_RUN, f"--store={w / 'db' / 'store.sqlite'}", f"--out={w / 'locked' / 'x'}"], {}
+
+
+def yaml_alias_bomb(w: Path):
+    levels = "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    (w / "bomb.yaml").write_text("methods: [baseline]\nbudget: smoke\nbomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n"
+                                 + levels)
+    return ["run", str(w / "bomb.yaml"), "seeds=0", f"--out={w / 'out'}", "--quiet"], {}
+
+
+def png_bomb(w: Path):
+    root = imagefolder(w / "folder")
+    _png_bomb(root / "img/1.png")
+    return [*QUIET_RUN, *FOLDER_RUN, f"--out={w / 'out'}"], {"CONTROLBENCH_DATA_IMAGEFOLDER": str(root)}
+
+
+def cache_is_a_file(w: Path):
+    (w / "cache").write_text("not a directory")
+    return [*QUIET_RUN, f"--out={w / 'out'}"], {"CONTROLBENCH_CACHE": str(w / "cache")}
+
+
+def resolution_t2i_adapter_cannot_take(w: Path):
+    return [*QUIET_RUN, "methods=t2i_adapter", "budget.resolution=33", f"--out={w / 'out'}"], {}
+
+
+def zero_byte_store(w: Path):
+    (w / "zero.sqlite").write_bytes(b"")
+    return [*QUIET_RUN, f"--store={w / 'zero.sqlite'}", f"--out={w / 'out'}"], {}
+
+
+def merge_from_missing_store(w: Path):
+    return ["store", "merge", str(w / "NEW.sqlite"), str(w / "missing.sqlite")], {}
+
+
+def truncated_png(w: Path):
+    root = imagefolder(w / "folder")
+    data = (root / "img/1.png").read_bytes()
+    (root / "img/1.png").write_bytes(data[:-12])  # IEND cut off: libpng says so on fd 2
+    return [*QUIET_RUN, *FOLDER_RUN, f"--out={w / 'out'}"], {"CONTROLBENCH_DATA_IMAGEFOLDER": str(root)}
+
+
+# (case, build, needle in the one line, options): items 1-7 of issue 28, then its smaller ones
+HOSTILE = [
+    ("1 foreign SQLite file as merge target", foreign_merge_target, "not a controlbench store", ""),
+    ("1 newer-schema rollback store for bench run", newer_rollback_store, "schema 99, newer than", ""),
+    ("2 merge into a store in a read-only directory", merge_into_read_only_dir, "ro/store.sqlite", "user"),
+    ("3 unwritable --out", unwritable_out, "locked/x cannot be created", "user"),
+    ("4 YAML alias bomb", yaml_alias_bomb, "expands to more than 100,000 values", "peak"),
+    ("5 PNG decompression bomb", png_bomb, "400,000,000 pixels, over the decode cap of 89,478,485", "peak"),
+    ("6 CONTROLBENCH_CACHE is a file", cache_is_a_file, "(CONTROLBENCH_CACHE) is a file, not a directory", ""),
+    ("7 resolution t2i_adapter cannot take", resolution_t2i_adapter_cannot_take,
+     "budget.resolution=33 does not suit t2i_adapter on base model proxy: it must be a multiple of 4", ""),
+    ("0-byte store", zero_byte_store, "is an empty file (0 bytes)", ""),
+    ("merge from a missing store", merge_from_missing_store, "no store at", ""),
+    ("truncated PNG", truncated_png, "cannot be decoded (libpng error: PNG input buffer is incomplete)", ""),
+]
+
+
+@pytest.mark.parametrize("case, build, needle, options", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input_is_one_line_exit_2_and_every_file_byte_identical(case, build, needle, options, tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    with Store(w / "db" / "store.sqlite"):  # an existing store in every case
+        pass
+    argv, env = build(w)
+    before = _tree(w)
+    peak = tmp_path / "peak_kib" if options == "peak" else None
+    try:
+        out = _bench(argv, env, as_user=options == "user", peak=peak)
+    finally:
+        for d in w.rglob("*"):
+            if d.is_dir():
+                d.chmod(0o755)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("bench: error: "), out.stderr
+    assert needle in lines[0] and "Traceback" not in out.stderr, lines[0]
+    assert _tree(w) == before  # every file's bytes, no new -wal/-shm, no out dir
+    if peak is not None:
+        limit = _peak_limit_mib(argv, env, tmp_path)
+        assert _peak_mib(peak) < limit, f"peak RSS {_peak_mib(peak):.0f} MiB, limit {limit:.0f} MiB"
+
+
+def _peak_mib(path: Path) -> float:
+    return int(path.read_text()) / 2**10
+
+
+def _peak_limit_mib(argv: list[str], env: dict, tmp_path: Path) -> float:
+    """1 GiB for a refusal before torch is imported (the YAML config is read first). A dataset image
+    is refused after the harness's imports, which alone take about 1 GiB of RSS here (the CUDA build
+    of torch: 0.6 GiB), so there the bomb may add at most 64 MiB to the peak of the same command
+    refusing 1 KB of garbage instead (without the cap it added 2.5 GB)."""
+    if "CONTROLBENCH_DATA_IMAGEFOLDER" not in env:
+        return 1024.0
+    root = imagefolder(tmp_path / "control")
+    (root / "img/1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage!" * 128)
+    control = tmp_path / "control_kib"
+    assert _bench(argv, {**env, "CONTROLBENCH_DATA_IMAGEFOLDER": str(root)}, peak=control).returncode == 2
+    return _peak_mib(control) + 64
+
+
+def test_a_store_in_a_read_only_directory_is_reported_and_merged_from(tmp_path):
+    """Issue 28 item 2: reading needs no write access (immutable=1 where the directory cannot be
+    written); the directory is left byte-identical, with no -wal/-shm."""
+    d = _read_only_dir(tmp_path)
+    before = _tree(d)
+    try:
+        report = _bench(["report", "--store", str(d / "store.sqlite"), "--out", str(tmp_path / "report")], as_user=True)
+        merged = _bench(["store", "merge", str(tmp_path / "all.sqlite"), str(d / "store.sqlite")], as_user=True)
+    finally:
+        d.chmod(0o755)
+    assert report.returncode == 0 and (tmp_path / "report" / "leaderboard.md").is_file(), report.stderr
+    assert merged.returncode == 0 and "1 records merged" in merged.stdout, merged.stderr
+    assert _tree(d) == before
+
+
+def test_a_runtime_failure_under_quiet_is_one_stderr_line_and_its_traceback_is_in_the_log(tmp_path):
+    """Issue 28 item 7: an error only a run can meet stays a FAILED record; with --quiet stderr gets
+    one line naming the run's log file, which holds the whole traceback."""
+    (tmp_path / "boom_plugin.py").write_text(
+        "from bench.core.registry import METHODS\nfrom bench.methods.baseline import Baseline\n\n\n"
+        "@METHODS.register('boom')\nclass Boom(Baseline):\n    version = 'boom-v1'\n\n"
+        "    def __init__(self, *a, **k):\n        raise RuntimeError('boom while building')\n")
+    out = _bench([*QUIET_RUN[:2], "methods=boom", *QUIET_RUN[3:], f"--out={tmp_path / 'out'}", "--plugin=boom_plugin"],
+                 {"PYTHONPATH": str(tmp_path), "CONTROLBENCH_FORK_SERVER": "0"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    [log] = (tmp_path / "out" / "logs").glob("*.log")
+    assert lines[0] == f"run {log.stem} failed: RuntimeError: boom while building; traceback in {log}"
+    assert "Traceback" in log.read_text() and "boom while building" in log.read_text()

@@ -50,6 +50,8 @@ def _grid(tmp_path: Path, base: Path, n: int) -> Path:
 
 
 def _finished(store: Path) -> list[tuple[str, float]]:
+    if not store.exists():  # sqlite3.connect would make a 0-byte file there, which a store refuses (issue 28)
+        return []
     try:
         with sqlite3.connect(store) as db:
             return db.execute("SELECT run_id, updated_at FROM runs WHERE status='FINISHED' ORDER BY run_id").fetchall()

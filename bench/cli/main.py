@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a user's path (out dir, store, cache, dataset) the preflight could not foresee
+        from bench.core.files import os_error_line
+
+        print(f"bench: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bench: interrupted; finished runs are kept in the store, re-run to resume", file=sys.stderr)
         return 130

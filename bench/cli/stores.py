@@ -44,14 +44,12 @@ def _check(args) -> int:
 
 
 def _store_merge(args) -> int:
-    from bench.core.store import Store
+    from bench.core.store import merge_stores
 
-    with Store(args.into) as dest:
-        for src in args.sources:
-            if not Path(src).is_file():
-                raise ConfigError(f"store {src} does not exist")
-            print(f"{src}: {dest.merge_from(src)} records merged into {args.into}")
-        print(f"{args.into}: {len(dest)} records")
+    merged, total = merge_stores(args.into, args.sources)  # every source checked before the destination is made
+    for src, n in merged:
+        print(f"{src}: {n} records merged into {args.into}")
+    print(f"{args.into}: {total} records")
     return 0
 
 

@@ -85,3 +85,39 @@ def exclusive(directory: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (os.path.exists: a path this process may not
+    even stat counts as missing, so the walk goes on to one it can)."""
+    path = Path(os.path.abspath(path))
+    while not os.path.exists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable(path: str | Path, directory: bool = True) -> str | None:
+    """Why this process cannot write ``path`` (a directory, or a file when ``directory`` is
+    False), or create it with its missing parents; None when it can. Creates nothing, so a
+    command can check every path it will write before it writes any (os.access: the real
+    user's permissions, as the kernel applies them, including a read-only mount)."""
+    path = Path(path)
+    if os.path.exists(path):
+        if path.is_dir() != directory:
+            return f"is a {'file' if directory else 'directory'}, not a {'directory' if directory else 'file'}"
+        return None if os.access(path, os.W_OK | (os.X_OK if directory else 0)) else "is not writable"
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        return f"cannot be created: {base} is a file, not a directory"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"cannot be created: {base} is not writable"
+    return None
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for a file-system error on a user's path: which path, what the system said, and the fix."""
+    said = error.strerror or str(error) or type(error).__name__
+    where = "" if error.filename is None else f" {error.filename}"
+    where += f" -> {error.filename2}" if error.filename2 is not None else ""
+    return (f"cannot use{where}: {said}; check that path's permissions and free space, or pass another path "
+            "(--out, --store, CONTROLBENCH_CACHE, the dataset's root)")

@@ -2,6 +2,9 @@
 
 The store is the single source of truth for finished work: a run whose id is already
 FINISHED here is skipped on re-run, so sweeps are resumable and idempotent.
+How the file is opened without changing it (checks, read-only access, creation) is
+bench/core/storefile.py. Over 500 lines: the record's JSON rules and the store's upsert rules
+read each other, and splitting them would leave each half needing the other.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.budget import Budget
+from bench.core.storefile import (BUSY_TIMEOUT_S, StoreError, connect_reader, connect_writer, enable_wal,  # noqa: F401
+                                     os_store_error, store_error)  # StoreError, BUSY_TIMEOUT_S: re-exported
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # 2: seeds left the budget; schema-1 records are upgraded when a store is opened for writing
@@ -26,7 +31,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 # 3: per-sample scores in their own table (run_id, metric, sample_id, value); a schema-2 store
 # opens as is (read-only too) and simply has no per-sample rows.
 SCHEMA_VERSION = 3
-BUSY_TIMEOUT_S = 30.0
 # A claim from another host cannot be probed for liveness; after this long it is presumed dead.
 CLAIM_LEASE_S = 12 * 3600.0
 
@@ -128,39 +132,14 @@ def upgrade_spec(spec: dict, run_id: str) -> tuple[dict, str]:
     return new, (spec_hash(new) if spec_hash(spec) == run_id else run_id)
 
 
-class StoreError(ValueError):
-    """A store file that cannot be used; the message is one line naming the path and the fix."""
-
-
-def _store_error(path: Path, error: sqlite3.Error) -> StoreError:
-    """One line for any sqlite error: the file, SQLite's words, and what to do. The file itself is
-    left as it is: nothing is deleted or rewritten to get past an error."""
-    said = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    low = said.lower()
-    if "not a database" in low:
-        what = (f"is not an SQLite database ({said}); it was left untouched: move it aside or pass --store "
-                "with another path")
-    elif "malformed" in low or "corrupt" in low:
-        what = (f"is damaged ({said}); it was left untouched: recover what it holds with "
-                f"`sqlite3 {path} .recover | sqlite3 {path}.recovered`, then pass --store {path}.recovered "
-                "(or another path)")
-    elif "locked" in low or "busy" in low:
-        what = (f"stayed locked by another process for over {BUSY_TIMEOUT_S:.0f}s ({said}); retry when it "
-                "has finished")
-    else:
-        what = (f"cannot be read or written ({said}); check the disk and the permissions of the file and its "
-                "directory, or pass --store with another path")
-    return StoreError(f"store {path} {what}")
-
-
 def _sqlite_errors(method):
-    """Store methods raise StoreError (one line, see _store_error), never a raw sqlite3.Error."""
+    """Store methods raise StoreError (one line, see bench.core.storefile.store_error), never a raw sqlite3.Error."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as e:
-            raise _store_error(self.path, e) from None
+            raise store_error(self.path, e) from None
     return wrapper
 
 
@@ -340,85 +319,60 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the write
-    # lock up front and waits on busy_timeout instead of failing on a read->write upgrade.
-    if read_only:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
-                               timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    else:
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-    return conn
-
-
-def _enable_wal(conn: sqlite3.Connection) -> str:
-    """Switching journal mode can fail with SQLITE_BUSY without consulting busy_timeout when
-    two processes create the same store at once; retry until the timeout instead."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 class Store:
     """SQLite store of RunRecords; safe for several processes writing at once (WAL)."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False):
+        """Open (``read_only``: only read) or create the store at ``path``. An existing file is
+        checked before anything is written to it: a 0-byte, foreign, newer-schema or damaged file
+        is refused with its bytes unchanged (bench.core.storefile says how)."""
         self.path = Path(path)
         self.read_only = read_only
+        self._conn: sqlite3.Connection | None = None
         try:
             if read_only:
-                if not self.path.is_file():
-                    raise StoreError(f"no store at {self.path}; check the path or pass --store")
+                self._conn = connect_reader(self.path)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn: sqlite3.Connection | None = _connect(self.path, read_only)
+                self._conn = connect_writer(self.path, (_SCHEMA, _CLAIMS_SCHEMA, _SAMPLES_SCHEMA), SCHEMA_VERSION)
             self._init_schema()
-        except (sqlite3.Error, StoreError) as e:
-            conn = getattr(self, "_conn", None)
-            self._conn = None
+        except (sqlite3.Error, StoreError, OSError) as e:
+            conn, self._conn = self._conn, None
             if conn is not None:
                 try:
                     conn.close()
                 except sqlite3.Error:
                     pass
             if isinstance(e, StoreError):
-                raise
-            raise _store_error(self.path, e) from None
+                raise e from None  # one line: no chained traceback
+            raise (os_store_error(self.path, e) if isinstance(e, OSError) else store_error(self.path, e)) from None
 
     def _init_schema(self) -> None:
-        """Check the file, then create or upgrade the schema. A damaged file fails the check before
-        anything is written to it (switching to WAL, creating tables), and an up-to-date store is
-        not written at all."""
+        """Check the file, then (for writing) switch it to WAL and create or upgrade the schema. Every
+        check only reads, so a damaged, foreign or newer file is refused before anything is written
+        to it (switching to WAL rewrites header bytes 18-19), and an up-to-date store is not written."""
         conn = self._db
         problems = [r[0] for r in conn.execute("PRAGMA quick_check(2)").fetchall() if not r[0].startswith("***")]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0] if problems else '?'}")
-        if not self.read_only:
-            mode = _enable_wal(conn)
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path} has schema {version}, newer than this controlbench "
-                f"({SCHEMA_VERSION}); upgrade controlbench or pass --store with another path"
+                f"({SCHEMA_VERSION}); it was left untouched: upgrade controlbench or pass --store with another path"
             )
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "runs" not in tables:
             raise StoreError(
-                f"{self.path} is an SQLite database but not a controlbench store; "
+                f"{self.path} is an SQLite database but not a controlbench store; it was left untouched: "
                 "move it aside or pass --store with another path"
             )
         if self.read_only:
             if "runs" not in tables:
                 raise StoreError(f"store {self.path} is empty (no runs table); check the path")
             return
+        mode = enable_wal(conn)
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
         with self._transaction():
             conn.execute(_SCHEMA)
             conn.execute(_CLAIMS_SCHEMA)
@@ -438,7 +392,7 @@ class Store:
 
     @contextmanager
     def _transaction(self):
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (see _connect)."""
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (see storefile._open)."""
         if self.read_only:
             raise StoreError(f"store {self.path} was opened read-only")
         conn = self._db
@@ -617,3 +571,13 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+
+def merge_stores(into: str | Path, sources: list[str | Path]) -> tuple[list[tuple[str, int]], int]:
+    """`bench store merge`: every source is opened read-only and checked before ``into`` is created
+    or written, so a missing or unusable source leaves every file as it was. Returns (source,
+    records written) per source and the merged store's size."""
+    for source in sources:
+        Store(source, read_only=True).close()
+    with Store(into) as dest:
+        return [(str(source), dest.merge_from(source)) for source in sources], len(dest)

@@ -11,15 +11,26 @@ per run. What is checked, and where:
   safetensors headers parse and cover the file, torch checkpoints are zip or pickle);
 - base models (here): the diffusers directory complete, every safetensors header readable and
   every tensor's shape the one its config.json builds (`bench.api.base_model.check_weights`);
+- the resolution (here): a multiple of the base's latent factor x 2^(its UNet's down-samplings),
+  read from the configs, so every method's control features land on the UNet's feature maps;
+- the cache directory (here): CONTROLBENCH_CACHE a writable directory, or creatable;
 - datasets (here): each (dataset, condition, split, size) a run will load, built as the runner
-  builds it, then `verify()`: its root and index are readable and every listed image decodes.
+  builds it, then `verify()`: its root and index are readable and every listed image decodes
+  within the decoded-size cap (bench.datasets.folders.MAX_IMAGE_PIXELS);
+- the out dir and the store path (`check_paths`, called by bench.run.session and bench.run.sweep
+  once they are known, before the store opens): writable, or creatable. Nothing is created here.
 
 Errors only a run can meet (a NaN loss, out of memory) stay per-run FAILED records.
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Iterable
 
+from bench.core.errors import ConfigError
+from bench.core.files import unwritable
 from bench.run.spec import RunSpec
 
 
@@ -28,7 +39,75 @@ def check(specs: Iterable[RunSpec]) -> None:
     specs = list(specs)
     check_weight_files(specs)
     check_base_models(sorted({s.base_model for s in specs}))
+    check_resolutions(specs)
+    check_cache_dir()
     check_datasets(specs)
+
+
+def check_paths(out_dir: Path, store: Path) -> None:
+    """The out dir and the store can be written or created by this process, so an unwritable path
+    is one line before the store opens, never a claim left behind or a traceback mid-run."""
+    why = unwritable(out_dir)
+    if why:
+        raise ConfigError(f"--out {out_dir} {why}; pass --out with a directory you can write")
+    why = unwritable(store, directory=False)
+    if not why and os.path.exists(store) and unwritable(store.parent):  # SQLite keeps -wal and -shm beside it
+        why = f"is in a directory this process cannot write ({store.parent}), where SQLite keeps its -wal and -shm"
+    if why:
+        raise ConfigError(f"--store {store} {why}; pass --store with a path you can write "
+                          "(`bench report`/`bench check` read a store without writing it)")
+
+
+def check_cache_dir() -> None:
+    from bench.core.paths import CACHE_ENV, cache_dir
+
+    why = unwritable(cache_dir())
+    if why:
+        raise ConfigError(f"the cache {cache_dir()} ({CACHE_ENV}) {why}; set {CACHE_ENV} to a directory you can "
+                          "write, or unset it for ~/.cache/controlbench")
+
+
+def base_downsampling(name: str) -> tuple[int, int] | None:
+    """(latent factor, UNet down-samplings) of a base, from its config files alone; None when they
+    cannot be read (check_base_models says why). The factor is 2^(VAE blocks - 1), 1 in pixel
+    space, as BaseModel.scale_factor; diffusers' UNet2DConditionModel downsamples after every
+    down block but the last (`add_downsample=not is_final_block`)."""
+    from bench.core.bases import ARCHS, resolve_base_path
+    from bench.core.paths import CONFIGS_DIR
+
+    if name in ARCHS:
+        unet, vae = (CONFIGS_DIR / "arch" / ARCHS[name] / f"{part}.json" for part in ("unet", "vae"))
+    else:
+        unet, vae = (resolve_base_path(name) / part / "config.json" for part in ("unet", "vae"))
+    try:
+        blocks = len(json.loads(unet.read_text())["block_out_channels"])
+        vae_blocks = len(json.loads(vae.read_text())["block_out_channels"]) if vae.is_file() else 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return 2 ** (vae_blocks - 1), blocks - 1
+
+
+def check_resolutions(specs: Iterable[RunSpec]) -> None:
+    """budget.resolution a multiple of latent factor x 2^(down-samplings) of each run's base: the
+    budget is shared, so it must suit every method. T2I-Adapter's PixelUnshuffle and pooled
+    stages, ControlNet's stride-2 condition embedding and ControlNeXt's branch each land their
+    features on a UNet level; at other sizes a run fails mid-way (diffusers' pipelines refuse
+    sizes not divisible by the VAE factor: StableDiffusionPipeline.check_inputs)."""
+    seen: dict[tuple[str, int], list[str]] = {}
+    for s in specs:
+        seen.setdefault((s.base_model, s.budget.resolution), []).append(s.method)
+    for (base, resolution), methods in seen.items():
+        got = base_downsampling(base)
+        if got is None:
+            continue
+        factor, downs = got
+        multiple = factor * 2 ** downs
+        if resolution % multiple:
+            below = resolution // multiple * multiple
+            near = f"{below} or {below + multiple}" if below else str(multiple)
+            raise ConfigError(f"budget.resolution={resolution} does not suit {', '.join(dict.fromkeys(methods))} on "
+                              f"base model {base}: it must be a multiple of {multiple} (latent factor {factor} x 2^{downs}"
+                              f" UNet down-samplings) so control features line up with the UNet's; use {near}")
 
 
 def check_weight_files(specs: Iterable[RunSpec]) -> None:

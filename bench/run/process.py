@@ -99,11 +99,26 @@ def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> N
     except Exception as e:  # noqa: BLE001 - every failure becomes a FAILED record with its reason
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         record = failed(spec, f"{type(e).__name__}: {first}"[:500])
-        traceback.print_exc(file=sys.stderr)
+        _report_failure(spec.run_id, Path(out_dir), progress, record.reason)
     if record is None:  # a non-zero rank: rank 0 writes the result
         return
     record = mirror(record, Path(out_dir), live)  # never raises: a W&B failure is noted in the record
     atomic_write(result_path, record.to_json())
+
+
+def _report_failure(run_id: str, out_dir: Path, progress: bool, reason: str) -> None:
+    """Called in an `except` block: the traceback goes to the run's log file, OUT/logs/RUN_ID.log;
+    stderr gets it whole, or under --quiet (no progress) one line naming the log."""
+    trace = traceback.format_exc()
+    log: Path | None = out_dir / "logs" / f"{run_id}.log"
+    try:
+        atomic_write(log, trace)
+    except OSError:  # nowhere to keep it: stderr is the only copy
+        log = None
+    if progress or log is None:
+        sys.stderr.write(trace)
+    else:
+        print(f"run {run_id} failed: {reason}; traceback in {log}", file=sys.stderr)
 
 
 def _start_run_module(args: list[str], threads: int | None = None, **popen: Any) -> subprocess.Popen:

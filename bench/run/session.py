@@ -86,8 +86,10 @@ def run_and_report(specs: list[RunSpec], store_path: Path, out_dir: Path, progre
     from bench.core.provenance import git_sha
     from bench.report.write import write_report
     from bench.run.runner import run_all
+    from bench.run.preflight import check_paths
     from bench.run.wandb_mirror import agent_mode
 
+    check_paths(out_dir, store_path)  # before the store opens: an unwritable path leaves no claim behind
     t0 = time.time()
     with Store(store_path) as s:
         summary = run_all(specs, s, out_dir, progress=progress, jobs=jobs)

@@ -340,11 +340,12 @@ def run_local(sweep_path: Path, store_path: Path | None, out_dir: Path | None, c
         return done
 
     from bench.core.store import Store
-    from bench.run.preflight import check
+    from bench.run.preflight import check, check_paths
     from bench.run.process import Launcher
 
     specs, _ = resolve_sweep(sweep, count, seed)
     check(specs)  # once for the whole sweep, before the plan or any claim is written
+    check_paths(out_dir, store_path)
     _write_plan(plan, [s.run_id for s in specs])
     ran = failed = finished = elsewhere = 0
     with Store(store_path) as store, Launcher() as launcher:
