@@ -27,6 +27,7 @@ def check(specs: Iterable[RunSpec]) -> None:
     """Raise the first ConfigError among the checks above; return None when all pass."""
     specs = list(specs)
     check_full_scale(specs)
+    check_options(specs)
     check_weight_files(specs)
     check_base_models(sorted({s.base_model for s in specs}))
     check_datasets(specs)
@@ -79,6 +80,17 @@ def check_full_scale(specs: Iterable[RunSpec]) -> None:
         if conditions is None or s.condition in conditions:
             on = f" on {s.condition}" if conditions else ""
             raise ConfigError(f"method {s.method}{on} {why}, so it cannot run on {s.base_model}; {alternative}")
+
+
+def check_options(specs: Iterable[RunSpec]) -> None:
+    """What a run's options need installed: bitsandbytes for options.optimizer=adamw8bit."""
+    import importlib.util
+
+    from bench.core.errors import ConfigError
+
+    if any(s.options.optimizer == "adamw8bit" for s in specs) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("options.optimizer=adamw8bit needs bitsandbytes; pip install bitsandbytes (a CUDA build), "
+                          "or drop the option for torch's AdamW")
 
 
 def check_weight_files(specs: Iterable[RunSpec]) -> None:
