@@ -176,7 +176,11 @@ class FakeCuda(TorchDispatchMode):
         finally:
             self._functions.__exit__(*exc)
 
+    reads = 0  # device -> host reads of a value (`.item()`, `bool()`, `int()`): a GPU's host sync each
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten._local_scalar_dense.default:
+            self.reads += 1
         return _run(func, args, kwargs or {})
 
 
@@ -298,3 +302,19 @@ def test_metrics_score_on_the_method_device(name, fake_cuda):
         cuda_batch = batch.to(CUDA)
         metric.update(cuda_batch.image.clone(), cuda_batch)
         metric.compute()
+
+
+def test_a_non_finite_loss_is_noted_without_a_host_sync(fake_cuda, proxy_arch_dir, smoke_budget):
+    """The step notes a non-finite loss on the device; only the read every 10 steps (and at the end of
+    training) waits for the GPU, and it names the first bad step."""
+    from bench.api.base_model import BaseModel
+
+    method = METHODS.get("frozen")(BaseModel.load(str(proxy_arch_dir)), "canny", smoke_budget, {})
+    with fake_cuda() as mode:
+        method.to(CUDA)
+        for loss in (1.0, float("nan"), 2.0):
+            method._note_nonfinite(torch.tensor(loss, device=CUDA))
+        assert mode.reads == 0
+        with pytest.raises(FloatingPointError, match="non-finite loss at step 0; lower lr"):
+            method._raise_if_nonfinite()
+        assert mode.reads == 1

@@ -77,3 +77,110 @@ def test_full_scale_refusals_are_one_line_exit_2_and_write_nothing(case, overrid
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
     assert _files(tmp_path) == before  # no store, no out dir, no cache
+
+
+# ---- memory and speed options (bench/run/options.py) -------------------------------------------------------
+
+def _specs(*pairs):
+    from bench.run.spec import apply_overrides, load_config, resolve
+
+    return resolve(apply_overrides(load_config(None), [("budget", "smoke"), ("methods", "baseline"), ("seeds", [0]),
+                                                       *pairs]))[0]
+
+
+def test_options_are_in_the_run_spec_and_checked_at_config_time():
+    from dataclasses import asdict
+
+    from bench.core.errors import ConfigError
+    from bench.run.options import RunOptions
+    from bench.run.spec import RunSpec
+
+    (plain,) = _specs()
+    assert "options" not in plain.to_dict()  # defaults at full precision: proxy run ids as before
+    (opt,) = _specs(("options.accumulate", 2), ("options.gradient_checkpointing", True))
+    assert opt.to_dict()["options"]["accumulate"] == 2 and opt.run_id != plain.run_id
+    assert RunSpec.from_dict(opt.to_dict()) == opt
+    (mixed,) = _specs(("budget.precision", "bf16-mixed"))
+    assert mixed.to_dict()["options"] == asdict(RunOptions())  # the frozen dtype follows the precision: shown
+    for pair, needle in ((("options.accumulate", 3), "does not split into options.accumulate=3"),
+                         (("options.optimizer", "sgd"), "options.optimizer must be one of adamw, adamw8bit"),
+                         (("options.tf32", "yes"), "options.tf32 must be true or false"),
+                         (("options.fast", True), "unknown options ['fast']")):
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            _specs(pair)
+
+
+def test_8bit_adamw_needs_bitsandbytes_before_any_run(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    code = main(["run", "budget=smoke", "methods=controlnet", "seeds=0", "options.optimizer=adamw8bit",
+                 f"--out={tmp_path / 'out'}", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install bitsandbytes" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mixed_precision_run_with_every_option_trains_and_evaluates(tiny_sd_dir, tmp_path):
+    """bf16-mixed with checkpointing and accumulation, through the runner's own steps on this CPU: frozen weights
+    in bf16, trained ones fp32, one step time per optimiser step, eval in chunks, two peaks."""
+    import torch
+
+    from bench.run.execute import build, evaluate, load_data, record, train
+
+    (spec,) = _specs(("base_model", str(tiny_sd_dir)), ("methods", "controlnet"), ("metrics", ["canny_f1"]),
+                     ("budget.precision", "bf16-mixed"), ("budget.eval_samples", 4), ("budget.eval_batch_size", 2),
+                     ("options.accumulate", 2), ("options.gradient_checkpointing", True), ("options.tf32", True))
+    setup = build(spec)
+    method = setup.method
+    assert torch.get_float32_matmul_precision() == "high"
+    assert {p.dtype for p in method.base.unet.parameters()} == {p.dtype for p in method.base.vae.parameters()} \
+        == {torch.bfloat16}
+    assert {p.dtype for p in method.trainable_parameters()} == {torch.float32}
+    assert method.base.unet.is_gradient_checkpointing and method.controlnet.is_gradient_checkpointing
+    data = load_data(setup, progress=False)
+    trained = train(setup, data, progress=False)
+    assert len(trained.step_times) == spec.budget.train_steps == method.global_step  # 2 micro-batches each
+    evaluation = evaluate(setup, data, tmp_path, progress=False)
+    compute = record(setup, trained, evaluation).compute
+    assert len(evaluation.latencies) == 2  # 4 samples in chunks of eval_batch_size 2
+    assert 0 < compute["peak_mem_mb"] <= compute["peak_eval_mem_mb"]  # RSS on CPU: the run's peak so far
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_every_methods_attention_is_sdpa(tiny_sd_dir, smoke_budget):
+    """SDPA (torch's fused attention) everywhere: diffusers' AttnProcessor2_0, transformers' "sdpa"."""
+    import bench.methods  # noqa: F401
+    from bench.api.base_model import BaseModel
+    from bench.core.registry import METHODS
+
+    base = BaseModel.load(str(tiny_sd_dir))
+    assert base.text_encoder.config._attn_implementation == "sdpa"
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        method = cls(base, cls.conditions[0] if cls.conditions else "canny", smoke_budget, {})
+        kinds = {type(p).__name__ for m in method.modules() if hasattr(m, "attn_processors")
+                 for p in m.attn_processors.values()}
+        assert kinds == {"AttnProcessor2_0"}, (name, kinds)
+
+
+def test_jobs_give_each_run_its_own_gpu(proxy_arch_dir, tmp_path, monkeypatch):
+    """Two runs at once on a machine with GPUs 3 and 5: each process sees one (CUDA_VISIBLE_DEVICES), the
+    record names it, and the machine stays one machine. On this CPU box the runs ignore the variable."""
+    from bench.core.errors import ConfigError
+    from bench.core.store import Store
+    from bench.run.runner import gpu_slots, run_all
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    specs = _specs(("base_model", str(proxy_arch_dir)), ("seeds", [0, 1]), ("metrics", ["canny_f1"]),
+                   ("budget.eval_samples", 2))
+    with Store(tmp_path / "store.sqlite") as store:
+        records = run_all(specs, store, tmp_path / "out", progress=False, jobs=2).records
+    assert [r.status for r in records] == ["FINISHED"] * 2, [r.reason for r in records]
+    assert sorted(r.machine["cuda_visible_devices"] for r in records) == ["3", "5"]
+    assert records[0].machine_key == records[1].machine_key
+    with pytest.raises(ConfigError, match="--jobs 3 gives each run its own GPU, and 2 are visible"):
+        gpu_slots(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots(4) == []  # no GPU: --jobs shares the CPU cores, as before

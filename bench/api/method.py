@@ -366,9 +366,9 @@ class Method(L.LightningModule):
 
     def _raise_if_nonfinite(self) -> None:
         """One host read: every 10 steps (with the loss's logging) and when training ends."""
-        first = getattr(self, "_first_nonfinite", None)
-        if first is not None and int(first) >= 0:
-            raise FloatingPointError(f"non-finite loss at step {int(first)}; lower lr in the budget")
+        first = int(self._first_nonfinite) if getattr(self, "_first_nonfinite", None) is not None else -1
+        if first >= 0:
+            raise FloatingPointError(f"non-finite loss at step {first}; lower lr in the budget")
 
     def on_train_end(self) -> None:
         self._raise_if_nonfinite()
