@@ -184,3 +184,54 @@ def test_jobs_give_each_run_its_own_gpu(proxy_arch_dir, tmp_path, monkeypatch):
         gpu_slots(3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_slots(4) == []  # no GPU: --jobs shares the CPU cores, as before
+
+
+# ---- the prepared GPU check (bench/profile/gpu_check.py) ---------------------------------------------------
+
+def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    out = subprocess.run([sys.executable, "-m", "bench.benchmarks", "gpu-check", "--out", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "needs a CUDA device" in out.stderr
+    assert _files(tmp_path) == []
+
+
+def test_gpu_check_plans_every_method_at_sd15_512_bf16(tmp_path):
+    from bench.core.registry import METHODS
+    from bench.profile.gpu_check import plan
+    from bench.run.builtins import load_builtins
+
+    load_builtins()
+    specs = plan(METHODS.names(), tmp_path)
+    assert [s.method for s in specs] == METHODS.names()
+    for s in specs:
+        b = s.budget
+        assert (s.base_model, b.resolution, b.precision, b.train_steps, b.eval_samples) == \
+            ("sd15-arch", 512, "bf16-mixed", 20, 4)
+
+
+def test_the_bare_train_controlnet_loop_trains(tiny_sd_dir):
+    """The loop gpu-check times ControlNet against, on this CPU (fp32: autocast is CUDA's there)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    import bench.datasets  # noqa: F401
+    from bench.api.base_model import BaseModel
+    from bench.api.types import collate
+    from bench.core.registry import DATASETS
+    from bench.profile.gpu_check import bare_controlnet_steps
+
+    base = BaseModel.load(str(tiny_sd_dir))
+    # the tiny VAE is 2x down, so the condition embedding is too (the script's default is SD's 8x)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16))
+    before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    world = DATASETS.get("shapes")("train", 2, 32, ("canny",), seed=0)
+    times = bare_controlnet_steps(base, collate([world[i] for i in range(2)]), 2, "cpu", lr=1e-3, controlnet=controlnet)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert any(not torch.equal(before[k], v) for k, v in controlnet.state_dict().items())
