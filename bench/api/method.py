@@ -373,7 +373,7 @@ class Method(L.LightningModule):
     def on_train_end(self) -> None:
         self._raise_if_nonfinite()
 
-    # ---- memory options (bench.run.spec.RunOptions) ----------------------------------
+    # ---- memory options (bench.run.options.RunOptions) ----------------------------------
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Frozen floating weights in `dtype` (mixed precision's weight dtype); the trained ones stay fp32, and
         an SDXL VAE stays fp32 (diffusers train_controlnet_sdxl.py L1057-1061: fp16 VAEs overflow)."""

@@ -57,7 +57,7 @@ class RunOptions:
 
 
 def apply_options(options: RunOptions, precision: str, method) -> None:
-    """The run's memory and speed options (bench.run.spec.RunOptions) on the built method."""
+    """The run's memory and speed options (bench.run.options.RunOptions) on the built method."""
     import torch
 
     from bench.core.budget import PRECISIONS
