@@ -261,17 +261,10 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
     logged as it is measured. ``resume``: the run's resume checkpoint, written every
     spec.checkpoint_every steps and, where a killed earlier attempt left one, continued from
     (bench.run.callbacks: the data-order rule)."""
-    import lightning as L
     import torch
 
     from bench.api.types import collate
-    from bench.run.callbacks import (
-        ConsistencyCurve,
-        EMAWeights,
-        ResumableLoader,
-        ResumeCheckpoint,
-        StepTimer,
-    )
+    from bench.run.callbacks import ConsistencyCurve, EMAWeights, ResumeCheckpoint, StepTimer
 
     spec, budget, method = setup.spec, setup.spec.budget, setup.method
     if torch.cuda.is_available():
@@ -297,7 +290,6 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
     timer = StepTimer()
     world, checkpoints = 1, None
     if setup.trains:
-        opts = dict(spec.trainer)
         callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve, curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
             callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
@@ -312,25 +304,9 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
             from bench.run.wandb_mirror import live_callbacks
 
             callbacks += live_callbacks(live, timer, every)
-        accumulate = spec.options.accumulate
-        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
-                            devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
-                            accumulate_grad_batches=accumulate,
-                            logger=live.logger if live is not None else False, log_every_n_steps=every,
-                            enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=callbacks)
-        # The budget's batch size is the global batch: each of `world` processes (DDP) loads its share,
-        # so one optimiser step sees budget.batch_size samples however many processes train.
-        # With options.accumulate, each optimiser step takes that many micro-batches of a share each.
-        world = trainer.world_size
-        if budget.batch_size % (world * accumulate):
-            raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes x "
-                              f"{accumulate} micro-batches; choose a multiple of {world * accumulate} (it is the "
-                              "global batch)")
-        loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // (world * accumulate), spec.seed, collate)
-        trainer.fit(method, loader, ckpt_path=str(resume) if resumes else None)
-        peak = peak_mb()  # training's, before curves and evaluation allocate theirs
+        trainer = _fit(setup, data, callbacks, live.logger if live is not None else False, every, progress,
+                       resume if resumes else None)
+        world, peak = trainer.world_size, peak_mb()  # training's peak, before curves and evaluation allocate theirs
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # evaluation is rank 0's alone: without the group, torchmetrics computes locally instead of
             # waiting in a barrier for ranks that have finished
@@ -345,6 +321,30 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
     return Trained(timer.times, curve, rss_loaded, peak, world, checkpoints.resumed_from if checkpoints else 0)
+
+
+def _fit(setup: Setup, data: RunData, callbacks: list, logger: Any, every: int, progress: bool, resume: Path | None):
+    """Lightning's fit (from `resume` when given) of the budget's steps; returns the trainer. The budget's batch
+    size is the global, effective batch: each of `world` processes (DDP) loads its share, in options.accumulate
+    micro-batches, so one optimiser step sees budget.batch_size samples however the work is split."""
+    import lightning as L
+
+    from bench.api.types import collate
+    from bench.run.callbacks import ResumableLoader
+
+    spec, budget, opts, accumulate = setup.spec, setup.spec.budget, dict(setup.spec.trainer), setup.spec.options.accumulate
+    trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
+                        devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
+                        accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=every,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+    world = trainer.world_size
+    if budget.batch_size % (world * accumulate):
+        raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes x {accumulate} "
+                          f"micro-batches; choose a multiple of {world * accumulate} (it is the global batch)")
+    loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // (world * accumulate), spec.seed, collate)
+    trainer.fit(setup.method, loader, ckpt_path=str(resume) if resume is not None else None)
+    return trainer
 
 
 def save_checkpoint(setup: Setup, directory: Path) -> Path | None:

@@ -248,6 +248,15 @@ def _budget(cfg: dict) -> Budget:
     return budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
 
 
+def _options(cfg: dict, budget: Budget) -> RunOptions:
+    """`options:` (bench.run.options.RunOptions); its accumulation must split the budget's batch."""
+    options = RunOptions.from_config(cfg.get("options"))
+    if budget.batch_size % options.accumulate:
+        raise ConfigError(f"budget batch_size {budget.batch_size} does not split into options.accumulate="
+                          f"{options.accumulate} micro-batches; choose an accumulate that divides it")
+    return options
+
+
 def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     """Resolve names against the registries; returns the run specs and the output directory."""
     load_builtins()
@@ -284,10 +293,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                              *(CONDITIONS.get(c) for c in conditions if c), base_model=str(_need(cfg, "base_model"))))
     trainer = _trainer(cfg)
     every = _checkpoint_every(cfg.get("checkpoint_every"))
-    options = RunOptions.from_config(cfg.get("options"))
-    if budget.batch_size % options.accumulate:
-        raise ConfigError(f"budget batch_size {budget.batch_size} does not split into options.accumulate="
-                          f"{options.accumulate} micro-batches; choose an accumulate that divides it")
+    options = _options(cfg, budget)
     family = base_family(str(_need(cfg, "base_model")))  # which official recipe (Method.Recipe.SDXL)
     specs = []
     for m in method_names:
