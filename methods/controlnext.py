@@ -394,7 +394,8 @@ class ControlNeXt(Method):
                   str(directory / CONTROL_FILES[0]))
         if not self.tuned_names:
             return
+        # on the CPU: the shared UNet stays there while Lightning moves this method's copy to the GPU
         shared, params = dict(self._shared_unet[0].named_parameters()), dict(self.base.unet.named_parameters())
-        tuned = {n: params[n].detach() - shared[n].detach() if self.base.is_sdxl else params[n].detach()
+        tuned = {n: params[n].detach().cpu() - shared[n].detach().cpu() if self.base.is_sdxl else params[n].detach().cpu()
                  for n in self.tuned_names}
-        save_file({n: v.cpu().contiguous() for n, v in tuned.items()}, str(directory / "unet.safetensors"))
+        save_file({n: v.contiguous() for n, v in tuned.items()}, str(directory / "unet.safetensors"))

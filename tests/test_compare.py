@@ -99,7 +99,7 @@ def test_adding_a_seed_to_a_finished_schema1_run_executes_one_run_per_method(tmp
     executed = []
 
     # the decision under test: which specs reach here
-    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
+    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None, gpu=None):
         executed.append((spec.method, spec.seed))
         return failed(spec, "not executed in this test")
 

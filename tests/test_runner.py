@@ -102,7 +102,7 @@ def test_a_run_claimed_by_another_live_process_is_skipped_and_reported(proxy_arc
     executed = []
 
     # the decision under test: which specs reach here
-    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
+    def spy(spec, out_dir, progress=True, threads=None, started=None, launcher=None, gpu=None):
         executed.append(spec.run_id)
         return dataclasses.replace(failed(spec, ""), status="FINISHED")
 
@@ -130,12 +130,12 @@ def test_jobs_run_several_run_processes_at_once(proxy_arch_dir, tmp_path):
     live, peak, lock = set(), [0], threading.Lock()
     real = runner.run_isolated
 
-    def counting(spec, out_dir, progress=True, threads=None, started=None, launcher=None):
+    def counting(spec, out_dir, progress=True, threads=None, started=None, launcher=None, gpu=None):
         with lock:
             live.add(spec.run_id)
             peak[0] = max(peak[0], len(live))
         try:
-            return real(spec, out_dir, progress, threads, started, launcher)
+            return real(spec, out_dir, progress, threads, started, launcher, gpu)
         finally:
             with lock:
                 live.discard(spec.run_id)

@@ -189,6 +189,15 @@ class ParamGroup:
     lr_scale: float = 1.0
 
 
+def adamw_class(name: str) -> type:
+    """torch's AdamW, or bitsandbytes' 8-bit one (diffusers train_controlnet.py L898-906 `--use_8bit_adam`)."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
 def cubic_timesteps(n: int, num_train_timesteps: int, device=None) -> torch.Tensor:
     """t = (1 - u^3) T, u ~ U[0, 1): T2I-Adapter's sampling, as diffusers'
     `train_t2i_adapter_sdxl.py` writes it (floor, clamped to T - 1)."""
@@ -306,7 +315,7 @@ class Method(L.LightningModule):
     def noised_prediction(self, batch: Batch) -> "Noised":
         """Noise the batch at random timesteps and predict with this method (one UNet call)."""
         base = self.base
-        x0 = base.encode_images(batch.image)
+        x0 = self.encode_latents(batch.image)
         drops = self.draw_drops(len(batch))
         prompts = ["" if drop else p for p, drop in zip(batch.prompts, drops.text.tolist())]
         # hooks see what is actually trained on: the prompts, and which image conditions are dropped
@@ -317,6 +326,16 @@ class Method(L.LightningModule):
         noisy = base.scheduler.add_noise(x0, noise, t)
         state = self.prepare(batch, embeds, cfg=False)
         return Noised(x0, noise, t, noisy, embeds, state, self.denoise(noisy, t, embeds, state))
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Training targets in fp32, whatever the frozen VAE's dtype: diffusers adds the noise in fp32
+        (train_controlnet.py `add_noise(latents.float(), noise.float(), timesteps)`); a VAE kept fp32
+        (SDXL) encodes outside autocast, as fp32 is why it is kept."""
+        vae = self.base.vae
+        if vae is None or vae.dtype != torch.float32:
+            return self.base.encode_images(images).float()
+        with torch.autocast(images.device.type, enabled=False):
+            return self.base.encode_images(images).float()
 
     def diffusion_loss(self, n: "Noised") -> torch.Tensor:
         sched = self.base.scheduler
@@ -330,15 +349,54 @@ class Method(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; lower lr in the budget")
+        self._note_nonfinite(loss)
         if self.global_step % 10 == 0:  # Lightning's per-call logging cost ~5% of a tiny-model step
+            self._raise_if_nonfinite()
             self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep the first step whose loss is not finite, on the loss's device: reading it back at every
+        step (`if not torch.isfinite(loss)`) made the host wait for the GPU at every step."""
+        first = getattr(self, "_first_nonfinite", None)
+        if first is None or first.device != loss.device:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        self._first_nonfinite = torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first)
+
+    def _raise_if_nonfinite(self) -> None:
+        """One host read: every 10 steps (with the loss's logging) and when training ends."""
+        first = int(self._first_nonfinite) if getattr(self, "_first_nonfinite", None) is not None else -1
+        if first >= 0:
+            raise FloatingPointError(f"non-finite loss at step {first}; lower lr in the budget")
+
+    def on_train_end(self) -> None:
+        self._raise_if_nonfinite()
+
+    # ---- memory options (bench.run.options.RunOptions) ----------------------------------
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Frozen floating weights in `dtype` (mixed precision's weight dtype); the trained ones stay fp32, and
+        an SDXL VAE stays fp32 (diffusers train_controlnet_sdxl.py L1057-1061: fp16 VAEs overflow)."""
+        keep = {id(p) for p in self.base.vae.parameters()} if self.base.vae is not None and self.base.is_sdxl else set()
+        with torch.no_grad():
+            for p in self.parameters():
+                if not p.requires_grad and p.is_floating_point() and id(p) not in keep:
+                    p.data = p.data.to(dtype)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every diffusers model of the method, the frozen UNet too: a control branch's gradient
+        flows back through it (diffusers enables it on the ControlNet, train_controlnet.py L873-874)."""
+        from diffusers import ModelMixin
+
+        for m in self.modules():
+            if isinstance(m, ModelMixin) and getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+
+    optimizer_name: str = "adamw"  # RunOptions.optimizer: "adamw8bit" is bitsandbytes' AdamW8bit
+
     def configure_optimizers(self):
         groups = [{"params": g.params, "lr": self.budget.lr * g.lr_scale} for g in self.param_groups() if g.params]
-        opt = torch.optim.AdamW(groups, lr=self.budget.lr, weight_decay=0.0)
+        opt = adamw_class(self.optimizer_name)(groups, lr=self.budget.lr, weight_decay=0.0)
         warm = max(1, self.budget.lr_warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

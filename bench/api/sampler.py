@@ -49,7 +49,13 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> 
 def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: float, seed: int,
              progress: bool = False, negative_prompt: str = "") -> torch.Tensor:
     """Generate one image per sample of `batch`; returns float [B,3,H,W] in [0,1]. With CFG the
-    unconditional input is `negative_prompt` (diffusers pipelines' default: the empty prompt)."""
+    unconditional input is `negative_prompt` (diffusers pipelines' default: the empty prompt).
+
+    Everything runs where the method's own bundle is (`method.base`: its private UNet copy where it
+    tunes one, which Lightning moved to the GPU while a shared `base` may stay on the CPU); `base` is
+    used only for a method without one. The VAE decodes one latent at a time (diffusers'
+    `enable_vae_slicing`): a whole eval batch's decode would be the evaluation's memory peak."""
+    base = getattr(method, "base", None) or base
     device = base.unet.device
     batch = batch.to(device)
     n = len(batch)
@@ -74,4 +80,11 @@ def generate(base, method, batch, *, sampler: str, steps: int, guidance_scale: f
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(pred, t, latents).prev_sample
-    return base.decode(latents).float()
+    return decode_sliced(base, latents)
+
+
+def decode_sliced(base, latents: torch.Tensor) -> torch.Tensor:
+    """`base.decode` one sample at a time, in the VAE's dtype (SDXL's VAE stays fp32 under a bf16 UNet)."""
+    if base.vae is None:
+        return base.decode(latents).float()
+    return torch.cat([base.decode(x[None].to(base.vae.dtype)).float() for x in latents])

@@ -19,7 +19,11 @@ from bench.core.yamlio import safe_load
 
 TUPLE_FIELDS = ("curve_steps",)
 INT_FIELDS = ("train_steps", "batch_size", "resolution", "lr_warmup_steps", "train_size", "inference_steps",
-              "eval_samples")
+              "eval_samples", "eval_batch_size")
+# Memory knobs: they change no number's meaning (per-sample noise makes a sample's image independent of
+# its batch), so they are not in the budget key and two runs differing only in them are comparable.
+MEMORY_FIELDS = ("eval_batch_size",)
+EVAL_BATCH_SIZE = 64  # the default: what evaluation generated at once before the field existed
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Budget:
     curve_steps: tuple[int, ...] = ()  # training steps at which consistency is also measured
     curve_samples: int = 16  # the first N eval samples, the same subset at every step
     negative_prompt: str = ""  # CFG's unconditional prompt (ControlNet++'s eval: "worst quality, low quality")
+    eval_batch_size: int = EVAL_BATCH_SIZE  # samples generated at once (CFG doubles the UNet batch); memory only
 
     def as_dict(self) -> dict:
         """All fields; without a curve its two fields are left out: the sample count then changes
@@ -70,12 +75,15 @@ class Budget:
             d.pop("curve_samples")
         if not self.negative_prompt:  # likewise: keys from before negative prompts stay valid
             d.pop("negative_prompt")
+        if self.eval_batch_size == EVAL_BATCH_SIZE:  # and run ids from before the field
+            d.pop("eval_batch_size")
         return d
 
     def key(self) -> str:
-        """Hash of every number-changing field; the name is a label and is left out."""
+        """Hash of every number-changing field; the name is a label and memory knobs (MEMORY_FIELDS) are left out."""
         d = self.as_dict()
-        d.pop("name")
+        for f in ("name", *MEMORY_FIELDS):
+            d.pop(f, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

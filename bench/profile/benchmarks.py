@@ -6,6 +6,7 @@ training cost of each method relative to ControlNet.
     python -m bench.profile.benchmarks --quickstart OUT_DIR
     python -m bench.profile.benchmarks estimate-vs-rss [--no-sd15]
     python -m bench.profile.benchmarks estimate-vs-gpu [--base sd15-arch] [--resolution 512] [--batches 1,4] [--precision bf16]
+    python -m bench.profile.benchmarks gpu-check [--out gpu_check.json] [--methods a,b]   (bench/profile/gpu_check.py)
 
 Method costs (`bench.profile.measure` on the proxy at the `quick` budget's resolution): each variant
 (`name` or `name:key=value,...`) in its own spawned process, as ratios against the first.
@@ -30,6 +31,7 @@ import argparse
 import copy
 import itertools
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -409,6 +411,10 @@ def estimate_vs_gpu(variants: list[str], base_model: str, resolution: int, batch
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-check"]:  # its own options (bench/profile/gpu_check.py)
+        from bench.profile.gpu_check import main as gpu_check
+        return gpu_check(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench.profile.benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=["estimate-vs-rss", "estimate-vs-gpu"],
@@ -478,8 +484,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main() -> int:
-    import sys
-
     from bench.core.errors import ConfigError
 
     try:

@@ -30,11 +30,13 @@ from bench.core.files import atomic_path
 
 
 class StepTimer(L.Callback):
-    """Wall time of each optimisation step (CUDA-synchronised)."""
+    """Wall time of each optimisation step (CUDA-synchronised), from its first micro-batch's start to
+    the batch end at which the step was taken (options.accumulate: several micro-batches each)."""
 
     def __init__(self):
         self.times: list[float] = []
-        self._t0 = 0.0
+        self._t0: float | None = None
+        self._step = -1
 
     @staticmethod
     def _sync() -> None:
@@ -42,12 +44,15 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._sync()
-        self._t0 = time.perf_counter()
+        if self._t0 is None:
+            self._sync()
+            self._t0, self._step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._sync()
-        self.times.append(time.perf_counter() - self._t0)
+        if trainer.global_step != self._step:  # an optimiser step was taken
+            self._sync()
+            self.times.append(time.perf_counter() - self._t0)
+            self._t0 = None
 
 
 class ConsistencyCurve(L.Callback):
@@ -91,8 +96,9 @@ class EMAWeights(L.Callback):
         self.ema = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step <= self.start_step:
-            return
+        if trainer.global_step <= self.start_step or trainer.global_step == getattr(self, "_step", None):
+            return  # before the start, or a micro-batch that took no optimiser step (options.accumulate)
+        self._step = trainer.global_step
         params = module.trainable_parameters()
         if self.ema is None:  # starts from the weights at start_step, as ControlNet++'s starts from its ControlNet
             from diffusers.training_utils import EMAModel
@@ -208,10 +214,11 @@ class ResumeCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if not self.every or step % self.every or step >= trainer.max_steps:
-            return
-        if isinstance(trainer.train_dataloader, ResumableLoader):
-            trainer.train_dataloader.position = step
+        if not self.every or step % self.every or step >= trainer.max_steps or step == getattr(self, "_saved", None):
+            return  # (the last: the next micro-batches of an accumulated step, once it is saved)
+        self._saved = step
+        if isinstance(trainer.train_dataloader, ResumableLoader):  # in batches: micro-batches per step
+            trainer.train_dataloader.position = step * trainer.accumulate_grad_batches
         if trainer.is_global_zero:
             with atomic_path(self.path) as tmp:
                 trainer.save_checkpoint(tmp)

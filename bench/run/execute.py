@@ -15,6 +15,7 @@ Importing this module imports no torch: torch, Lightning and the models are impo
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from bench.core.artifacts import (
 from bench.core.errors import ConfigError
 from bench.core.files import atomic_dir, atomic_path, remove_stale_temps
 from bench.core.store import CONSISTENCY, RunRecord
+from bench.run.options import apply_options, autocast, peak_mb
 from bench.run.spec import RunSpec
 
 if TYPE_CHECKING:
@@ -45,11 +47,9 @@ from bench.core.provenance import (
     git_sha,
     machine_identity,
     package_versions,
-    peak_rss_mb,
     rss_mb,
 )
 
-EVAL_BATCH = 64
 WARMUP_STEPS = 5
 
 
@@ -121,9 +121,10 @@ class Setup:
         from bench.api.sampler import generate
 
         b = self.spec.budget
-        return generate(self.base, self.method, batch, sampler=b.sampler, steps=b.inference_steps,
-                        guidance_scale=b.guidance_scale, seed=self.spec.seed, progress=progress,
-                        negative_prompt=b.negative_prompt)
+        with autocast(b.precision, self.device):  # as training ran: the frozen weights are in its dtype
+            return generate(self.base, self.method, batch, sampler=b.sampler, steps=b.inference_steps,
+                            guidance_scale=b.guidance_scale, seed=self.spec.seed, progress=progress,
+                            negative_prompt=b.negative_prompt)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Trained:
     step_times: list[float]
     curve: list[dict]
     rss_loaded_mb: float
+    peak_mem_mb: float = float("nan")  # training's peak, read right after fit (CUDA allocator, or RSS on CPU)
     world_size: int = 1  # training processes (DDP); only rank 0 gets here
     resumed_from: int = 0  # the step a resumed run continued from (0: trained from scratch)
 
@@ -213,13 +215,25 @@ def build(spec: RunSpec) -> Setup:
     method_cls, metric_classes = METHODS.get(spec.method), {name: METRICS.get(name) for name in spec.metrics}
     _refuse_stale_versions(spec, method_cls, metric_classes)
     L.seed_everything(spec.seed, workers=True, verbose=False)
+    # transformers' hub kernels would replace layers by downloaded ones on a GPU (and query it at every train())
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     base = BaseModel.load(spec.base_model)
     method = method_cls(base, spec.condition, spec.budget, dict(spec.hparams))
     if spec.weights:
         method.load_weights(Path(spec.weights))
-    metrics = {name: cls() for name, cls in metric_classes.items()}
+    apply_options(spec.options, spec.budget.precision, method)
+    # only rank 0 evaluates (DDP's other ranks train and return), so it alone builds metrics, which never sync
+    metrics = {name: cls() for name, cls in metric_classes.items()} if rank_zero() else {}
+    for metric in metrics.values():
+        metric.sync_on_compute = False
     trains = bool(method.trainable_parameters()) and spec.budget.train_steps > 0 and not spec.source_run
     return Setup(spec, "cuda" if torch.cuda.is_available() else "cpu", base, method, metrics, trains)
+
+
+def rank_zero() -> bool:
+    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
+    the run module again, with LOCAL_RANK (and NODE_RANK) set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def load_data(setup: Setup, progress: bool = True) -> RunData:
@@ -247,17 +261,10 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
     logged as it is measured. ``resume``: the run's resume checkpoint, written every
     spec.checkpoint_every steps and, where a killed earlier attempt left one, continued from
     (bench.run.callbacks: the data-order rule)."""
-    import lightning as L
     import torch
 
     from bench.api.types import collate
-    from bench.run.callbacks import (
-        ConsistencyCurve,
-        EMAWeights,
-        ResumableLoader,
-        ResumeCheckpoint,
-        StepTimer,
-    )
+    from bench.run.callbacks import ConsistencyCurve, EMAWeights, ResumeCheckpoint, StepTimer
 
     spec, budget, method = setup.spec, setup.spec.budget, setup.method
     if torch.cuda.is_available():
@@ -283,7 +290,6 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
     timer = StepTimer()
     world, checkpoints = 1, None
     if setup.trains:
-        opts = dict(spec.trainer)
         callbacks = [timer] + ([ConsistencyCurve(curve_steps, measure_curve, curve)] if curve_steps else [])
         if method.recipe.ema_decay > 0:
             callbacks.append(EMAWeights(method.recipe.ema_decay, method.ema_start_step()))
@@ -298,30 +304,47 @@ def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
             from bench.run.wandb_mirror import live_callbacks
 
             callbacks += live_callbacks(live, timer, every)
-        trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
-                            devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
-                            logger=live.logger if live is not None else False, log_every_n_steps=every,
-                            enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, num_sanity_val_steps=0, limit_val_batches=0,
-                            callbacks=callbacks)
-        # The budget's batch size is the global batch: each of `world` processes (DDP) loads its share,
-        # so one optimiser step sees budget.batch_size samples however many processes train.
-        world = trainer.world_size
-        if budget.batch_size % world:
-            raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes; "
-                              f"choose a multiple of {world} (it is the global batch)")
-        loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // world, spec.seed, collate)
-        trainer.fit(method, loader, ckpt_path=str(resume) if resumes else None)
+        trainer = _fit(setup, data, callbacks, live.logger if live is not None else False, every, progress,
+                       resume if resumes else None)
+        world, peak = trainer.world_size, peak_mb()  # training's peak, before curves and evaluation allocate theirs
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # evaluation is rank 0's alone: without the group, torchmetrics computes locally instead of
             # waiting in a barrier for ranks that have finished
             torch.distributed.destroy_process_group()
         if trainer.global_rank != 0:
             return None
+    else:
+        peak = peak_mb()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the evaluation's peak is its own figure
     method.to(setup.device).eval()
     if curve_steps:  # the end point, on the same subset as the others
         measure_curve(method, budget.train_steps)
-    return Trained(timer.times, curve, rss_loaded, world, checkpoints.resumed_from if checkpoints else 0)
+    return Trained(timer.times, curve, rss_loaded, peak, world, checkpoints.resumed_from if checkpoints else 0)
+
+
+def _fit(setup: Setup, data: RunData, callbacks: list, logger: Any, every: int, progress: bool, resume: Path | None):
+    """Lightning's fit (from `resume` when given) of the budget's steps; returns the trainer. The budget's batch
+    size is the global, effective batch: each of `world` processes (DDP) loads its share, in options.accumulate
+    micro-batches, so one optimiser step sees budget.batch_size samples however the work is split."""
+    import lightning as L
+
+    from bench.api.types import collate
+    from bench.run.callbacks import ResumableLoader
+
+    spec, budget, opts, accumulate = setup.spec, setup.spec.budget, dict(setup.spec.trainer), setup.spec.options.accumulate
+    trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
+                        devices=opts.get("devices", 1), strategy=opts.get("strategy", "auto"),
+                        accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=every,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+    world = trainer.world_size
+    if budget.batch_size % (world * accumulate):
+        raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes x {accumulate} "
+                          f"micro-batches; choose a multiple of {world * accumulate} (it is the global batch)")
+    loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // (world * accumulate), spec.seed, collate)
+    trainer.fit(setup.method, loader, ckpt_path=str(resume) if resume is not None else None)
+    return trainer
 
 
 def save_checkpoint(setup: Setup, directory: Path) -> Path | None:
@@ -350,7 +373,8 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
         remove_stale_temps(paths[key])  # left by a killed earlier attempt
     grid = SampleManifest(spec.condition, None)
     latencies, seen, sample_s = [], 0, 0.0
-    for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=EVAL_BATCH, shuffle=False, collate_fn=collate):
+    chunk = spec.budget.eval_batch_size  # CFG doubles the UNet's batch; the VAE decodes one sample at a time
+    for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=chunk, shuffle=False, collate_fn=collate):
         t0 = time.perf_counter()
         images = setup.generate(batch, progress)
         latencies.append((time.perf_counter() - t0) / len(batch))
@@ -446,12 +470,15 @@ def record(setup: Setup, trained: Trained, evaluation: Evaluation, checkpoint: P
 
 
 def _peak_memory(trained: Trained) -> dict[str, float]:
-    """CUDA allocator peak, or on CPU this isolated process's peak RSS and its rise over the loaded model."""
+    """Training's peak (`peak_mem_mb`, read right after fit) and evaluation's (`peak_eval_mem_mb`, read now),
+    as separate figures: CUDA allocator peaks (reset between the two), or on CPU this isolated process's peak
+    RSS (which never resets, so the evaluation's is the whole run's) and training's rise over the loaded model."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_mem_mb": peak_rss_mb(), "peak_mem_delta_mb": peak_rss_mb() - trained.rss_loaded_mb}
+    out = {"peak_mem_mb": trained.peak_mem_mb, "peak_eval_mem_mb": peak_mb()}
+    if not torch.cuda.is_available():
+        out["peak_mem_delta_mb"] = trained.peak_mem_mb - trained.rss_loaded_mb
+    return out
 
 
 def failed(spec: RunSpec, reason: str) -> RunRecord:

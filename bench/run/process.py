@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     pass
 
 
-from bench.run.execute import execute, failed
+from bench.run.execute import execute, failed, rank_zero
 
 PARENT_ENV = "CONTROLBENCH_RUN_PARENT"
 RUN_MODULE = RUN_PROCESS_MODULE  # this module, as the store's liveness check knows it
@@ -83,17 +83,11 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
-def _rank_zero() -> bool:
-    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
-    this module again, with LOCAL_RANK (and NODE_RANK) set."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-
 def _child(spec_dict: dict, out_dir: str, result_path: str, progress: bool) -> None:
     from bench.run.wandb_mirror import mirror, start
 
     spec = RunSpec.from_dict(spec_dict)
-    live = start(spec.run_id, spec.to_dict(), Path(out_dir)) if _rank_zero() else None  # never raises
+    live = start(spec.run_id, spec.to_dict(), Path(out_dir)) if rank_zero() else None  # never raises
     try:
         record = execute(spec, Path(out_dir), progress, live)
     except Exception as e:  # noqa: BLE001 - every failure becomes a FAILED record with its reason
@@ -121,12 +115,16 @@ def _report_failure(run_id: str, out_dir: Path, progress: bool, reason: str) -> 
         print(f"run {run_id} failed: {reason}; traceback in {log}", file=sys.stderr)
 
 
-def _start_run_module(args: list[str], threads: int | None = None, **popen: Any) -> subprocess.Popen:
-    """`python -m bench.run.process ARGS` as a child that dies with this thread (see above)."""
+def _start_run_module(args: list[str], threads: int | None = None, gpu: str | None = None,
+                      **popen: Any) -> subprocess.Popen:
+    """`python -m bench.run.process ARGS` as a child that dies with this thread (see above); ``gpu``:
+    the one GPU it sees (CUDA_VISIBLE_DEVICES), so its cuda:0 is that card."""
     isolated = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path: a ./bench must not shadow us
     env = {**os.environ, PARENT_ENV: str(os.getpid()), STARTED_ENV: "interpreter"}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     # Not Linux: no death signal; the child's watchdog thread (see _child_main) stands in for it.
     return subprocess.Popen([sys.executable, *isolated, "-m", RUN_MODULE, *args], env=env,
                             preexec_fn=_death_signal_setter(), **popen)
@@ -175,13 +173,13 @@ class Launcher:
 
 def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True, threads: int | None = None,
                  started: Callable[[subprocess.Popen], None] | None = None,
-                 launcher: Launcher | None = None) -> RunRecord:
+                 launcher: Launcher | None = None, gpu: str | None = None) -> RunRecord:
     """Run one spec in its own process (see the comment above `PARENT_ENV`) and return its record;
     a run process that crashes or is killed before writing its result becomes a FAILED record.
     Its stdout and stderr (progress bars, a failure's traceback) are this process's. ``threads``:
     the run's CPU threads (OMP/MKL), when several runs share the machine; ``started`` is called
     with the run process (`run_all` kills its live runs when interrupted); ``launcher``: where the
-    process comes from (default: a fresh interpreter)."""
+    process comes from (default: a fresh interpreter); ``gpu``: the GPU it alone sees (`run_all --jobs`)."""
     out_dir = Path(out_dir)
     result = out_dir / "records" / f"{spec.run_id}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +187,10 @@ def run_isolated(spec: RunSpec, out_dir: Path, progress: bool = True, threads: i
     spec_json = json.dumps(spec.to_dict(), sort_keys=True)
     args = [spec.run_id, str(out_dir), str(result), "1" if progress else "0", spec_json]
     t0 = time.perf_counter()
-    proc = launcher.start(args, threads) if launcher is not None else _start_run_module(args, threads)
+    # a run given its own GPU starts a fresh interpreter: CUDA reads CUDA_VISIBLE_DEVICES once, at its first
+    # call, and a fork server's process may have asked torch for the device count already
+    fresh = launcher is None or gpu is not None
+    proc = _start_run_module(args, threads, gpu) if fresh else launcher.start(args, threads)
     if started is not None:
         started(proc)
     try:

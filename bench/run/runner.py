@@ -41,11 +41,38 @@ class RunSummary:
         return sum(r.finished for r in self.records)
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set, else the
+    cards `nvidia-smi -L` lists (none where it is missing)."""
+    import subprocess
+
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        ids = [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        return ids[:next((i for i, g in enumerate(ids) if g.startswith("-")), len(ids))]  # CUDA stops at "-1"
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")] if not out.returncode else []
+
+
+def gpu_slots(jobs: int) -> list[str]:
+    """With `--jobs N` > 1 on a GPU machine, one GPU per concurrent run: N of them (a ConfigError when
+    fewer are visible). Empty on a CPU-only machine or for one job at a time (it sees them all)."""
+    from bench.core.errors import ConfigError
+
+    gpus = visible_gpus() if jobs > 1 else []
+    if gpus and jobs > len(gpus):
+        raise ConfigError(f"--jobs {jobs} gives each run its own GPU, and {len(gpus)} are visible "
+                          f"({', '.join(gpus)}); use --jobs {len(gpus)}")
+    return gpus[:jobs]
+
+
 def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = True, jobs: int = 1) -> RunSummary:
     """Run every spec not FINISHED in the store nor claimed by another live process (`_claim`: concurrent
     commands on one store split the work); FAILED runs do not stop the rest; only this thread writes the
-    store. ``jobs`` > 1 runs that many run processes at once, each on an equal share of the CPU cores
-    (records say so: machine.concurrent_runs); a run is claimed only when a slot frees."""
+    store. ``jobs`` > 1 runs that many at once, each on a share of the CPU cores (machine.concurrent_runs) and,
+    on a GPU machine, a GPU of its own (`gpu_slots`; machine.cuda_visible_devices); claimed as a slot frees."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm.auto import tqdm
@@ -54,15 +81,15 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
     elsewhere, ran, live = [], 0, []
     threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // jobs)
     bar = tqdm(total=len(specs), desc="runs", disable=not progress)
-    pending: dict = {}  # future -> (index, spec)
+    pending: dict = {}  # future -> (index, spec, GPU)
+    free_gpus = gpu_slots(jobs)
 
     def collect(done) -> None:
         nonlocal ran
         for future in done:
-            i, spec = pending.pop(future)
+            i, spec, gpu = pending.pop(future)
             record = future.result()
-            if jobs > 1 and record.machine:
-                record.machine["concurrent_runs"] = jobs
+            free_gpus.extend(_release(record, jobs, gpu))
             try:
                 store.put(record)
             finally:
@@ -88,10 +115,10 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
                                    "live process: skipped here")
                     bar.update()
                     continue
-                child_progress = progress and jobs == 1  # several runs' bars would interleave
                 launcher.warm()
-                pending[pool.submit(run_isolated, spec, out_dir, child_progress, threads if jobs > 1 else None,
-                                    live.append, launcher)] = (i, spec)
+                gpu = free_gpus.pop(0) if free_gpus else None
+                pending[pool.submit(run_isolated, spec, out_dir, progress and jobs == 1,  # else bars interleave
+                                    threads if jobs > 1 else None, live.append, launcher, gpu)] = (i, spec, gpu)
             while pending:
                 collect(wait(pending, return_when=FIRST_COMPLETED).done)
         except BaseException:  # interrupted: the runs go with us (their claims die with this process)
@@ -101,6 +128,16 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
             raise
     bar.close()
     return RunSummary([records[i] for i in sorted(records)], ran, elsewhere)
+
+
+def _release(record: RunRecord, jobs: int, gpu: str | None) -> list[str]:
+    """Note on a finished run's record what it shared its machine with (`jobs` concurrent runs) and the one GPU it
+    saw (neither is a machine-key field: the machine stays one machine); returns the GPU it frees, if any."""
+    if record.machine and jobs > 1:
+        record.machine["concurrent_runs"] = jobs
+    if record.machine and gpu is not None:
+        record.machine["cuda_visible_devices"] = gpu
+    return [] if gpu is None else [gpu]
 
 
 def _claim(store: Store, spec: RunSpec) -> tuple[str, RunRecord | None]:

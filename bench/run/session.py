@@ -58,6 +58,9 @@ def run_config(config: str | Path | None = None, overrides: Sequence[str] | Mapp
     `out` defaults to the config's out_dir, `store` to OUT/store.sqlite; `jobs` runs at once."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs needs a whole number >= 1, got {jobs}")
+    from bench.run.runner import gpu_slots
+
+    gpu_slots(jobs)  # before the store opens: more jobs than GPUs is one line, exit 2
     specs, config_out = plan(config, overrides)
     out_dir = Path(out or config_out)
     return run_and_report(specs, Path(store) if store else out_dir / "store.sqlite", out_dir, progress, jobs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,14 @@ from bench.core.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownN
 from bench.core.store import RunRecord, spec_hash
 from bench.core.yamlio import safe_load, where
 from bench.run.builtins import load_builtins
+from bench.run.options import RunOptions
 
 DEFAULT_CONFIG = CONFIGS_DIR / "quickstart.yaml"
 TOP_KEYS = {"methods", "dataset", "condition", "budget", "base_model", "metrics", "out_dir", "hparams",
-            "seeds", "budgets_file", "strategy", "devices", "checkpoint_every"}
+            "seeds", "budgets_file", "strategy", "devices", "checkpoint_every", "options"}
 TRAINER_KEYS = ("strategy", "devices")  # passed to Lightning's Trainer for multi-GPU runs
 LIST_KEYS = {"methods", "metrics", "seeds", "condition", "dataset"}
 DEFAULT_SEEDS = (0,)  # when a config lists none
-
-
 @dataclass(frozen=True)
 class RunSpec:
     method: str
@@ -45,6 +44,7 @@ class RunSpec:
     source_run: str = ""
     # steps between resume checkpoints (0: none); changes no number, so it is not in the run id
     checkpoint_every: int = 0
+    options: RunOptions = field(default_factory=RunOptions)  # memory and speed (RunOptions)
 
     def to_dict(self) -> dict:
         d = dict(method=self.method, method_version=self.method_version, dataset=self.dataset,
@@ -61,6 +61,8 @@ class RunSpec:
             d["source_run"] = self.source_run
         if self.checkpoint_every:
             d["checkpoint_every"] = self.checkpoint_every
+        if self.options.changed() or self.budget.precision.endswith("-mixed"):
+            d["options"] = asdict(self.options)  # all of them where the frozen dtype follows the precision
         return d
 
     @property
@@ -77,7 +79,8 @@ class RunSpec:
                    hparams=tuple(sorted(d["hparams"].items())),
                    recipe=tuple(sorted(d.get("recipe", {}).items())),
                    trainer=tuple(sorted(d.get("trainer", {}).items())), weights=d.get("weights", ""),
-                   source_run=d.get("source_run", ""), checkpoint_every=d.get("checkpoint_every", 0))
+                   source_run=d.get("source_run", ""), checkpoint_every=d.get("checkpoint_every", 0),
+                   options=RunOptions.from_config(d.get("options")))
 
 
 def load_config(path: Path | None) -> dict:
@@ -245,6 +248,15 @@ def _budget(cfg: dict) -> Budget:
     return budgets[name].with_overrides(budget_cfg) if budget_cfg else budgets[name]
 
 
+def _options(cfg: dict, budget: Budget) -> RunOptions:
+    """`options:` (bench.run.options.RunOptions); its accumulation must split the budget's batch."""
+    options = RunOptions.from_config(cfg.get("options"))
+    if budget.batch_size % options.accumulate:
+        raise ConfigError(f"budget batch_size {budget.batch_size} does not split into options.accumulate="
+                          f"{options.accumulate} micro-batches; choose an accumulate that divides it")
+    return options
+
+
 def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
     """Resolve names against the registries; returns the run specs and the output directory."""
     load_builtins()
@@ -281,6 +293,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                              *(CONDITIONS.get(c) for c in conditions if c), base_model=str(_need(cfg, "base_model"))))
     trainer = _trainer(cfg)
     every = _checkpoint_every(cfg.get("checkpoint_every"))
+    options = _options(cfg, budget)
     family = base_family(str(_need(cfg, "base_model")))  # which official recipe (Method.Recipe.SDXL)
     specs = []
     for m in method_names:
@@ -300,7 +313,8 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                                      dataset_version=dataset_versions[dataset_name], condition=condition, budget=budget,
                                      seed=int(seed), base_model=str(_need(cfg, "base_model")), metrics=metric_names,
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
-                                     recipe=recipe, trainer=trainer, weights=weights, checkpoint_every=every))
+                                     recipe=recipe, trainer=trainer, weights=weights, checkpoint_every=every,
+                                     options=options))
     return specs, Path(cfg.get("out_dir") or "runs/default")
 
 
