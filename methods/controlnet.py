@@ -123,8 +123,10 @@ def load_controlnet(path: Path, built):
 
 
 # Condition kinds drawn as a 3-channel image, which every image-conditioned method accepts:
-# the shapes world's own, plus the controlnet-aux and pose extractors used at full scale.
-IMAGE_CONDITIONS = ("canny", "canny_kornia", "seg", "depth", "hed", "pidinet", "lineart", "depth_midas", "openpose", "pose")
+# the shapes world's own, ControlNet++'s eval canny (canny_kornia), and the controlnet-aux and pose
+# extractors used at full scale.
+IMAGE_CONDITIONS = ("canny", "canny_kornia", "seg", "depth", "hed", "pidinet", "lineart",
+                    "depth_midas", "openpose", "pose")
 
 
 INIT_METHODS = ("", "controlnet")  # a ControlNet-family method starts from nothing or from a controlnet run
@@ -145,7 +147,8 @@ class ControlNet(Method):
         conditioning_scale: float = 1.0  # multiplies every residual (diffusers' controlnet_conditioning_scale)
         lr_ratio: float = 1.0  # tutorial_train.py L14 `learning_rate = 1e-5`: the base every ratio refers to
         weight_decay: float = 1e-2  # cldm/cldm.py L422 `torch.optim.AdamW(params, lr=lr)`: torch's default 1e-2
-        grad_clip: float = 0.0  # tutorial_train.py L31 `pl.Trainer(gpus=1, precision=32, callbacks=[logger])`: no clipping
+        # tutorial_train.py L31 `pl.Trainer(gpus=1, precision=32, callbacks=[logger])`: no clipping
+        grad_clip: float = 0.0
         # "controlnet": start from the same seed's finished controlnet run of this budget (its checkpoint) and
         # train the budget's steps on top: ControlNet++'s start, and, set on controlnet itself, the control row
         # trained for ControlNet++'s total. "": built fresh.

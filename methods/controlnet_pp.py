@@ -166,7 +166,8 @@ class ControlNetPP(ControlNet):
     @property
     def reward_weight(self) -> float:
         weight = self.recipe.reward_weight
-        return OFFICIAL_REWARD_WEIGHT[REWARD_CONDITION.get(self.condition, self.condition)] if weight is None else weight
+        official = OFFICIAL_REWARD_WEIGHT[REWARD_CONDITION.get(self.condition, self.condition)]
+        return official if weight is None else weight
 
     def draw_drops(self, n: int) -> Drops:
         """ControlNet's prompt dropout until reward_start, the reward recipe's after it."""

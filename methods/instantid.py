@@ -124,7 +124,8 @@ class InstantID(IPAdapter):
         # IdentityNet ControlNet's (lllyasviel/ControlNet tutorial_train.py lr 1e-5 = 0.1 x IP-Adapter's 1e-4).
         identitynet_lr_scale: float = 0.1
         # train_image_prompt "target" (inherited): InstantID trained on single captioned images (paper,
-        # implementation details: LAION-Face and 10M human images), so the ID embedding can only be the target's own face.
+        # implementation details: LAION-Face and 10M human images), so the ID embedding can only be the
+        # target's own face.
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)

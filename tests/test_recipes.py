@@ -46,9 +46,13 @@ def test_cubic_timesteps_follow_their_distribution():
 
 
 def test_each_method_samples_its_own_timesteps(proxy, smoke_budget):
-    t2i = METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {})
+    """T2I-Adapter per base family: its SD1.x code samples t uniformly (SD branch ddpm.py), its SDXL code
+    cubically (main train_sketch.py); the SDXL recipe, on the proxy's UNet, samples cubically."""
+    cls = METHODS.get("t2i_adapter")
+    assert cls.make_recipe({}, "sd").timesteps == "uniform" and cls.make_recipe({}, "sdxl").timesteps == "cubic"
+    t2i = cls(proxy, "canny", smoke_budget, cls.make_recipe({}, "sdxl"))
     controlnet = METHODS.get("controlnet")(proxy, "canny", smoke_budget, {})
-    assert t2i.recipe.timesteps == "cubic" and controlnet.recipe.timesteps == "uniform"
+    assert controlnet.recipe.timesteps == "uniform"
     torch.manual_seed(1)
     cubic = t2i.sample_timesteps(20_000).float()
     torch.manual_seed(1)
@@ -248,7 +252,9 @@ def test_ema_averages_from_its_start_step_and_replaces_the_weights():
 
 def test_only_controlnet_pp_averages_its_weights(proxy, smoke_budget):
     pp = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {})
-    assert pp.recipe.ema_decay == 0.9999 and pp.ema_start_step() == int(0.5 * smoke_budget.train_steps)
+    assert pp.recipe.ema_decay == 0.9999 and pp.ema_start_step() == 0  # reward fine-tuning from its first step
+    fresh = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {"init_from": "", "reward_start": 0.5})
+    assert fresh.ema_start_step() == int(0.5 * smoke_budget.train_steps)  # the in-budget schedule
     for name in ("controlnet", "t2i_adapter", "controlnext"):
         assert METHODS.get(name).make_recipe({}).ema_decay == 0.0
     with pytest.raises(ConfigError, match="ema_decay"):

@@ -155,11 +155,12 @@ class Recipe:
 
     def _check_optimizer(self) -> None:
         if not (self.lr_ratio > 0 and self.adam_eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
-            raise ConfigError(f"lr_ratio and adam_eps must be > 0, weight_decay and grad_clip >= 0 (0: no clipping); got "
-                              f"lr_ratio={self.lr_ratio}, adam_eps={self.adam_eps}, weight_decay={self.weight_decay}, "
-                              f"grad_clip={self.grad_clip}")
+            raise ConfigError(f"lr_ratio and adam_eps must be > 0, weight_decay and grad_clip >= 0 (0: no "
+                              f"clipping); got lr_ratio={self.lr_ratio}, adam_eps={self.adam_eps}, "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(f"adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.999]), got {list(self.adam_betas)}")
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.999]), "
+                              f"got {list(self.adam_betas)}")
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved recipe as JSON-ready values (tuples as lists), for the run spec."""
@@ -381,7 +382,8 @@ class Method(L.LightningModule):
         the recipe's `grad_clip` on the global norm, unless the Trainer was given its own value."""
         clip = gradient_clip_val or self.recipe.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(optimizer, gradient_clip_val=clip,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device)
