@@ -314,3 +314,24 @@ def test_an_sdxl_base_takes_controlnexts_sdxl_recipe(tiny_sd_dir, tiny_sdxl_dir,
         spec = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=controlnext", "condition=canny",
                                                              f"base_model={tiny_sdxl_dir}", *overrides])))[0][0]
         assert dict(spec.recipe)["controlnext_scale"] == scale and dict(spec.recipe)["empty_prompt_prob"] == 0.2
+
+
+@pytest.mark.parametrize("name", ["ip_adapter", "instantid"])
+def test_the_image_prompt_trains_on_the_target_and_evaluates_on_the_references(name, proxy, smoke_budget):
+    """IP-Adapter's tutorial_train.py encodes the training image itself (`clip_image` of `raw_image`);
+    InstantID, built on it, too. Generation reads the references; `train_image_prompt: references` trains on them."""
+    import bench.datasets  # noqa: F401
+    from bench.core.registry import DATASETS
+    from bench.methods.ip_adapter import reference_stack
+
+    cls = METHODS.get(name)
+    world = DATASETS.get("identity")("train", 2, 32, cls.conditions[:1], seed=0)
+    batch = collate([world[i] for i in range(2)])
+    method = cls(proxy, cls.conditions[0] if cls.conditions else None, smoke_budget, {})
+    assert not torch.equal(batch.image[:, None], reference_stack(batch)[:, :1])
+    assert torch.equal(method.train().prompt_images(batch), batch.image[:, None])
+    assert torch.equal(method.eval().prompt_images(batch), reference_stack(batch))
+    refs = cls(proxy, method.condition, smoke_budget, {"train_image_prompt": "references"}).train()
+    assert torch.equal(refs.prompt_images(batch), reference_stack(batch))
+    with pytest.raises(ConfigError, match="train_image_prompt must be one of target, references"):
+        cls.check_hparams({"train_image_prompt": "both"})
