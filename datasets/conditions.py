@@ -35,9 +35,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+class BinaryEdges:
+    """An edge extractor's condition map: its binary `edges` [B,H,W] drawn white on black, on 3 channels."""
+
+    def edges(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.edges(images).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
 @dataclass(frozen=True)
-class Canny:
-    """OpenCV Canny on the grayscale image with fixed thresholds (ControlNet++ protocol)."""
+class Canny(BinaryEdges):
+    """OpenCV Canny (cv2.Canny, L1 gradient, 3x3 Sobel) on the grayscale image with fixed thresholds 60/120:
+    the harness's own canny condition, which `canny_f1` re-extracts. Not ControlNet++'s protocol, which
+    feeds and scores kornia's canny at 0.1/0.2 (`KorniaCanny`, the `canny_kornia` condition)."""
 
     low: int = 60
     high: int = 120
@@ -51,8 +63,42 @@ class Canny:
         out = [cv2.Canny(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), self.low, self.high) > 0 for im in to_uint8(images)]
         return torch.from_numpy(np.stack(out))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.edges(images).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+def pil_roundtrip(images: torch.Tensor) -> torch.Tensor:
+    """float [0,1] -> the float the protocol reads back from a saved 8-bit PNG:
+    `F.pil_to_tensor(img) / 255` of an image rounded to uint8 like the harness's PNGs."""
+    return images.detach().clamp(0, 1).mul(255).round().div(255)
+
+
+@dataclass(frozen=True)
+class KorniaCanny(BinaryEdges):
+    """ControlNet++'s canny, which its eval both feeds the model and scores: `kornia.filters.canny(img/255,
+    0.1, 0.2)[1]` with kornia's defaults (5x5 gaussian blur sigma 1, hysteresis on), on the RGB image as read
+    from 8-bit files (kornia converts to grayscale itself); `label = condition` (liming-ai/ControlNet_Plus_Plus
+    eval/eval.py L22, L175-180; eval_canny.sh `--condition_column='image'`). Registered as the `canny_kornia`
+    condition and used by the `canny_f1_cnpp` metric, so the input and the re-extraction are one operator.
+    The version is built from the thresholds, so changing one changes every version that names it."""
+
+    low: float = 0.1
+    high: float = 0.2
+
+    @property
+    def version(self) -> str:
+        import kornia
+
+        return f"canny-kornia{kornia.__version__}-{self.low}-{self.high}-g5s1-hyst-v1"
+
+    def edges(self, images: torch.Tensor) -> torch.Tensor:
+        """Binary edge maps [B,H,W] bool. kornia's hysteresis output is exactly 0 or 1, saved as
+        0/255 by `to_pil_image(x, 'L')` and read back with 255 -> 1 (eval_edge.py L31-32)."""
+        from kornia.filters import canny
+
+        with torch.no_grad():
+            _, edges = canny(pil_roundtrip(images).float(), self.low, self.high)
+        return edges[:, 0] > 0.5
+
+
+KORNIA_CANNY = KorniaCanny()
 
 
 def seg_to_image(semantic: np.ndarray) -> torch.Tensor:
@@ -101,6 +147,7 @@ class DepthFromAnnotations:
 
 
 CONDITIONS.register("canny")(Canny())
+CONDITIONS.register("canny_kornia")(KORNIA_CANNY)
 CONDITIONS.register("seg")(SegmentationFromAnnotations())
 CONDITIONS.register("depth")(DepthFromAnnotations())
 

@@ -123,25 +123,52 @@ def load_controlnet(path: Path, built):
 
 
 # Condition kinds drawn as a 3-channel image, which every image-conditioned method accepts:
-# the shapes world's own, plus the controlnet-aux and pose extractors used at full scale.
-IMAGE_CONDITIONS = ("canny", "seg", "depth", "hed", "pidinet", "lineart", "depth_midas", "openpose", "pose")
+# the shapes world's own, ControlNet++'s eval canny (canny_kornia), and the controlnet-aux and pose
+# extractors used at full scale.
+IMAGE_CONDITIONS = ("canny", "canny_kornia", "seg", "depth", "hed", "pidinet", "lineart",
+                    "depth_midas", "openpose", "pose")
+
+
+INIT_METHODS = ("", "controlnet")  # a ControlNet-family method starts from nothing or from a controlnet run
 
 
 @METHODS.register("controlnet")
 class ControlNet(Method):
-    version = "controlnet-v1"
+    # v2: the official optimizer (weight decay 1e-2, the torch AdamW default; v1 trained with 0)
+    version = "controlnet-v2"
     conditions = IMAGE_CONDITIONS
     weights_layout = CONTROLNET_LAYOUT
 
+    # Source: lllyasviel/ControlNet (tutorial_train.py, cldm/cldm.py). diffusers' examples/controlnet/
+    # train_controlnet.py differs: it clips at `--max_grad_norm` 1.0 (and defaults to lr 5e-6); the
+    # original code that trained the released weights does not clip, and that is followed here.
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
         conditioning_scale: float = 1.0  # multiplies every residual (diffusers' controlnet_conditioning_scale)
+        lr_ratio: float = 1.0  # tutorial_train.py L14 `learning_rate = 1e-5`: the base every ratio refers to
+        weight_decay: float = 1e-2  # cldm/cldm.py L422 `torch.optim.AdamW(params, lr=lr)`: torch's default 1e-2
+        # tutorial_train.py L31 `pl.Trainer(gpus=1, precision=32, callbacks=[logger])`: no clipping
+        grad_clip: float = 0.0
+        # "controlnet": start from the same seed's finished controlnet run of this budget (its checkpoint) and
+        # train the budget's steps on top: ControlNet++'s start, and, set on controlnet itself, the control row
+        # trained for ControlNet++'s total. "": built fresh.
+        init_from: str = ""
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.init_from not in INIT_METHODS:
+                raise ConfigError(f"init_from must be one of {', '.join(map(repr, INIT_METHODS))} (\"\": built fresh), "
+                                  f"got {self.init_from!r}")
 
     conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
         self.controlnet = make_controlnet(base, self.conditioning_channels)
+
+    @classmethod
+    def init_method(cls, recipe) -> str:
+        return recipe.init_from
 
     def load_weights(self, path: Path) -> None:
         self.controlnet = load_controlnet(Path(path), self.controlnet)

@@ -208,8 +208,9 @@ def _one_of(directory: Path, names, what: str) -> Path | None:
 @METHODS.register("controlnext")
 class ControlNeXt(Method):
     # v4: the official control module (ControlNeXtModel) replaces the harness's conv branch; on an SDXL base the
-    # official SDXL injection site (after conv_in, the stored skip unchanged)
-    version = "controlnext-v4"
+    # official SDXL injection site (after conv_in, the stored skip unchanged). v5: the official optimizer
+    # (weight decay 1e-2; SDXL clips at 1.0)
+    version = "controlnext-v5"
     conditions = IMAGE_CONDITIONS
     weights_layout: ClassVar[str] = (
         "a directory with controlnet.safetensors (the official ControlNeXtModel state dict: embedding.*, "
@@ -229,14 +230,20 @@ class ControlNeXt(Method):
         branch_blocks: int = 2  # ResNet + downsampling stages: the official `len(in_channels)` = 2
         # train_controlnext.py: `if "to_out" in name: para.requires_grad = True`; "" tunes no UNet weight
         unet_trainable: str = "to_out"
-        # train_controlnext.py: the branch's param group has `"lr": args.learning_rate * 10`, the UNet's the base lr
+        # train_controlnext.py L889-892: the branch's param group has `"lr": args.learning_rate * 10`, the UNet's
+        # (L898-900) the base lr, scripts.sh `--learning_rate=1e-5`: ControlNet's, so lr_ratio 1
         branch_lr_scale: float = 10.0
+        lr_ratio: float = 1.0
+        weight_decay: float = 1e-2  # train_controlnext.py L403 `--adam_weight_decay` default 1e-2 (L907-913)
+        # L1084: `# accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)`, commented out: no clipping
+        grad_clip: float = 0.0
         # On an SDXL base, ControlNeXt-SDXL-Training (train_controlnext.py, examples/vidit_depth/train.sh):
         SDXL: ClassVar[Mapping[str, Any]] = MappingProxyType({
             "empty_prompt_prob": 0.2,  # train.sh `--proportion_empty_prompts 0.2` (argparse default 0)
             "controlnext_scale": 1.0,  # `--controlnet_scale_factor` default and train.sh 1.0; run.sh `--controlnet_scale 1.0`
             "unet_trainable": r".*attn2.*to_out.*",  # `--unet_trainable_param_pattern` default
-            "branch_lr_scale": 10.0,  # `--learning_rate_controlnet` 1e-4 over `--learning_rate` 1e-5
+            "branch_lr_scale": 10.0,  # L468 `--learning_rate_controlnet` 1e-4 over L456 `--learning_rate` 1e-5
+            "grad_clip": 1.0,  # L520 `--max_grad_norm` 1.0, applied at L1387 `accelerator.clip_grad_norm_`
         })
 
         def __post_init__(self):

@@ -13,7 +13,7 @@ from bench.core.registry import METHODS
 
 @METHODS.register("frozen")
 class FrozenBackward(Method):
-    version = "frozen-v1"
+    version = "frozen-v2"  # v2: the base recipe's optimizer (ControlNet's: weight decay 1e-2)
     no_checkpoint = "a profiling reference (bench profile, the ControlNet claims), not a method anyone deploys"
 
     def __init__(self, base, condition, budget, hparams=None):

@@ -37,6 +37,7 @@ from bench.methods.ip_adapter import IPAdapter
 from bench.methods.release import load_exact, weight_file
 from torch import nn
 
+from bench.api.method import ParamGroup
 from bench.core.errors import ConfigError
 from bench.core.registry import METHODS
 from bench.faces.antelope import ANTELOPEV2, AntelopeEncoder
@@ -100,7 +101,9 @@ def resampler_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 class InstantID(IPAdapter):
     # v2: the official Resampler (16 tokens) instead of a 4-token ImageProjection; the raw (not
     # unit) ID embedding; inference scales 0.8; IP-Adapter's exclusive drops; attn2 only.
-    version = "instantid-v2"
+    # v3: the optimizer of the code it builds on (image adapter: IP-Adapter's; IdentityNet: ControlNet's);
+    # the target's own face as the training ID prompt.
+    version = "instantid-v3"
     conditions = ("keypoints", "face_kps")  # the identity world's drawn annotations; real faces via antelopev2
     full_scale_weights = (ANTELOPEV2.name,)  # its ID encoder at full scale, not IP-Adapter's CLIP
     weights_layout = ("an InstantID checkpoints directory: ip-adapter.bin (or ip-adapter.safetensors) = {image_proj: "
@@ -116,10 +119,23 @@ class InstantID(IPAdapter):
         # training: no public code; ControlNet training (diffusers train_controlnet.py) adds the residuals unscaled
         conditioning_scale: float = 1.0
         inference_conditioning_scale: float = 0.8  # infer.py / README: controlnet_conditioning_scale=0.8
+        # The optimizer, training code unpublished, so BUILT ON the code each part comes from: the image adapter
+        # keeps IP-Adapter's tutorial_train.py recipe (lr_ratio 10, weight decay 1e-2, no clipping, inherited),
+        # IdentityNet ControlNet's (lllyasviel/ControlNet tutorial_train.py lr 1e-5 = 0.1 x IP-Adapter's 1e-4).
+        identitynet_lr_scale: float = 0.1
+        # train_image_prompt "target" (inherited): InstantID trained on single captioned images (paper,
+        # implementation details: LAION-Face and 10M human images), so the ID embedding can only be the
+        # target's own face.
 
     def __init__(self, base, condition, budget, hparams=None):
         super().__init__(base, condition, budget, hparams)
         self.identitynet = make_controlnet(base)
+
+    def param_groups(self) -> list[ParamGroup]:
+        net = {id(p) for p in self.identitynet.parameters()}
+        adapter = [p for p in self.trainable_parameters() if id(p) not in net]
+        return [ParamGroup("image_adapter", adapter, 1.0),
+                ParamGroup("identitynet", list(self.identitynet.parameters()), self.recipe.identitynet_lr_scale)]
 
     @staticmethod
     def encoder_spec():

@@ -39,6 +39,9 @@ from bench.core.errors import ConfigError
 from bench.core.registry import METHODS
 
 
+TRAIN_IMAGE_PROMPTS = ("target", "references")
+
+
 def reference_stack(batch: Batch) -> torch.Tensor:
     """The batch's references as [B, N, 3, H, W]; a batch without references uses each target
     image as its own reference (IP-Adapter's original reconstruction training)."""
@@ -155,7 +158,9 @@ class ImagePromptState:
 class IPAdapter(Method):
     # v2: image K/V on attn2 only (v1 also patched the proxy's cross-attending attn1), and
     # tutorial_train.py's mutually exclusive image/text/both drops instead of independent ones.
-    version = "ip_adapter-v2"
+    # v3: the official optimizer (10x ControlNet's lr, weight decay 1e-2) and the target image as the
+    # training image prompt.
+    version = "ip_adapter-v3"
     sample_dataset = "identity"
     weights_layout = ("ip-adapter_sd15.bin (or .safetensors with image_proj./ip_adapter. prefixes, or a directory "
                       "holding ip-adapter.safetensors): {image_proj: proj.weight, proj.bias, norm.weight, norm.bias; "
@@ -175,6 +180,13 @@ class IPAdapter(Method):
         num_tokens: int = 4  # tutorial_train.py ImageProjModel(clip_extra_context_tokens=4)
         ip_scale: float = 1.0  # training: IPAttnProcessor(scale=1.0), ip_adapter/attention_processor.py
         inference_ip_scale: float = 1.0  # ip_adapter.py IPAdapter.generate(scale=1.0)
+        # The training image prompt: "target", the training image itself (tutorial_train.py L57-59: `clip_image`
+        # is `raw_image`, the image the loss reconstructs), or "references", the dataset's other images of the
+        # same identity. Evaluation always uses the references.
+        train_image_prompt: str = "target"
+        lr_ratio: float = 10.0  # tutorial_train.py L208 `--learning_rate` default 1e-4, 10x ControlNet's 1e-5
+        weight_decay: float = 1e-2  # tutorial_train.py L211 `--weight_decay` default 1e-2, L337 AdamW(..., weight_decay=)
+        grad_clip: float = 0.0  # tutorial_train.py L395-396: `accelerator.backward(loss)`, `optimizer.step()`: no clipping
 
         def __post_init__(self):
             super().__post_init__()
@@ -186,6 +198,9 @@ class IPAdapter(Method):
             for name, p in probs.items():
                 if not 0.0 <= p <= 1.0:
                     raise ConfigError(f"{name} must be in [0, 1], got {p}")
+            if self.train_image_prompt not in TRAIN_IMAGE_PROMPTS:
+                raise ConfigError(f"train_image_prompt must be one of {', '.join(TRAIN_IMAGE_PROMPTS)}, "
+                                  f"got {self.train_image_prompt!r}")
             if sum(probs.values()) > 1.0:
                 raise ConfigError(f"image_drop_prob + text_drop_prob + both_drop_prob must be <= 1 (they are "
                                   f"exclusive outcomes of one draw), got {sum(probs.values()):g}")
@@ -299,8 +314,15 @@ class IPAdapter(Method):
         keep = ~batch.refs["drop_image"].to(emb.device)
         return emb * keep.reshape(-1, *[1] * (emb.ndim - 1)).to(emb.dtype)
 
+    def prompt_images(self, batch: Batch) -> torch.Tensor:
+        """[B, N, 3, H, W]: what the adapter encodes. While training with `train_image_prompt` "target", the
+        target image itself; otherwise the batch's references (`reference_stack`)."""
+        if self.training and self.recipe.train_image_prompt == "target":
+            return batch.image[:, None]
+        return reference_stack(batch)
+
     def image_tokens(self, batch: Batch, cfg: bool) -> torch.Tensor:
-        emb = self.drop_references(self.encode_references(reference_stack(batch)), batch)  # [B, N, D]
+        emb = self.drop_references(self.encode_references(self.prompt_images(batch)), batch)  # [B, N, D]
         if cfg:
             emb = torch.cat([torch.zeros_like(emb), emb])
         tokens = self.project(emb.flatten(0, 1))  # [B*N, T, C]

@@ -79,12 +79,18 @@ def box_choice(sample_id: str, index: int, n: int) -> int:
 class ODGEN(ControlNet):
     """A ControlNet whose conditioning input is the layout encoding instead of an image."""
 
-    version = "odgen-v2"
+    version = "odgen-v3"  # v3: ControlNet's official optimizer (weight decay 1e-2)
     conditions = ("layout",)
 
+    # No public training code: the optimizer is that of the ControlNet it is BUILT ON (ControlNet.Recipe).
     @dataclass(frozen=True)
     class Recipe(ControlNet.Recipe):
-        pass  # v1's sprite_prob is gone: the image list no longer reads real pixels
+        # (v1's sprite_prob is gone: the image list no longer reads real pixels)
+        def __post_init__(self):
+            super().__post_init__()
+            if self.init_from:
+                raise ConfigError(f"odgen cannot start from a {self.init_from} run (init_from): its ControlNet "
+                                  "reads the layout encoding, not an image; drop hparams.odgen.init_from")
 
     text_channels = 8
     conditioning_channels = text_channels + 3 * len(SHAPES)

@@ -125,8 +125,10 @@ def merge_step(ratio: float, num_steps: int) -> int:
 @METHODS.register("photomaker")
 class PhotoMaker(Method):
     # v2: the official FuseModule/MLP and a bias-free visual projection; no empty-prompt training;
-    # text-only embeddings up to start_merge_step while sampling. v3: the UNet attention LoRA.
-    version = "photomaker-v3"
+    # text-only embeddings up to start_merge_step while sampling. v3: the UNet attention LoRA. v4: the
+    # optimizer of the code it builds on (diffusers' SDXL LoRA script: 10x ControlNet's lr, weight decay
+    # 1e-2, clipping 1.0).
+    version = "photomaker-v4"
     sample_dataset = "identity"
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
@@ -145,8 +147,11 @@ class PhotoMaker(Method):
         # the ID-oriented data pipeline; training code unreleased), and pipeline.py
         # `encode_prompt_with_trigger_word` refuses a prompt without exactly one trigger word.
         empty_prompt_prob: float = 0.0
-        # pipeline.py __call__(num_inference_steps=50, start_merge_step=10) and README; the gradio
-        # demo's style_strength_ratio default 20 (%): text-only embeddings while `i <= start_merge_step`.
+        # Text-only embeddings while `i <= start_merge_step` (pipeline.py). v1's pipeline.py L251 defaults
+        # `start_merge_step: int = 0` (fb4d1b7..ccd1f7c), but v1's README L155 calls it with
+        # `start_merge_step=10` of `num_steps` 50, and gradio_demo/app.py L69 computes it as
+        # `style_strength_ratio` (L229 default 20) % of the steps: 20%, which is followed here. (v2's
+        # pipeline.py L530 makes 10 the default.)
         start_merge_ratio: float = 0.2
         # The released photomaker-v1.bin holds `lora_weights` for every UNet attention layer, attn1
         # and attn2, on to_q/to_k/to_v/to_out (pipeline.py `load_photomaker_adapter` ->
@@ -158,6 +163,14 @@ class PhotoMaker(Method):
         # proxy widths (<= 64) rank 64 is full rank, so the LoRA there amounts to tuning the
         # attention projections.
         lora_rank: int = 64
+        # The optimizer: training code unpublished, so BUILT ON the code it extends, diffusers'
+        # examples/text_to_image/train_text_to_image_lora_sdxl.py (a UNet attention LoRA on SDXL):
+        lr_ratio: float = 10.0  # `--learning_rate` default 1e-4, 10x ControlNet's 1e-5
+        weight_decay: float = 1e-2  # `--adam_weight_decay` default 1e-2
+        grad_clip: float = 1.0  # `--max_grad_norm` default 1.0, applied with `accelerator.clip_grad_norm_`
+        # The CLIP vision tower stays frozen (only its new projection, the fuse MLP and the LoRA train). The
+        # release's `id_encoder` ships a whole vision_model, so it may hold a tuned tower; the training code is
+        # unpublished and the paper could not be checked here, so which is official is open (see the note).
 
         def __post_init__(self):
             super().__post_init__()

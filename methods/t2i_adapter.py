@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 from bench.methods.controlnet import IMAGE_CONDITIONS, load_fitting, save_pretrained
@@ -38,7 +40,7 @@ def adapter_layout(unet_config, scale_factor: int, in_channels: int = 3) -> dict
 # Conditions the released adapters read as one grey channel: canny and sketch (TencentARC/T2I-Adapter
 # configs/inference/Adapter-XL-{canny,sketch}.yaml: `cin: 256` = 1 channel x 16x16 pixel-unshuffle;
 # SD1.4's t2iadapter_canny/sketch: `cin: 64` = 1 x 8x8).
-GREY_CONDITIONS = ("canny", "sketch")
+GREY_CONDITIONS = ("canny", "canny_kornia", "sketch")
 LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion, which diffusers' adapter pipeline applies to 1-channel input
 
 ADAPTER_LAYOUT = ("a diffusers T2IAdapter directory (config.json + diffusion_pytorch_model.safetensors or .bin); "
@@ -54,18 +56,36 @@ def adapter_fit(config) -> dict:
 
 @METHODS.register("t2i_adapter")
 class T2IAdapterMethod(Method):
-    # v3: the official recipe: cubic timesteps, no prompt dropout, 1-channel canny input
-    version = "t2i_adapter-v3"
+    # v3: the official recipe: cubic timesteps, no prompt dropout, 1-channel canny input. v4: the recipe per base
+    # family (SD1.x: uniform timesteps, no clipping; SDXL: cubic, clipping 1.0) and weight decay 1e-2.
+    version = "t2i_adapter-v4"
     conditions = IMAGE_CONDITIONS
     weights_layout = ADAPTER_LAYOUT
 
-    # Source: TencentARC/T2I-Adapter train_sketch.py (the official training script).
+    # Sources: TencentARC/T2I-Adapter. Its `main` branch is the SDXL code: train_sketch.py there trains
+    # Adapter-XL (configs/train/Adapter-XL-sketch.yaml, stable-diffusion-xl-base-1.0 in README L95). The SD1.x
+    # code is the `SD` branch: train_sketch.py, configs/stable-diffusion/train_sketch.yaml and
+    # ldm/models/diffusion/ddpm.py. The two differ in timestep sampling and clipping: `SDXL` below.
     @dataclass(frozen=True)
     class Recipe(Method.Recipe):
-        empty_prompt_prob: float = 0.0  # train_sketch.py computes embeddings with `proportion_empty_prompts=0`
-        timesteps: str = "cubic"  # train_sketch.py "Cubic sampling": t = (1 - u**3) * T; paper §3.4
+        # SD branch train_sketch.py L328 encodes `data['sentence']` as is; main train_sketch.py L305-309
+        # `--proportion_empty_prompts` default 0
+        empty_prompt_prob: float = 0.0
+        # SD branch: train_sketch.py L335 `model(z, c=c, features_adapter=...)` passes no t, so ddpm.py L824-826
+        # `LatentDiffusion.forward` draws `t = torch.randint(0, self.num_timesteps, ...)`: uniform. The paper
+        # (Mou et al. 2023, §3.4 "non-uniform time step sampling") describes the cubic schedule, which only the
+        # SDXL code implements: SD1.x follows its code, SDXL (below) follows code and paper alike.
+        timesteps: str = "uniform"
         conditioning_scale: float = 1.0  # multiplies every adapter feature (diffusers' adapter_conditioning_scale)
         num_res_blocks: int = 2  # ResNet blocks per adapter stage (Adapter-XL configs: `nums_rb: 2`)
+        lr_ratio: float = 1.0  # SD branch configs/stable-diffusion/train_sketch.yaml L86 `training: lr: 1e-5`
+        weight_decay: float = 1e-2  # SD branch train_sketch.py L284 `torch.optim.AdamW(params, lr=...)`: torch's 1e-2
+        grad_clip: float = 0.0  # SD branch train_sketch.py L336-337: backward, then optimizer.step(), no clipping
+        SDXL: ClassVar[Mapping[str, Any]] = MappingProxyType({
+            "timesteps": "cubic",  # main train_sketch.py L673-676 "Cubic sampling": t = (1 - u**3) * T
+            "grad_clip": 1.0,  # main train_sketch.py L254 `--max_grad_norm` 1.0, applied at L716
+            # lr: README L95 `--learning_rate=1e-5` (argparse default 5e-6): lr_ratio 1; L252 weight decay 1e-2
+        })
 
     def __init__(self, base, condition, budget, hparams=None):
         from diffusers import T2IAdapter

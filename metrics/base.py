@@ -58,6 +58,9 @@ class BenchMetric(torchmetrics.Metric):
     version: str
     higher_is_better: bool
     condition: str | None = None
+    # other condition kinds it scores: a metric that derives its target from the real image, not from the
+    # input condition, scores any input of its kind (canny_f1_cnpp: kornia's canny and the harness's cv2 one)
+    also_scores: ClassVar[tuple[str, ...]] = ()
     part_higher_is_better: Mapping[str, bool] = MappingProxyType({})  # parts of a dict result that differ
     evaluator_ids: tuple[str, ...] = ()  # identities of the models that score; a method may not train against them
     synthesizes: ClassVar[bool] = False  # True: compute() needs synthesize() after the eval loop
@@ -137,10 +140,16 @@ class BenchMetric(torchmetrics.Metric):
         raise NotImplementedError(f"{self.name} does not synthesize (synthesizes = {self.synthesizes})")
 
     @classmethod
+    def scores(cls, condition: str | None) -> bool:
+        """Whether it scores a run on `condition`: any run for a metric of no condition, else a run whose
+        condition is its `condition` or one of `also_scores`."""
+        return cls.condition is None or (condition is not None and condition in (cls.condition, *cls.also_scores))
+
+    @classmethod
     def on_curve(cls, condition: str | None) -> bool:
         """Whether the runner may measure this metric at a budget's curve steps, for a run on
         `condition`: a consistency metric of that condition, scored from eval batches alone."""
-        return condition is not None and cls.condition == condition and not cls.synthesizes
+        return condition is not None and cls.condition is not None and cls.scores(condition) and not cls.synthesizes
 
     def reextract(self, images: Tensor, batch: Batch) -> Tensor | None:
         """The condition this metric re-extracts from generated `images`, drawn like the input

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import kornia
 import torch
 from bench.metrics.base import BenchMetric
 from bench.metrics.consistency import DepthRMSE, SegMIoU
@@ -29,7 +28,6 @@ from bench.metrics.fid import (
     fingerprint,
 )
 from bench.metrics.softedge import SoftEdgeSSIM
-from kornia.filters import canny as kornia_canny
 from torch import Tensor, nn
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure as ms_ssim,
@@ -38,16 +36,11 @@ from torchmetrics.image.fid import NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from bench.api.types import Batch
+from bench.datasets.conditions import KORNIA_CANNY, pil_roundtrip
 from bench.core.errors import ConfigError
 from bench.core.registry import CONDITIONS, METRICS
 from bench.core.weights import weight_path
 from bench.proxy.analyzers import NUM_CLASSES, SEGNET_VERSION, config_hash
-
-
-def pil_roundtrip(images: Tensor) -> Tensor:
-    """float [0,1] -> the float the protocol reads back from a saved 8-bit PNG:
-    `F.pil_to_tensor(img) / 255` of an image rounded to uint8 like the harness's PNGs."""
-    return images.detach().clamp(0, 1).mul(255).round().div(255)
 
 
 def to_pil_truncate(maps: Tensor) -> Tensor:
@@ -57,30 +50,8 @@ def to_pil_truncate(maps: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ canny
-class KorniaCanny:
-    """The ControlNet++ eval canny: `kornia.filters.canny(img/255, 0.1, 0.2)` with kornia's
-    defaults (5x5 gaussian blur sigma 1, hysteresis on), on the RGB image as read from 8-bit
-    files (kornia converts to grayscale itself). ControlNet++ eval/eval.py L22, L175-181, L225-232.
-
-    Shaped like a ConditionExtractor (`version`, `edges`, `__call__`) so it can also be
-    registered as an input condition kind."""
-
-    low: float = 0.1
-    high: float = 0.2
-    version = f"canny-kornia{kornia.__version__}-0.1-0.2-g5s1-hyst-v1"
-
-    def edges(self, images: Tensor) -> Tensor:
-        """Binary edge maps [B,H,W] bool. kornia's hysteresis output is exactly 0 or 1, saved as
-        0/255 by `to_pil_image(x, 'L')` and read back with 255 -> 1 (eval_edge.py L31-32)."""
-        with torch.no_grad():
-            _, edges = kornia_canny(pil_roundtrip(images).float(), self.low, self.high)
-        return edges[:, 0] > 0.5
-
-    def __call__(self, images: Tensor) -> Tensor:
-        return self.edges(images).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-
-
-KORNIA_CANNY = KorniaCanny()
+# The operator lives with the conditions (datasets/conditions.py), because it is also the `canny_kornia`
+# input condition: what ControlNet++'s eval feeds the model is what it scores.
 
 
 def binary_f1_per_image(pred: Tensor, target: Tensor) -> Tensor:
@@ -99,21 +70,22 @@ class CannyF1CNPP(BenchMetric):
     """ControlNet++ canny F1: kornia canny (0.1/0.2) of each generated image against kornia canny
     of its ground-truth image, torchmetrics BinaryF1Score per image, mean over images.
 
-    The target is computed here from `batch.image`, not read from `batch.conditions['canny']`:
-    in ControlNet++ the label IS kornia canny of the ground-truth image (eval.py L178-181:
-    `label = condition`), so this reproduces the label exactly whichever canny operator built
-    the input. The harness's `canny` input condition is cv2 60/120, so a method conditioned on it
-    is scored here against a slightly different edge set; a `canny_kornia` input condition
-    (`KorniaCanny` is shaped to be registered as one) would make the input side faithful too.
+    Under the protocol the model's input is the same operator's map of the real image (eval.py L175-180:
+    `condition = canny(img, 0.1, 0.2)[1]`, `label = condition`): the `canny_kornia` condition, whose map is
+    bit-equal to the target computed here. The target is computed here from `batch.image`, not read from
+    `batch.conditions`, so the metric also scores a run on the harness's `canny` input (cv2 60/120,
+    `also_scores`): the protocol's scorer on another input, which the record's condition names.
 
     ControlNet++ pools the 4 generations of a condition into one F1 and averages over
     conditions; the harness makes one generation per sample id, so that is one F1 per image.
     """
 
     higher_is_better = True
-    condition = "canny"
+    condition = "canny_kornia"  # the protocol's input
+    also_scores = ("canny",)
+    # built from the operator, whose version is built from its thresholds
     version = f"canny_f1_cnpp-v1/{KORNIA_CANNY.version}/gt-from-image/binary-f1-per-image-mean"
-    evaluator_ids = (f"kornia-canny-{KorniaCanny.low}-{KorniaCanny.high}",)
+    evaluator_ids = (f"kornia-canny-{KORNIA_CANNY.low}-{KORNIA_CANNY.high}",)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

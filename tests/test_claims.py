@@ -16,14 +16,16 @@ SEED_CLAIMS = {
     "controlnet-time-vs-frozen", "controlnet-memory-23pct-of", "t2i-adapter-77m",
     "controlnext-param-reduction", "controlnext-convergence", "ip-adapter-22m",
     "t2i-adapter-faster-step", "t2i-adapter-less-memory", "controlnet-pp-single-step-time",
-    "controlnet-pp-single-step-memory", "controlnet-pp-consistency", "instantid-over-photomaker",
+    "controlnet-pp-single-step-memory", "controlnet-pp-consistency", "controlnet-pp-consistency-equal-steps",
+    "instantid-over-photomaker",
 }
 
 
 def rec(run_id: str, method: str, seed: int = 0, step_time: float = 0.1, mem: float = 1000.0,
         f1: float = 0.5, budget_key: str = "bk1", **spec: object) -> RunRecord:
     full = {"method": method, "dataset": "shapes", "dataset_version": "1", "condition": "canny",
-            "budget_key": budget_key, "base_model": "proxy", "seed": seed, "hparams": {}}
+            "budget_key": budget_key, "base_model": "proxy", "seed": seed, "hparams": {},
+            "recipe": {"init_from": ""}}  # built fresh, as every run but ControlNet++'s and its control row
     full.update(spec)
     return RunRecord(run_id=run_id, spec=full, status="FINISHED",
                      metrics={"canny_f1": f1}, metric_meta={"canny_f1": F1},

@@ -139,4 +139,4 @@ def test_prompt_dropout_is_half_before_the_reward_phase_and_zero_in_it(proxy, sm
 
 
 def test_version_bumped():
-    assert METHODS.get("controlnet_pp").version == "controlnet_pp-v2"
+    assert METHODS.get("controlnet_pp").version == "controlnet_pp-v3"

@@ -182,7 +182,7 @@ def test_bank_from_the_trained_proxy_holds_objects_of_the_prompted_colour(smoke_
 
 def test_sprite_prob_is_gone():
     cls = METHODS.get("odgen")
-    assert cls.version == "odgen-v2"
+    assert cls.version == "odgen-v3"
     with pytest.raises(ConfigError, match="unknown hparam 'sprite_prob'"):
         cls.check_hparams({"sprite_prob": 0.5})
     cls.check_hparams({"conditioning_scale": 0.5})

@@ -46,9 +46,13 @@ def test_cubic_timesteps_follow_their_distribution():
 
 
 def test_each_method_samples_its_own_timesteps(proxy, smoke_budget):
-    t2i = METHODS.get("t2i_adapter")(proxy, "canny", smoke_budget, {})
+    """T2I-Adapter per base family: its SD1.x code samples t uniformly (SD branch ddpm.py), its SDXL code
+    cubically (main train_sketch.py); the SDXL recipe, on the proxy's UNet, samples cubically."""
+    cls = METHODS.get("t2i_adapter")
+    assert cls.make_recipe({}, "sd").timesteps == "uniform" and cls.make_recipe({}, "sdxl").timesteps == "cubic"
+    t2i = cls(proxy, "canny", smoke_budget, cls.make_recipe({}, "sdxl"))
     controlnet = METHODS.get("controlnet")(proxy, "canny", smoke_budget, {})
-    assert t2i.recipe.timesteps == "cubic" and controlnet.recipe.timesteps == "uniform"
+    assert controlnet.recipe.timesteps == "uniform"
     torch.manual_seed(1)
     cubic = t2i.sample_timesteps(20_000).float()
     torch.manual_seed(1)
@@ -248,7 +252,9 @@ def test_ema_averages_from_its_start_step_and_replaces_the_weights():
 
 def test_only_controlnet_pp_averages_its_weights(proxy, smoke_budget):
     pp = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {})
-    assert pp.recipe.ema_decay == 0.9999 and pp.ema_start_step() == int(0.5 * smoke_budget.train_steps)
+    assert pp.recipe.ema_decay == 0.9999 and pp.ema_start_step() == 0  # reward fine-tuning from its first step
+    fresh = METHODS.get("controlnet_pp")(proxy, "canny", smoke_budget, {"init_from": "", "reward_start": 0.5})
+    assert fresh.ema_start_step() == int(0.5 * smoke_budget.train_steps)  # the in-budget schedule
     for name in ("controlnet", "t2i_adapter", "controlnext"):
         assert METHODS.get(name).make_recipe({}).ema_decay == 0.0
     with pytest.raises(ConfigError, match="ema_decay"):
@@ -308,3 +314,24 @@ def test_an_sdxl_base_takes_controlnexts_sdxl_recipe(tiny_sd_dir, tiny_sdxl_dir,
         spec = resolve(apply_overrides(cfg, parse_overrides(["budget=smoke", "methods=controlnext", "condition=canny",
                                                              f"base_model={tiny_sdxl_dir}", *overrides])))[0][0]
         assert dict(spec.recipe)["controlnext_scale"] == scale and dict(spec.recipe)["empty_prompt_prob"] == 0.2
+
+
+@pytest.mark.parametrize("name", ["ip_adapter", "instantid"])
+def test_the_image_prompt_trains_on_the_target_and_evaluates_on_the_references(name, proxy, smoke_budget):
+    """IP-Adapter's tutorial_train.py encodes the training image itself (`clip_image` of `raw_image`);
+    InstantID, built on it, too. Generation reads the references; `train_image_prompt: references` trains on them."""
+    import bench.datasets  # noqa: F401
+    from bench.core.registry import DATASETS
+    from bench.methods.ip_adapter import reference_stack
+
+    cls = METHODS.get(name)
+    world = DATASETS.get("identity")("train", 2, 32, cls.conditions[:1], seed=0)
+    batch = collate([world[i] for i in range(2)])
+    method = cls(proxy, cls.conditions[0] if cls.conditions else None, smoke_budget, {})
+    assert not torch.equal(batch.image[:, None], reference_stack(batch)[:, :1])
+    assert torch.equal(method.train().prompt_images(batch), batch.image[:, None])
+    assert torch.equal(method.eval().prompt_images(batch), reference_stack(batch))
+    refs = cls(proxy, method.condition, smoke_budget, {"train_image_prompt": "references"}).train()
+    assert torch.equal(refs.prompt_images(batch), reference_stack(batch))
+    with pytest.raises(ConfigError, match="train_image_prompt must be one of target, references"):
+        cls.check_hparams({"train_image_prompt": "both"})

@@ -10,7 +10,8 @@ shared sampler runs:
 
 Training follows the method's Recipe (what its authors chose) under the shared Budget (what the
 comparison holds equal): `draw_drops` (prompt/image dropout), `sample_timesteps`, and
-`param_groups` (trainable subsets with learning-rate multipliers on the budget's lr).
+`param_groups` (trainable subsets with learning-rate multipliers), and the optimizer (`lr_ratio` on the
+budget's lr, weight decay, betas, eps, gradient clipping), each cited in the method's Recipe.
 """
 from __future__ import annotations
 
@@ -125,6 +126,20 @@ class Recipe:
     # training of ControlNet (diffusers train_controlnet.py; the original's LitEma covers only the
     # frozen UNet), T2I-Adapter (train_sketch.py), ControlNeXt or IP-Adapter (tutorial_train.py).
     ema_decay: float = 0.0
+    # ---- the optimizer: AdamW, as every official training script uses ----
+    # This method's lr as a ratio to the budget's base lr. The base is ControlNet's official 1e-5 at
+    # full scale (lllyasviel/ControlNet tutorial_train.py L14 `learning_rate = 1e-5`); a proxy budget keeps
+    # its own base, so the ratios between methods hold at every scale. ParamGroup.lr_scale multiplies it.
+    lr_ratio: float = 1.0
+    # torch.optim.AdamW's defaults: what ControlNet's cldm/cldm.py L422 `torch.optim.AdamW(params, lr=lr)`
+    # trains with, and what the diffusers-style scripts pass explicitly (`--adam_weight_decay` 1e-2,
+    # `--adam_beta1` 0.9, `--adam_beta2` 0.999, `--adam_epsilon` 1e-08).
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # Max global L2 norm of the gradients before each step (accelerate's `clip_grad_norm_`); 0: none.
+    # ControlNet's tutorial_train.py L31 `pl.Trainer(gpus=1, precision=32, ...)` sets no gradient_clip_val.
+    grad_clip: float = 0.0
     # Defaults that differ on an SDXL base (bench.core.bases.base_family), where a method's official
     # SDXL code chose other values; each subclass cites them. The config's hparams override both.
     SDXL: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
@@ -136,6 +151,16 @@ class Recipe:
             raise ConfigError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ConfigError(f"timesteps must be one of {', '.join(TIMESTEP_SAMPLING)}, got {self.timesteps!r}")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        if not (self.lr_ratio > 0 and self.adam_eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ConfigError(f"lr_ratio and adam_eps must be > 0, weight_decay and grad_clip >= 0 (0: no "
+                              f"clipping); got lr_ratio={self.lr_ratio}, adam_eps={self.adam_eps}, "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.999]), "
+                              f"got {list(self.adam_betas)}")
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved recipe as JSON-ready values (tuples as lists), for the run spec."""
@@ -182,7 +207,7 @@ class Drops:
 
 @dataclass(frozen=True)
 class ParamGroup:
-    """Trainable parameters that share a learning rate: `budget.lr * lr_scale`."""
+    """Trainable parameters that share a learning rate: `budget.lr * recipe.lr_ratio * lr_scale`."""
 
     name: str
     params: list
@@ -225,6 +250,12 @@ class Method(L.LightningModule):
         if family == "sdxl" and isinstance(hparams, Mapping | None):
             hparams = {**cls.Recipe.SDXL, **(hparams or {})}
         return cls.Recipe.from_overrides(hparams, getattr(cls, "name", None) or cls.__name__)
+
+    @classmethod
+    def init_method(cls, recipe: Recipe) -> str:
+        """The method whose finished run (same seed, budget, data, condition and base) this recipe starts
+        from, loaded from that run's checkpoint; "": built fresh."""
+        return ""
 
     @classmethod
     def check_hparams(cls, hparams: Mapping[str, Any]) -> None:
@@ -395,11 +426,24 @@ class Method(L.LightningModule):
     optimizer_name: str = "adamw"  # RunOptions.optimizer: "adamw8bit" is bitsandbytes' AdamW8bit
 
     def configure_optimizers(self):
-        groups = [{"params": g.params, "lr": self.budget.lr * g.lr_scale} for g in self.param_groups() if g.params]
-        opt = adamw_class(self.optimizer_name)(groups, lr=self.budget.lr, weight_decay=0.0)
+        """AdamW (or bitsandbytes' AdamW8bit, RunOptions.optimizer) with the recipe's settings: each group at
+        `budget.lr * lr_ratio * lr_scale`, named."""
+        r = self.recipe
+        lr = self.budget.lr * r.lr_ratio
+        groups = [{"name": g.name, "params": g.params, "lr": lr * g.lr_scale} for g in self.param_groups() if g.params]
+        opt = adamw_class(self.optimizer_name)(groups, lr=lr, betas=tuple(r.adam_betas), eps=r.adam_eps,
+                                               weight_decay=r.weight_decay)
         warm = max(1, self.budget.lr_warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning calls this before every optimizer step (after unscaling under mixed precision):
+        the recipe's `grad_clip` on the global norm, unless the Trainer was given its own value."""
+        clip = gradient_clip_val or self.recipe.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device)

@@ -180,7 +180,7 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = Non
     Returns None on a non-zero rank of a multi-GPU run: only rank 0 evaluates and records.
     ``live`` (bench.run.wandb_mirror.LiveRun) logs training to W&B as it happens."""
     clock = PhaseClock()
-    setup = build(spec)
+    setup = build(spec, out_dir)
     clock.lap("build")  # imports, base model, method, metrics
     data = load_data(setup, progress)
     clock.lap("data")
@@ -200,9 +200,10 @@ def execute(spec: RunSpec, out_dir: Path, progress: bool = True, live: Any = Non
     return result
 
 
-def build(spec: RunSpec) -> Setup:
+def build(spec: RunSpec, out_dir: Path | None = None) -> Setup:
     """Base model, method and metrics, in that order: their random inits draw from the RNG
-    seeded here, so the order is part of what a run id reproduces."""
+    seeded here, so the order is part of what a run id reproduces. The method then loads
+    `spec.weights`, or the checkpoint of its `init_run` under ``out_dir``."""
     import lightning as L
     import torch
 
@@ -219,8 +220,9 @@ def build(spec: RunSpec) -> Setup:
     os.environ.setdefault("USE_HUB_KERNELS", "0")
     base = BaseModel.load(spec.base_model)
     method = method_cls(base, spec.condition, spec.budget, dict(spec.hparams))
-    if spec.weights:
-        method.load_weights(Path(spec.weights))
+    weights = spec.weights or init_checkpoint(spec, out_dir)
+    if weights:
+        method.load_weights(Path(weights))
     apply_options(spec.options, spec.budget.precision, method)
     # only rank 0 evaluates (DDP's other ranks train and return), so it alone builds metrics, which never sync
     metrics = {name: cls() for name, cls in metric_classes.items()} if rank_zero() else {}
@@ -234,6 +236,19 @@ def rank_zero() -> bool:
     """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
     the run module again, with LOCAL_RANK (and NODE_RANK) set."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def init_checkpoint(spec: RunSpec, out_dir: Path | None) -> str:
+    """The checkpoint of the finished run this one starts from (`spec.init_run`), or "" when it has none
+    or re-scores a trained run; a one-line ConfigError when that run has not finished under ``out_dir``."""
+    if not spec.init_run or spec.source_run:
+        return ""
+    path = run_paths(out_dir, spec.init_run)["checkpoint"] if out_dir is not None else None
+    if path is None or not path.is_dir():
+        raise ConfigError(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) starts from run {spec.init_run}, "
+                          f"which has no checkpoint ({path or 'no out_dir given'}); run the config again: it runs "
+                          "that run first")
+    return str(path)
 
 
 def load_data(setup: Setup, progress: bool = True) -> RunData:
@@ -427,7 +442,7 @@ def _write_grid_samples(grid: SampleManifest, images: Tensor, batch: Batch, metr
     images, condition = images[: len(batch)], grid.condition
     by, redrawn = grid.reextracted_by, None
     for name, metric in metrics.items():
-        if condition and metric.condition == condition and by in (None, name):
+        if condition and metric.condition is not None and metric.scores(condition) and by in (None, name):
             redrawn = metric.reextract(images, batch)
             if redrawn is not None:
                 by = name

@@ -42,6 +42,8 @@ class RunSpec:
     weights: str = ""  # the checkpoint the method starts from (hparams.<method>.weights); empty: built fresh
     # `bench eval`: the run whose trained weights (`weights`) this run re-scores without training
     source_run: str = ""
+    # the finished run whose checkpoint this run starts from (ControlNet++ from its ControlNet: `init_from`)
+    init_run: str = ""
     # steps between resume checkpoints (0: none); changes no number, so it is not in the run id
     checkpoint_every: int = 0
     options: RunOptions = field(default_factory=RunOptions)  # memory and speed (RunOptions)
@@ -59,6 +61,8 @@ class RunSpec:
             d["weights"] = self.weights
         if self.source_run:
             d["source_run"] = self.source_run
+        if self.init_run:
+            d["init_run"] = self.init_run
         if self.checkpoint_every:
             d["checkpoint_every"] = self.checkpoint_every
         if self.options.changed() or self.budget.precision.endswith("-mixed"):
@@ -79,8 +83,8 @@ class RunSpec:
                    hparams=tuple(sorted(d["hparams"].items())),
                    recipe=tuple(sorted(d.get("recipe", {}).items())),
                    trainer=tuple(sorted(d.get("trainer", {}).items())), weights=d.get("weights", ""),
-                   source_run=d.get("source_run", ""), checkpoint_every=d.get("checkpoint_every", 0),
-                   options=RunOptions.from_config(d.get("options")))
+                   source_run=d.get("source_run", ""), init_run=d.get("init_run", ""),
+                   checkpoint_every=d.get("checkpoint_every", 0), options=RunOptions.from_config(d.get("options")))
 
 
 def load_config(path: Path | None) -> dict:
@@ -282,8 +286,9 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
         if m not in classes:
             raise ConfigError(f"hparams given for {m!r}, which is not in methods {method_names}")
     for m, cls in metric_classes.items():
-        if cls.condition is not None and cls.condition not in conditions:
-            raise ConfigError(f"metric {m} scores condition {cls.condition!r}, which is not in condition: "
+        if not any(cls.scores(c) for c in conditions):
+            kinds = " or ".join(repr(k) for k in (cls.condition, *cls.also_scores))
+            raise ConfigError(f"metric {m} scores condition {kinds}, which is not in condition: "
                               f"{list(conditions)}; add it or drop the metric")
     from bench.core.bases import base_family
     from bench.core.weights import needed_weights, preflight
@@ -305,7 +310,7 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
             raise ConfigError(f"method {m} needs condition in {classes[m].conditions}, the config has "
                               f"{list(conditions)}")
         for condition in usable:
-            metric_names = tuple(n for n, c in metric_classes.items() if c.condition in (None, condition))
+            metric_names = tuple(n for n, c in metric_classes.items() if c.scores(condition))
             _refuse_self_grading(m, classes[m], condition, hp, {n: metric_classes[n] for n in metric_names})
             metric_versions = tuple(sorted((n, metric_classes[n].version) for n in metric_names))
             for dataset_name, seed in itertools.product(dataset_names, seeds):
@@ -315,7 +320,36 @@ def resolve(cfg: dict) -> tuple[list[RunSpec], Path]:
                                      metric_versions=metric_versions, hparams=tuple(sorted(hp.items())),
                                      recipe=recipe, trainer=trainer, weights=weights, checkpoint_every=every,
                                      options=options))
-    return specs, Path(cfg.get("out_dir") or "runs/default")
+    return with_init_runs(specs, hparams, family), Path(cfg.get("out_dir") or "runs/default")
+
+
+def with_init_runs(specs: list[RunSpec], hparams: dict, family: str) -> list[RunSpec]:
+    """Each spec whose recipe starts from another method's finished run (`Method.init_method`: ControlNet++
+    from a converged ControlNet) names that run as `init_run`, and the init run's spec comes first: the
+    same seed, budget, data, condition and metrics, with the config's settings for that method, built fresh.
+    Training from it (no `weights`, train_steps > 0) is what the init is for; otherwise nothing is added."""
+    import dataclasses
+
+    out: dict[str, RunSpec] = {}
+    for spec in specs:
+        cls = METHODS.get(spec.method)
+        init = cls.init_method(cls.make_recipe(dict(spec.hparams), family)) if not spec.weights else ""
+        if init and spec.budget.train_steps > 0:
+            first = _init_spec(spec, init, dict(hparams.get(init) or {}), family)
+            out.setdefault(first.run_id, first)
+            spec = dataclasses.replace(spec, init_run=first.run_id)
+        out.setdefault(spec.run_id, spec)
+    return list(out.values())
+
+
+def _init_spec(spec: RunSpec, method: str, hp: dict, family: str) -> RunSpec:
+    import dataclasses
+
+    cls = METHODS.get(method)
+    hp = {k: v for k, v in hp.items() if k not in (WEIGHTS_KEY, "init_from")}  # built fresh, from nothing
+    recipe = tuple(sorted(cls.make_recipe(hp, family).as_dict().items()))
+    return dataclasses.replace(spec, method=method, method_version=cls.version, hparams=tuple(sorted(hp.items())),
+                               recipe=recipe, weights="", init_run="")
 
 
 def rescore_specs(records: list[RunRecord], metrics: list[str] | None = None) -> list[RunSpec]:
@@ -356,7 +390,7 @@ def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
     if method_cls.version != spec.method_version or (spec.recipe and recipe != dict(spec.recipe)):
         raise ConfigError(f"{who} was trained by {spec.method_version} code whose recipe or version has changed "
                           f"(now {method_cls.version}); retrain it with bench run")
-    usable = {n: c for n, c in classes.items() if c.condition in (None, spec.condition)}
+    usable = {n: c for n, c in classes.items() if c.scores(spec.condition)}
     if not usable:
         return None
     _refuse_self_grading(spec.method, method_cls, spec.condition, dict(spec.hparams), usable)

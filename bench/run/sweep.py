@@ -242,7 +242,7 @@ def fit_metrics(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         return cfg, []
     conds = conds if isinstance(conds, list) else [conds]
     load_builtins()
-    drop = [m for m in metrics if m in METRICS and METRICS.get(m).condition not in (None, *conds)]
+    drop = [m for m in metrics if m in METRICS and not any(METRICS.get(m).scores(c) for c in conds)]
     if not drop or len(drop) == len(metrics):
         return cfg, []
     return {**cfg, "metrics": [m for m in metrics if m not in drop]}, drop

@@ -157,7 +157,8 @@ def _key_for(recs: list[RunRecord], key: str) -> str:
     canny_f1_cnpp over the pooled canny_f1), then by name."""
     if key != "consistency" or not recs:
         return key
-    names = set.intersection(*({m for m in r.metrics if m.startswith(f"{r.condition}_")} for r in recs))
+    names = set.intersection(*({m for m in r.metrics if m.startswith(f"{r.condition}_") or m == r.consistency_metric}
+                               for r in recs))  # the flag: canny_kornia's is canny_f1_cnpp
     if not names:
         return key
     return min(names, key=lambda m: (not all(r.sample_scores.get(m) for r in recs), m))
