@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from bench.api.types import Batch, PromptEmbeds
 from bench.core.budget import Budget
 from bench.core.errors import ConfigError
+from bench.core.optional import require
 
 
 @dataclass
@@ -217,9 +218,7 @@ class ParamGroup:
 def adamw_class(name: str) -> type:
     """torch's AdamW, or bitsandbytes' 8-bit one (diffusers train_controlnet.py L898-906 `--use_8bit_adam`)."""
     if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit
+        return require("bitsandbytes").optim.AdamW8bit
     return torch.optim.AdamW
 
 

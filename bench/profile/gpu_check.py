@@ -43,6 +43,10 @@ def plan(methods: list[str], out_dir: Path) -> list:
                "budget": {"name": "sd15", "train_steps": STEPS, "eval_samples": EVAL_IMAGES, "train_size": 128,
                           "eval_batch_size": EVAL_IMAGES, "resolution": RESOLUTION, "precision": PRECISION},
                **method_config(METHODS.get(name))}
+        # a method that starts from another's finished run (ControlNet++: `init_from`) starts fresh here: the
+        # check measures memory and time per step, which the starting weights do not change
+        if "init_from" in METHODS.get(name).Recipe.__dataclass_fields__:
+            cfg["hparams"] = {name: {"init_from": ""}}
         specs += resolve(apply_overrides(cfg, []))[0]
     return specs
 

@@ -103,7 +103,7 @@ def run_all(specs: list[RunSpec], store: Store, out_dir: Path, progress: bool = 
         try:
             for i, spec in enumerate(specs):
                 # a run that starts from another (spec.init_run) waits for it to finish
-                while len(pending) >= jobs or any(s.run_id == spec.init_run for _, s in pending.values()):
+                while len(pending) >= jobs or any(v[1].run_id == spec.init_run for v in pending.values()):
                     collect(wait(pending, return_when=FIRST_COMPLETED).done)
                 bar.set_postfix_str(f"{spec.method} seed={spec.seed}")
                 state, existing = _claim(store, spec)
