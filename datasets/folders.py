@@ -26,6 +26,20 @@ one-line ConfigError naming the index file and line (or shard and row), before a
 read or computed. The check is on the path as written: a symlink placed inside the root is
 followed, as its owner meant. identity_folder lists its own folders, so its paths are inside.
 
+identity_folder (1 reference per sample) and identity_folder_multi (4), both from
+$CONTROLBENCH_DATA_IDENTITY_FOLDER: a sample is one image of an <identity>/ folder; its references
+are the identity's other images, a fixed count so that batches stack. Pick rule: the images
+after the target in sorted file order, wrapping round (the target itself never); pad rule: an
+identity with fewer other images than the count repeats them in that order. prompts.jsonl rows
+({"file_name": "<identity>/<file>", "text": ..., "class_word": ..., "kps": [[x, y] x 5]}) give a
+sample's prompt (default "a photo of a person"), the class word PhotoMaker's ID embedding replaces
+(default "person"; it should appear in the text) and InstantID's 5 face keypoints in source pixels
+(insightface order: eyes, nose, mouth corners), from which the `keypoints` condition is drawn with
+InstantID's draw_kps (bench.faces.antelope); without them, `face_kps` detects them with antelopev2.
+
+Condition maps an extractor computes (canny, hed, face_kps, ...) are cached per sample as PNG in
+`condition_cache` when the run layer sets it (bench.run.data streams these datasets).
+
 Corrupt or unreadable image files raise a one-line ConfigError naming the file, the index entry
 that lists it and the fix: skipping them would silently change a dataset whose version was
 already recorded. `FolderDataset.verify()` finds them before a run starts (see there).
@@ -51,7 +65,8 @@ from bench.datasets.decode import DecodeError, decode_rgb
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NEAREST = frozenset({"seg"})  # label maps: nearest-neighbour resize
-MAX_REFERENCES = 4
+NUM_REFS = {"identity_folder": 1, "identity_folder_multi": 4}  # as the identity world's identity / identity_multi
+DEFAULT_CLASS_WORD = "person"  # the default prompt's subject
 VERIFY_MAX_FILES = 2000  # verify() decodes every file up to this many, else a deterministic sample of this many
 
 
@@ -143,16 +158,21 @@ class Record:
     labels: list | None = None
     keypoints: list | None = None  # [[x, y, v], ...] COCO order, source pixels
     identity: str | None = None
-    references: list[Path] = field(default_factory=list)
+    references: list[Path] = field(default_factory=list)  # in pick order (module docstring)
+    class_word: str | None = None
+    face_kps: list | None = None  # [[x, y] x 5] source pixels, insightface order
     where: str = ""  # the index entry that lists it, e.g. "line 3 of metadata.jsonl", for error messages
 
 
 class FolderDataset(torch.utils.data.Dataset):
     """One split of a local dataset; items are single-sample `Batch`es like the shapes world."""
 
+    streamed = True  # read item by item from its files, never held whole (bench.run.data)
+    condition_cache: Path | None = None  # where extractor-made condition maps are kept per sample
+
     def __init__(self, name: str, records: list[Record], fp: str, split: str, size: int, resolution: int,
                  conditions: tuple[str, ...] = (), seed: int = 0, classes: tuple[str, ...] = (),
-                 root: Path | None = None):
+                 root: Path | None = None, num_refs: int = 0):
         pool = sorted((r for r in records if r.split == split), key=lambda r: r.id)
         if size > len(pool):
             raise ConfigError(f"dataset {name}: split {split!r} has {len(pool)} items, {size} requested")
@@ -163,10 +183,16 @@ class FolderDataset(torch.utils.data.Dataset):
         self.conditions, self.classes = tuple(conditions), classes
         self.has_boxes = any(r.boxes is not None for r in records)
         self.has_keypoints = any(r.keypoints is not None for r in records)
+        self.num_refs = num_refs
 
     @property
     def version(self) -> str:
-        return f"{self.name}-v1/{self.fp}/seed{self.seed}/{self.resolution}px"
+        refs = f"/refs{self.num_refs}" if self.num_refs else ""  # v2: a fixed reference count, class word, kps
+        return f"{self.name}-v{2 if self.num_refs else 1}/{self.fp}/seed{self.seed}/{self.resolution}px{refs}"
+
+    def references(self, rec: Record) -> list[Path]:
+        """The sample's `num_refs` references: the pick rule, padded by repetition (module docstring)."""
+        return [rec.references[k % len(rec.references)] for k in range(self.num_refs)] if rec.references else []
 
     def __len__(self) -> int:
         return len(self.records)
@@ -196,7 +222,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def sources(self, rec: Record) -> list[tuple[Source, str]]:
         """Every file or cell an item of `rec` reads: image, the requested conditions, references."""
         return [(rec.image, "image"), *((rec.conditions[k], f"condition {k}") for k in self.conditions
-                                        if k in rec.conditions), *((p, "reference") for p in rec.references)]
+                                        if k in rec.conditions), *((p, "reference") for p in dict.fromkeys(self.references(rec)))]
 
     def verify(self) -> None:
         """Check that every image this split reads decodes, before any run starts (the preflight).
@@ -220,15 +246,29 @@ class FolderDataset(torch.utils.data.Dataset):
         for label in labels:
             self._decode(*items[label])
 
-    def _condition(self, rec: Record, kind: str, image: torch.Tensor) -> torch.Tensor:
+    def _condition(self, rec: Record, kind: str, image: torch.Tensor, fit: Fit) -> torch.Tensor:
         if kind in rec.conditions:
             cond = self._decode(rec.conditions[kind], rec, f"condition {kind}")
             return to_tensor(fit_image(cond, self.resolution, kind in NEAREST))
+        if kind == "keypoints" and rec.face_kps is not None:  # InstantID's map of annotated face keypoints
+            from bench.faces.antelope import draw_kps
+
+            return to_tensor(draw_kps((self.resolution, self.resolution), fit.points(rec.face_kps)))
+        cached = (self.condition_cache / kind / f"{hashlib.sha1(rec.id.encode()).hexdigest()}.png"
+                  if self.condition_cache else None)
+        if cached is not None and (hit := cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)) is not None:
+            return torch.from_numpy(hit.reshape(*hit.shape[:2], -1)).permute(2, 0, 1).float().div(255)
         try:  # no precomputed map: extract from the resized image, as re-extraction will
-            return CONDITIONS.get(kind)(image.unsqueeze(0))[0]
+            cond = CONDITIONS.get(kind)(image.unsqueeze(0))[0]
         except TypeError as e:  # annotation-only conditions (seg, depth, layout, fill) refuse images
             raise ConfigError(f"condition {kind!r} comes from files and {self.name} sample {rec.id} has none "
                               f"({e})") from None
+        if cached is not None and cond.shape[0] in (1, 3):  # PNG: exact for maps on the uint8 grid (all of them)
+            from bench.core.files import atomic_write
+
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, cv2.imencode(".png", cond.mul(255).round().byte().permute(1, 2, 0).numpy())[1].tobytes())
+        return cond
 
     def __getitem__(self, index: int) -> Batch:
         rec = self.records[index]
@@ -247,11 +287,21 @@ class FolderDataset(torch.utils.data.Dataset):
             v = kp[:, 2] * ((xy >= 0).all(1) & (xy < res).all(1))  # cropped away: unlabeled, like COCO's v=0
             refs["keypoints"] = [torch.from_numpy(np.concatenate([xy * (v > 0)[:, None], v[:, None]], 1))]
         if rec.identity is not None:
-            refs["identity"] = [rec.identity]
-            refs["reference_images"] = [torch.stack([to_tensor(fit_image(self._decode(p, rec, "reference"), res))
-                                                     for p in rec.references])]
+            refs.update(self._identity_refs(rec, fit))
         return Batch(ids=[rec.id], image=image.unsqueeze(0), prompts=[rec.prompt],
-                     conditions={c: self._condition(rec, c, image).unsqueeze(0) for c in self.conditions}, refs=refs)
+                     conditions={c: self._condition(rec, c, image, fit).unsqueeze(0) for c in self.conditions},
+                     refs=refs)
+
+    def _identity_refs(self, rec: Record, fit: Fit) -> dict[str, Any]:
+        """What the identity methods read, as the identity world gives it: the references, the class
+        word and, when annotated, the 5 face keypoints [1,5,2] after the resize rule."""
+        decoded = {p: to_tensor(fit_image(self._decode(p, rec, "reference"), self.resolution))
+                   for p in dict.fromkeys(self.references(rec))}
+        out = {"identity": [rec.identity], "class_word": [rec.class_word or DEFAULT_CLASS_WORD],
+               "reference_images": [torch.stack([decoded[p] for p in self.references(rec)])]}
+        if rec.face_kps is not None:
+            out["keypoints"] = torch.from_numpy(fit.points(rec.face_kps)).unsqueeze(0)
+        return out
 
     def _labels(self, rec: Record) -> list[int]:
         return [self.classes.index(v) if isinstance(v, str) else int(v) for v in (rec.labels or [])]
@@ -324,7 +374,7 @@ def index_fill50k(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
 def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
     prompts_file = root / "prompts.jsonl"
     rows, data = _jsonl(prompts_file) if prompts_file.is_file() else ([], b"")
-    prompts = {r.get("file_name"): r.get("text", "") for _, r in rows}
+    rows = {r.get("file_name"): r for _, r in rows}
     records, files = [], []
     for ident in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(p for p in ident.iterdir() if p.suffix.lower() in IMAGE_EXTS)
@@ -333,13 +383,24 @@ def index_identity(root: Path) -> tuple[list[Record], str, tuple[str, ...]]:
         files += images
         for img in images:
             rel = f"{ident.name}/{img.name}"
-            others = [p for p in images if p != img][:MAX_REFERENCES]
-            records.append(Record(id=rel, image=img, prompt=prompts.get(rel, "a photo of a person"),
+            k, row = images.index(img), rows.get(rel, {})
+            others = images[k + 1:] + images[:k]  # the pick order: after the target, wrapping round
+            records.append(Record(id=rel, image=img, prompt=row.get("text", "a photo of a person"),
                                   split=hash_split(ident.name), identity=ident.name, references=others,
+                                  class_word=row.get("class_word"), face_kps=_face_kps(row, prompts_file),
                                   where=f"identity folder {ident.name}/"))
     if not records:
         raise ConfigError(f"dataset identity_folder: no <identity>/ folder with 2+ images under {root}")
     return records, fingerprint(data, files, root), ()
+
+
+def _face_kps(row: dict, path: Path) -> list | None:
+    kps = row.get("kps")
+    if kps is None:
+        return None
+    if np.asarray(kps, dtype=object).shape != (5, 2):
+        raise ConfigError(f"{path}: {row.get('file_name')!r} kps must be 5 [x, y] points (eyes, nose, mouth corners)")
+    return kps
 
 
 # MultiGen-20M as ControlNet++ publishes it (limingcv/MultiGen-20M_*): parquet shards with an
@@ -483,18 +544,21 @@ def unique_ids(records: list[Record], name: str, root: Path) -> None:
         seen[rec.id] = rec.where
 
 
-def _register(name: str) -> None:
+def _register(name: str, folder: str) -> None:
+    """`name` reads `folder`'s layout and root (identity_folder_multi: identity_folder's)."""
     def build(split: str, size: int, resolution: int, conditions: tuple[str, ...], seed: int = 0) -> FolderDataset:
-        root = data_root(name, LAYOUTS[name])
-        records, fp, classes = INDEXERS[name](root)
+        root = data_root(folder, LAYOUTS[folder])
+        records, fp, classes = INDEXERS[folder](root)
         unique_ids(records, name, root)
-        return FolderDataset(name, records, fp, split, size, resolution, conditions, seed, classes, root)
+        return FolderDataset(name, records, fp, split, size, resolution, conditions, seed, classes, root,
+                             NUM_REFS.get(name, 0))
 
     DATASETS.register(name)(build)
 
 
 for _name in INDEXERS:
-    _register(_name)
+    _register(_name, _name)
+_register("identity_folder_multi", "identity_folder")
 
 
 @dataclass(frozen=True)

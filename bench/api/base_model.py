@@ -198,7 +198,10 @@ class BaseModel(nn.Module):
         x = images * 2 - 1
         if self.vae is None:
             return x
-        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+        # a posterior sample, as every official training script (diffusers train_controlnet.py, IP-Adapter
+        # tutorial_train.py:360, T2I-Adapter train_sketch.py:664, ControlNeXt train_controlnext.py:1042,
+        # ControlNet++ reward_control.py:1385: `latent_dist.sample()`), drawn from the global RNG the run seeds
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model space -> [0,1] images."""

@@ -156,11 +156,12 @@ class ResumableLoader(DataLoader):
     _pass_start: torch.Tensor | None = None  # the generator's state when the current pass began
 
     @classmethod
-    def shuffled(cls, dataset, batch_size: int, seed: int, collate_fn) -> "ResumableLoader":
-        # the draws of DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=g)
+    def shuffled(cls, dataset, batch_size: int, seed: int, collate_fn, **options) -> "ResumableLoader":
+        # the draws of DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=g); `options`
+        # (worker processes) change where batches are decoded, not which: the order is drawn here
         g = torch.Generator().manual_seed(seed)
         batches = SkippingBatches(RandomSampler(dataset, generator=g), batch_size, drop_last=True)
-        return cls(dataset, batch_sampler=batches, collate_fn=collate_fn, generator=g)
+        return cls(dataset, batch_sampler=batches, collate_fn=collate_fn, generator=g, **options)
 
     def __iter__(self):
         self._pass_start = self.generator.get_state()

@@ -172,6 +172,7 @@ class PhaseClock:
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[f"phase_{name}_s"] = now - self._last
+        self.seconds[f"phase_{name}_rss_mb"] = peak_rss_mb()  # the high-water mark by this phase's end
         self._last = now
 
 
@@ -253,16 +254,16 @@ def init_checkpoint(spec: RunSpec, out_dir: Path | None) -> str:
 
 def load_data(setup: Setup, progress: bool = True) -> RunData:
     """Step 1: the eval split, and the train split for training or a synthesizing metric
-    (materialized: cached by dataset@version, extractor@version and resolution)."""
+    (bench.run.data.load_split: generated worlds materialized, folder datasets streamed)."""
     from bench.core.registry import DATASETS
-    from bench.run.data import materialize
+    from bench.run.data import load_split
 
     spec, budget = setup.spec, setup.spec.budget
     dataset = DATASETS.get(spec.dataset)
     conds = (spec.condition,) if spec.condition else ()
 
     def split(name: str, size: int):
-        return materialize(dataset(split=name, size=size, resolution=budget.resolution, conditions=conds), progress)
+        return load_split(dataset(split=name, size=size, resolution=budget.resolution, conditions=conds), progress)
 
     needs_train = setup.trains or any(m.synthesizes for m in setup.metrics.values())
     return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
@@ -346,6 +347,7 @@ def _fit(setup: Setup, data: RunData, callbacks: list, logger: Any, every: int, 
 
     from bench.api.types import collate
     from bench.run.callbacks import ResumableLoader
+    from bench.run.data import loader_options
 
     spec, budget, opts, accumulate = setup.spec, setup.spec.budget, dict(setup.spec.trainer), setup.spec.options.accumulate
     trainer = L.Trainer(max_steps=budget.train_steps, precision=budget.precision, accelerator=setup.device,
@@ -357,7 +359,8 @@ def _fit(setup: Setup, data: RunData, callbacks: list, logger: Any, every: int, 
     if budget.batch_size % (world * accumulate):
         raise ConfigError(f"budget batch_size {budget.batch_size} does not split over {world} processes x {accumulate} "
                           f"micro-batches; choose a multiple of {world * accumulate} (it is the global batch)")
-    loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // (world * accumulate), spec.seed, collate)
+    loader = ResumableLoader.shuffled(data.train_set, budget.batch_size // (world * accumulate), spec.seed, collate,
+                                      **loader_options(data.train_set))
     trainer.fit(setup.method, loader, ckpt_path=str(resume) if resume is not None else None)
     return trainer
 
@@ -380,6 +383,7 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
     import torch
 
     from bench.api.types import collate
+    from bench.run.data import loader_options
 
     spec, metrics = setup.spec, {n: m.to(setup.device) for n, m in setup.metrics.items()}
     paths = run_paths(out_dir, spec.run_id)
@@ -389,7 +393,8 @@ def evaluate(setup: Setup, data: RunData, out_dir: Path, progress: bool = True) 
     grid = SampleManifest(spec.condition, None)
     latencies, seen, sample_s = [], 0, 0.0
     chunk = spec.budget.eval_batch_size  # CFG doubles the UNet's batch; the VAE decodes one sample at a time
-    for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=chunk, shuffle=False, collate_fn=collate):
+    for batch in torch.utils.data.DataLoader(data.eval_set, batch_size=chunk, shuffle=False, collate_fn=collate,
+                                             **loader_options(data.eval_set)):
         t0 = time.perf_counter()
         images = setup.generate(batch, progress)
         latencies.append((time.perf_counter() - t0) / len(batch))
