@@ -250,13 +250,17 @@ class FolderDataset(torch.utils.data.Dataset):
         if kind in rec.conditions:
             cond = self._decode(rec.conditions[kind], rec, f"condition {kind}")
             return to_tensor(fit_image(cond, self.resolution, kind in NEAREST))
-        if kind == "keypoints" and rec.face_kps is not None:  # InstantID's map of annotated face keypoints
+        if kind == "keypoints" and rec.identity is not None:  # InstantID's map of annotated face keypoints
             from bench.faces.antelope import draw_kps
 
+            if rec.face_kps is None:
+                raise ConfigError(f'{self.name} sample {rec.id} has no face keypoints: add "kps" (5 [x, y]) to its '
+                                  "prompts.jsonl row, or use condition=face_kps (antelopev2 detects them)")
             return to_tensor(draw_kps((self.resolution, self.resolution), fit.points(rec.face_kps)))
         cached = (self.condition_cache / kind / f"{hashlib.sha1(rec.id.encode()).hexdigest()}.png"
                   if self.condition_cache else None)
-        if cached is not None and (hit := cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)) is not None:
+        hit = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED) if cached is not None and cached.is_file() else None
+        if hit is not None:
             return torch.from_numpy(hit.reshape(*hit.shape[:2], -1)).permute(2, 0, 1).float().div(255)
         try:  # no precomputed map: extract from the resized image, as re-extraction will
             cond = CONDITIONS.get(kind)(image.unsqueeze(0))[0]

@@ -278,3 +278,44 @@ def to_records(rows: list[dict], setup: ProfileSetup, kind: str = "measured"):
         records.append(RunRecord(run_id=run_id, spec=spec, status="FINISHED", compute=compute, git_sha=git_sha(),
                                  versions=package_versions(), machine=machine_identity()))
     return records
+
+
+def _data_pass(dataset: str, size: int, resolution: int, condition: str, batch: int, workers: int) -> dict:
+    """Runs in a fresh process: one pass of the training loader over `size` train samples, as
+    `bench run` builds it (bench.run.data.load_split, loader_options). Peak RSS of this process
+    and of its largest worker (ru_maxrss; a forked worker's RSS counts the pages it shares with
+    this process, so the two overlap)."""
+    import os
+    import resource
+
+    os.environ["CONTROLBENCH_DATA_WORKERS"] = str(workers)
+    from bench.api.types import collate
+    from bench.core.provenance import rss_mb
+    from bench.core.registry import DATASETS
+    from bench.run.builtins import load_builtins
+    from bench.run.callbacks import ResumableLoader
+    from bench.run.data import load_split, loader_options
+
+    load_builtins()
+    rss0, t0 = rss_mb(), time.perf_counter()
+    data = load_split(DATASETS.get(dataset)("train", size, resolution, (condition,) if condition else ()), False)
+    loader = ResumableLoader.shuffled(data, batch, 0, collate, **loader_options(data))
+    seen, batch_bytes = 0, 0
+    for b in loader:
+        seen += len(b)
+        batch_bytes = max(batch_bytes, b.image.nbytes + sum(v.nbytes for v in b.conditions.values()))
+    del loader  # its workers exit, so RUSAGE_CHILDREN has them
+    return dict(dataset=dataset, size=size, resolution=resolution, batch=batch, workers=workers, samples=seen,
+                seconds=time.perf_counter() - t0, rss_before_mb=rss0, batch_mb=batch_bytes / 2**20,
+                main_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                worker_peak_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def data_pipeline_peak(dataset: str, size: int, resolution: int, condition: str = "canny", batch: int = 16,
+                       workers: int = 1) -> dict:
+    """Host memory of a run's data pipeline, measured: `_data_pass` in its own spawned process."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    # not a multiprocessing Pool: its daemonic processes may not start DataLoader workers
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_data_pass, dataset, size, resolution, condition, batch, workers).result()

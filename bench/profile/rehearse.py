@@ -210,6 +210,23 @@ def rehearse(methods: list[str], arch: str, resolution: int, out: Path, progress
     return runs
 
 
+def data_rss(sizes: list[int], resolution: int, out: Path) -> int:
+    """The acceptance figure of streaming: peak RSS of one training pass, per split size."""
+    from bench.profile.measure import data_pipeline_peak
+
+    print(f"{'images':>7s} {'px':>5s} {'pass s':>7s} {'before MB':>9s} {'main peak MB':>12s} "
+          f"{'worker peak MB':>14s} {'batch MB':>8s}")
+    for n in sizes:
+        root = out / f"data-rss-{n}-{resolution}"
+        if not (root / "metadata.jsonl").is_file():
+            write_imagefolder(root, n_train=n, n_eval=0, size=resolution)
+        os.environ["CONTROLBENCH_DATA_IMAGEFOLDER"] = str(root)
+        r = data_pipeline_peak("imagefolder", n, resolution)
+        print(f"{n:7d} {resolution:5d} {r['seconds']:7.1f} {r['rss_before_mb']:9.0f} {r['main_peak_mb']:12.0f} "
+              f"{r['worker_peak_mb']:14.0f} {r['batch_mb']:8.1f}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.core.errors import ConfigError
     from bench.core.registry import METHODS, UnknownNameError
@@ -220,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--methods", default="", help="comma-separated; default: every registered method")
     ap.add_argument("--out", default="runs/rehearsal", help="data, store and images (a fresh store each time)")
+    ap.add_argument("--data-rss", metavar="N,N", help="instead: the data pipeline's peak RSS over an imagefolder of "
+                    "N train images at --resolution (canny, batch 16, 1 worker), per size")
     args = ap.parse_args(argv)
+    if args.data_rss:
+        return data_rss([int(n) for n in args.data_rss.split(",")], args.resolution, Path(args.out))
     load_builtins()
     methods = [m for m in args.methods.split(",") if m] or METHODS.names()
     try:
