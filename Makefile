@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench rehearse clean
 
 $(STAMP): pyproject.toml
 	date +%s > .install-start
@@ -30,6 +30,13 @@ TEST_JOBS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_JOBS)
+
+# Every registered method through the real `bench run` on the SD1.5 architecture (random weights) at 256 px:
+# 1 train step, 2 eval images; FINISHED and its weights load back (bench/profile/rehearse.py). CI runs it.
+REHEARSE_ARGS ?= --arch sd15 --resolution 256
+
+rehearse: $(STAMP)
+	$(VENV)/bin/python -m bench.profile.rehearse $(REHEARSE_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.profile.benchmarks

@@ -300,10 +300,12 @@ def _data_pass(dataset: str, size: int, resolution: int, condition: str, batch: 
     rss0, t0 = rss_mb(), time.perf_counter()
     data = load_split(DATASETS.get(dataset)("train", size, resolution, (condition,) if condition else ()), False)
     loader = ResumableLoader.shuffled(data, batch, 0, collate, **loader_options(data))
-    seen, batch_bytes = 0, 0
+    seen, batch_bytes, total = 0, 0, 0.0
     for b in loader:
         seen += len(b)
         batch_bytes = max(batch_bytes, b.image.nbytes + sum(v.nbytes for v in b.conditions.values()))
+        total += float(b.image.sum()) + sum(float(v.sum()) for v in b.conditions.values())  # read every page, as
+        # the copy to the device does (pages a worker wrote and nobody reads never count in RSS)
     del loader  # its workers exit, so RUSAGE_CHILDREN has them
     return dict(dataset=dataset, size=size, resolution=resolution, batch=batch, workers=workers, samples=seen,
                 seconds=time.perf_counter() - t0, rss_before_mb=rss0, batch_mb=batch_bytes / 2**20,

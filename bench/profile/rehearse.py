@@ -31,13 +31,16 @@ from pathlib import Path
 import numpy as np
 
 PHASES = ("build", "data", "train", "checkpoint", "evaluate")
-# method -> (dataset, condition, metrics): the condition each method is built for, the cheapest
-# metric that scores it without downloaded weights (none for the identity methods: every face metric
-# needs local weights, and the proxy's id_sim is refused at full scale)
+# method -> (dataset, condition(s), metrics): the condition each method is built for and a metric that
+# needs no downloaded weights (kornia canny). Every identity metric needs local weights (or is the
+# proxy's), so the identity methods are scored on canny re-extraction too: ip_adapter and photomaker
+# take any condition and ignore it; instantid runs on its keypoints and the listed canny only admits
+# the metric (a run whose condition no metric scores has none).
 IMAGE, IDENTITY = "imagefolder", "identity_folder"
-ROUTES = {"odgen": (IMAGE, "layout", ()), "instantid": (IDENTITY, "keypoints", ()),
-          "ip_adapter": (IDENTITY, "", ()), "photomaker": (IDENTITY, "", ())}
-DEFAULT_ROUTE = (IMAGE, "canny", ("canny_f1_cnpp",))
+CANNY = ("canny_f1_cnpp",)
+ROUTES = {"odgen": (IMAGE, "layout", ("layout_map",)), "instantid": (IDENTITY, "keypoints,canny", CANNY),
+          "ip_adapter": (IDENTITY, "canny", CANNY), "photomaker": (IDENTITY, "canny", CANNY)}
+DEFAULT_ROUTE = (IMAGE, "canny", CANNY)
 LABELS = ("box", "disc")  # ODGEN's classes in the synthetic imagefolder
 KPS = [[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.72], [0.62, 0.72]]  # face keypoints, fractions of the side
 
@@ -141,7 +144,8 @@ def rehearse_one(method: str, arch: str, resolution: int, out: Path, env: dict) 
             records = [r for r in store.records() if r.method == method]
     if not records:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return Rehearsal(method, "NOT RUN", tail[0], seconds, {}, None)
+        # exit 2: refused before compute (bench preflight), e.g. a proxy-only method on a full-scale base
+        return Rehearsal(method, "REFUSED" if proc.returncode == 2 else "NOT RUN", tail[0], seconds, {}, None)
     rec = records[-1]
     return Rehearsal(method, rec.status, rec.reason, seconds, rec.compute, rec.artifacts.get("checkpoint"))
 
@@ -227,6 +231,13 @@ def data_rss(sizes: list[int], resolution: int, out: Path) -> int:
     return 0
 
 
+def passed(r: Rehearsal) -> bool:
+    """FINISHED with its weights loaded back (or nothing trained), or refused in one line as proxy-only."""
+    if r.status == "REFUSED":
+        return "proxy" in r.reason
+    return r.status == "FINISHED" and r.loaded in ("ok", "no checkpoint (nothing trained)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.core.errors import ConfigError
     from bench.core.registry import METHODS, UnknownNameError
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f} s (phase columns: seconds, and the run process's peak RSS in MB by the "
           "phase's end)")
     print(format_rows(runs))
-    bad = [r.method for r in runs if r.status != "FINISHED" or r.loaded not in ("ok", "no checkpoint (nothing trained)")]
+    bad = [r.method for r in runs if not passed(r)]
     if bad:
         print(f"rehearsal FAILED for {', '.join(bad)}", file=sys.stderr)
         return 1

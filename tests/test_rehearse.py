@@ -1,0 +1,57 @@
+"""The rehearsal's parts that cost no model: its data is readable by the real folder readers, its
+`bench run` arguments plan one run per method on the full-scale architecture, bad input is exit 2,
+and its verdict fails a run that did not finish or whose weights did not load back. The rehearsal
+itself (minutes per method) runs from .ci/run (`make rehearse`), not in the test suite."""
+from __future__ import annotations
+
+import bench.datasets  # noqa: F401  (registers)
+import pytest
+
+from bench.core.registry import DATASETS, METHODS
+from bench.profile import rehearse as R
+from bench.run.builtins import load_builtins
+
+
+def test_synthetic_folders_read_through_the_real_readers(tmp_path, monkeypatch):
+    for name, root in R.write_data(tmp_path, 64).items():
+        monkeypatch.setenv(name, root)
+    image = DATASETS.get("imagefolder")("train", 4, 64, ("canny",))
+    item = image[0]
+    assert item.image.shape == (1, 3, 64, 64) and item.refs["labels"][0].numel() >= 1
+    assert len(DATASETS.get("imagefolder")("eval", 2, 64, ("layout",))) == 2
+    ident = DATASETS.get("identity_folder")("train", 2, 64, ("keypoints",))
+    sample = ident[0]
+    assert sample.refs["class_word"] == ["person"] and sample.conditions["keypoints"].shape == (1, 3, 64, 64)
+    assert sample.conditions["keypoints"].amax() > 0  # the 5 points were drawn
+    assert len(DATASETS.get("identity_folder")("eval", 2, 64, ())) == 2
+
+
+def test_every_registered_method_plans_one_full_scale_run(tmp_path, monkeypatch):
+    from bench.run.session import plan
+
+    load_builtins()
+    for name, root in R.write_data(tmp_path, 64).items():
+        monkeypatch.setenv(name, root)
+    for method in METHODS.names():
+        specs, _ = plan(None, R.run_args(method, "sd15", 64, tmp_path / "out")[1:-1])
+        assert [s.method for s in specs] == [method]
+        s = specs[0]
+        assert s.base_model == "sd15-arch" and s.budget.resolution == 64 and s.budget.train_steps == 1
+        assert s.budget.eval_samples == 2 and s.budget.inference_steps == 2 and s.budget.guidance_scale > 1
+
+
+def test_bad_input_is_exit_2_before_compute(tmp_path, capsys):
+    assert R.main(["--methods", "contrlnet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "controlnet" in err[0]  # did-you-mean
+    assert R.main(["--methods", "controlnet", "--resolution", "100", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("status,loaded,reason,ok", [
+    ("FINISHED", "ok", "", True), ("FINISHED", "no checkpoint (nothing trained)", "", True),
+    ("FINISHED", "RuntimeError: size mismatch", "", False), ("FAILED", "-", "boom", False),
+    ("REFUSED", "-", "error: odgen is proxy-only ...", True), ("REFUSED", "-", "error: missing file", False),
+    ("NOT RUN", "-", "Killed", False)])
+def test_verdict(status, loaded, reason, ok):
+    assert R.passed(R.Rehearsal("m", status, reason, 1.0, {}, None, loaded)) is ok
