@@ -318,3 +318,68 @@ def test_html_report_shows_the_estimate_curves_escaped(tmp_path):
                                               f"{24 / 20:.3f}"]
     assert "t2i_adapter:q=&lt;script&gt;alert(1)&lt;/script&gt;" in section
     assert "controlnet-memory-vs-frozen" in section and "bs 4, 512px, bf16" in section
+
+
+# ---- whole-run estimates: evaluation peak, frozen weights in the weight dtype, the budget per card -----
+
+def test_eval_estimate_equals_live_bytes_on_real_tensors(tiny_sd_dir):
+    """One sampler step with CFG and the decode, fake vs real tensors on tiny SD: the same peak up
+    to the CPU kernels' group-norm choices (see above); it grows with the eval batch."""
+    from bench.profile.estimate import Estimator
+    from bench.profile.measure import ProfileSetup
+    from bench.profile.runplan import eval_peak
+
+    setup = ProfileSetup(str(tiny_sd_dir), 32, 1, "fp32", 1)
+    fake, real = Estimator("controlnet", setup), Estimator("controlnet", setup, fake=False)
+    f1, f2, r2 = eval_peak(fake, 1), eval_peak(fake, 2), eval_peak(real, 2)
+    assert 0 <= r2 - f2 <= 0.01 * r2 and f2 > f1 > 0
+    weights = sum(t.nbytes for t in (*fake.rig.method.parameters(), *fake.rig.method.buffers()))
+    assert f1 > weights  # weights plus the step's activations, no gradients or optimizer state
+
+
+def test_frozen_modules_are_held_in_the_weight_dtype(tiny_sd_dir):
+    """bf16-mixed: the frozen base in bf16 (2 bytes), the trained ControlNet fp32 (4), as
+    train_controlnet.py casts vae/unet/text_encoder to weight_dtype."""
+    from bench.profile.estimate import Estimator
+    from bench.profile.measure import ProfileSetup
+    from bench.profile.runplan import frozen_in_weight_dtype
+
+    est = Estimator("controlnet", ProfileSetup(str(tiny_sd_dir), 32, 1, "bf16", 1))
+    method = est.rig.method
+    trained = {id(p) for p in method.trainable_parameters()}
+    n_trained = sum(p.numel() for p in method.trainable_parameters())
+    n_frozen = sum(p.numel() for p in method.parameters() if id(p) not in trained)
+    frozen_in_weight_dtype(est)
+    assert sum(p.nbytes for p in method.parameters()) == 4 * n_trained + 2 * n_frozen
+    assert all(p.dtype == torch.float32 for p in method.trainable_parameters())
+
+
+def test_budget_per_card_picks_checkpointing_accumulation_and_eval_batch():
+    from bench.profile.measure import ProfileSetup
+    from bench.profile.runplan import GIB, Line, MethodPeaks, plan_card
+
+    setup = ProfileSetup("sd15-arch", 512, 1, "bf16", 1)
+    peaks = MethodPeaks("m", train=Line(10 * GIB, 2 * GIB), train_ckpt=Line(8 * GIB, 0.5 * GIB),
+                        evaluate=Line(4 * GIB, 0.25 * GIB), params_trainable=1.0)
+    big = plan_card(peaks, 80 * GIB, 16, setup)  # 10 + 2 * 15 = 40 GiB: batch 16 at once
+    assert (big["checkpointing"], big["micro_batch"], big["accumulate"], big["eval_batch_size"]) == (False, 16, 1, 64)
+    mid = plan_card(peaks, 24 * GIB, 16, setup)  # 10 + 2 * 7 = 24: micro-batch 8 (divides 16), accumulate 2
+    assert (mid["checkpointing"], mid["micro_batch"], mid["accumulate"]) == (False, 8, 2)
+    assert mid["train_peak_gib"] == 24 and mid["eval_batch_size"] == 64
+    small = plan_card(peaks, 9 * GIB, 16, setup)  # only checkpointing fits: 8 + 0.5 = 8.5 at micro-batch 2
+    assert (small["checkpointing"], small["micro_batch"], small["accumulate"], small["eval_batch_size"]) == (
+        True, 2, 8, 16)
+    none = plan_card(peaks, 4 * GIB, 16, setup)
+    assert none["micro_batch"] == 0 and none["checkpointing"] is None and none["eval_batch_size"] == 1
+
+
+def test_fit_prints_a_budget_per_card(tiny_sd_dir, capsys):
+    from bench.cli import main
+
+    rc = main(["profile", "--estimate", "--arch", str(tiny_sd_dir), "--methods", "controlnet,baseline",
+               "--resolution", "32", "--batch", "4", "--precision", "bf16", "--fit", "24GiB,64MiB", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "budget per card (32px, bf16, effective batch 4" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("controlnet ")]
+    assert [r[1] for r in rows] == ["24G", "0G"] and rows[0][2] == "off" and rows[0][3:6] == ["4", "x", "1"]
+    assert "baseline: not estimated: has no trainable parameters" in out

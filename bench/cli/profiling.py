@@ -36,13 +36,16 @@ def _profile(args) -> int:
 
 
 def _print_estimates(result, several_batches: bool) -> None:
-    from bench.report.estimates import claim_verdicts, format_claims, format_curves, format_estimate, format_fit
+    from bench.report.estimates import claim_verdicts, format_claims, format_curves, format_estimate
 
+    if result.fits:
+        from bench.profile.runplan import format_plan
+
+        print(format_plan(result.fits))
+        return
     print(format_estimate(result.estimates))
     if several_batches:
         print("\n" + format_curves(result.estimates))
-    if result.fits:
-        print("\n" + format_fit(result.fits))
     verdicts = claim_verdicts(result.records)
     if verdicts:
         print("\n" + format_claims(verdicts))
@@ -64,8 +67,10 @@ def add_commands(sub) -> None:
     pf.add_argument("--estimate", action="store_true", help="no timing: peak memory (weights, gradients, AdamW state, "
                     "activations) and FLOPs per training step, counted on fake tensors (no GPU, no real memory); "
                     "records are kind 'estimate'")
-    pf.add_argument("--fit", metavar="SIZE", help="with --estimate: the largest batch per method whose peak fits in "
-                    "SIZE (e.g. 24GiB, 80GB), and its FLOPs per step")
+    pf.add_argument("--fit", metavar="SIZES", help="with --estimate, instead of the table: per method and card size "
+                    "(e.g. 24GiB,40GiB,80GiB) a budget that fits: checkpointing, micro-batch x accumulation for the "
+                    "largest --batch as effective batch, eval_batch_size, and the training, evaluation and data "
+                    "pipeline (host) peaks")
     pf.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every diffusers model")
     pf.add_argument("--attention", default="default", help="SDPA kernel: default, math, or efficient (CUDA's "
                     "memory-efficient kernel; the CPU's flash kernel on the CPU)")

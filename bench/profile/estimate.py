@@ -394,13 +394,6 @@ def estimate(variants: list[str], setup: ProfileSetup, batches: list[int], progr
     return rows
 
 
-def fit_all(variants: list[str], setup: ProfileSetup, budget_bytes: int, progress: bool = True) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    return [r for v in tqdm(variants, desc="fit", disable=not progress)
-            for r in _guarded(v, lambda: [fit(v, setup, budget_bytes)])]
-
-
 def parse_bytes(text: str) -> int:
     """'24GiB', '24GB', '24000MiB', '2.5e10' -> bytes; a one-line ConfigError otherwise."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
@@ -409,37 +402,3 @@ def parse_bytes(text: str) -> int:
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
              "TIB": 2**40}[(m.group(2) or "B").upper()]
     return int(float(m.group(1)) * scale)
-
-
-def fit(variant: str, setup: ProfileSetup, budget_bytes: int, limit: int = 4096) -> dict:
-    """The largest batch whose estimated peak fits in `budget_bytes`, with its row (FLOPs per step);
-    `fit_batch` 0 when batch 1 does not fit. Peak memory is close to affine in the batch (every
-    activation scales with it, weights and optimizer state do not), so the next batch tried is
-    where the line through two tried batches meets the budget, kept inside the bracket (a
-    bisection step when it is not), and the batch after a fitting guess is tried at once."""
-    est, rows = Estimator(variant, setup), {}
-
-    def peak(b: int) -> float:
-        if b not in rows:
-            rows[b] = est.row(b)
-        return rows[b]["est_peak_mem_mb"] * 2**20
-
-    if peak(1) > budget_bytes:
-        return {**rows[1], "fit_batch": 0, "fit_bytes": budget_bytes}
-    lo, hi, other = 1, limit + 1, 2  # lo fits; hi does not (limit + 1 is assumed not to)
-    while hi - lo > 1:
-        slope = (peak(other) - peak(lo)) / (other - lo)
-        guess = lo + int((budget_bytes - peak(lo)) / slope) if slope > 0 else hi - 1
-        if not lo < guess < hi or guess in rows:
-            guess = (lo + hi) // 2
-        if peak(guess) <= budget_bytes:
-            lo = guess
-            if guess + 1 < hi:  # most often the answer: confirm it
-                if peak(guess + 1) <= budget_bytes:
-                    lo = guess + 1
-                else:
-                    hi = guess + 1
-        else:
-            hi = guess
-        other = hi if hi in rows else max(b for b in rows if b != lo)
-    return {**rows[lo], "fit_batch": lo, "fit_bytes": budget_bytes}

@@ -58,22 +58,25 @@ def run_profile(methods: str | Sequence[str], *, arch: str = "sd15", resolutions
                 fit: str | None = None, checkpointing: bool = False, attention: str = "default", steps: int = 3,
                 condition: str = "canny", store: str | Path | None = None, progress: bool = True) -> ProfileResult:
     """Params, step time and peak memory per method variant, each in its own process (or, with
-    `estimate`, peak memory and FLOPs counted on fake tensors; `fit` adds the largest batch that fits
-    in that many bytes, e.g. "24GiB"); records go to `store` when given."""
+    `estimate`, peak memory and FLOPs counted on fake tensors; with `fit`, e.g. "24GiB,40GiB,80GiB",
+    instead the budget options per card that fit: bench.profile.runplan); records go to `store` when given."""
     if fit and not estimate:
         raise ConfigError("--fit needs --estimate: the largest batch is searched on fake tensors")
     variants, setups = setups_for(methods, arch, resolutions, batches[0], precisions, steps, condition,
                                   checkpointing, attention)
     result = ProfileResult(setups[0].base_model)
-    if estimate:
-        from bench.profile.estimate import estimate as estimate_rows
-        from bench.profile.estimate import fit_all, parse_bytes
+    if estimate and fit:  # a budget per card (bench.profile.runplan): the batch list's largest is the effective batch
+        from bench.profile.estimate import parse_bytes
+        from bench.profile.runplan import plan_all
 
-        budget_bytes = parse_bytes(fit) if fit else None
+        cards = [parse_bytes(size) for size in fit.split(",") if size.strip()]
+        for setup in setups:
+            result.fits += plan_all(variants, setup, cards, max(batches), progress=progress)
+    elif estimate:
+        from bench.profile.estimate import estimate as estimate_rows
+
         for setup in setups:
             result.estimates += estimate_rows(variants, setup, list(batches), progress=progress)
-            if budget_bytes:
-                result.fits += fit_all(variants, setup, budget_bytes, progress=progress)
         result.records = to_records([r for r in result.estimates if "error" not in r], setups[0], kind="estimate")
     else:
         for setup in setups:

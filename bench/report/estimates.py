@@ -1,5 +1,5 @@
 """`bench profile --estimate` in words and tables: the estimate records as rows, batch-size curves,
-the `--fit` table, the ControlNet memory/time claims read on the estimates, and the report's section.
+the ControlNet memory/time claims read on the estimates, and the report's section.
 
 Torch-free: it reads estimate records and rows; the fake-tensor engine that makes them is
 bench.profile.estimate.
@@ -103,22 +103,6 @@ def format_curves(rows: list[dict]) -> str:
                         continue
                     lines.append(f"{v[:16]:16s} {name + '/' + short:10s}"
                                  + "".join(f" {_fmt(by.get(b), 7)}" for b in batches))
-    return "\n".join(lines)
-
-
-def format_fit(rows: list[dict]) -> str:
-    lines = [f"{'variant':16s} {'setting':30s} {'fits in':>8s} {'max batch':>9s} {'peak GiB':>8s} {'TFLOP/step':>10s} "
-             f"{'TFLOP/sample':>12s}"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['variant']}: not estimated: {r['error']}")
-            continue
-        b = r["fit_batch"]
-        size = f"{r['fit_bytes'] / GIB:.1f}G" if r["fit_bytes"] >= GIB / 10 else f"{r['fit_bytes'] / 2**20:.0f}M"
-        head = f"{r['variant'][:16]:16s} {_setting_label(r)[:30]:30s} {size:>8s} {b:9d} "
-        lines.append(head + (f"{r['est_peak_mem_mb'] / 1024:8.2f} {r['flops_per_step'] / 1e12:10.2f} "
-                             f"{r['flops_per_step'] / 1e12 / b:12.3f}" if b else
-                             f"(batch 1 needs {r['est_peak_mem_mb'] / 1024:.1f} GiB)"))
     return "\n".join(lines)
 
 
