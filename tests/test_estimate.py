@@ -323,8 +323,9 @@ def test_html_report_shows_the_estimate_curves_escaped(tmp_path):
 # ---- whole-run estimates: evaluation peak, frozen weights in the weight dtype, the budget per card -----
 
 def test_eval_estimate_equals_live_bytes_on_real_tensors(tiny_sd_dir):
-    """One sampler step with CFG and the decode, fake vs real tensors on tiny SD: the same peak up
-    to the CPU kernels' group-norm choices (see above); it grows with the eval batch."""
+    """One sampler step with CFG and the decode, fake vs real tensors on tiny SD: the same peak within
+    1% (the CPU kernels' group-norm choices, see above, and the real timestep the fake mode copies);
+    it grows with the eval batch."""
     from bench.profile.estimate import Estimator
     from bench.profile.measure import ProfileSetup
     from bench.profile.runplan import eval_peak
@@ -332,7 +333,7 @@ def test_eval_estimate_equals_live_bytes_on_real_tensors(tiny_sd_dir):
     setup = ProfileSetup(str(tiny_sd_dir), 32, 1, "fp32", 1)
     fake, real = Estimator("controlnet", setup), Estimator("controlnet", setup, fake=False)
     f1, f2, r2 = eval_peak(fake, 1), eval_peak(fake, 2), eval_peak(real, 2)
-    assert 0 <= r2 - f2 <= 0.01 * r2 and f2 > f1 > 0
+    assert abs(r2 - f2) <= 0.01 * r2 and f2 > f1 > 0
     weights = sum(t.nbytes for t in (*fake.rig.method.parameters(), *fake.rig.method.buffers()))
     assert f1 > weights  # weights plus the step's activations, no gradients or optimizer state
 

@@ -97,9 +97,10 @@ def eval_peak(est: Estimator, n: int, guidance: float = 7.5, sampler: str = "ddi
 
 @contextlib.contextmanager
 def real_timesteps(loop):
-    """The sampler's scheduler makes its tables as real tensors and its timesteps as Python ints: a
-    step indexes its alphas with the timestep and compares it (`prev_timestep >= 0`), which fake
-    tensors cannot (DDIM: the estimate's sampler, whose step has every sampler's shapes)."""
+    """The sampler's scheduler keeps its tables and timesteps real (the UNet and the method hooks get
+    real 0-d timesteps) and steps with a Python int: a step indexes its alphas with the timestep and
+    compares it (`prev_timestep >= 0`), which fake tensors cannot (DDIM, the estimate's sampler: its
+    step has every sampler's shapes)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     make = loop.make_scheduler
@@ -112,10 +113,17 @@ def real_timesteps(loop):
         def set_real(*args, **kwargs):
             with unset_fake_temporarily():
                 set_timesteps(*args, **kwargs)
-                # Python ints: iterating a tensor under the fake mode would yield fake 0-d tensors
-                scheduler.timesteps = [int(t) for t in scheduler.timesteps]
+                # real 0-d tensors: iterating the table under the fake mode would make them fake
+                scheduler.timesteps = list(scheduler.timesteps)
 
-        scheduler.set_timesteps = set_real
+        step = scheduler.step
+
+        def step_at(pred, t, *args, **kwargs):  # a Python int: a step indexes with it and compares it
+            with unset_fake_temporarily():
+                t = int(t)
+            return step(pred, t, *args, **kwargs)
+
+        scheduler.set_timesteps, scheduler.step = set_real, step_at
         return scheduler
 
     loop.make_scheduler = real_tables
