@@ -21,7 +21,7 @@ def test_synthetic_folders_read_through_the_real_readers(tmp_path, monkeypatch):
     assert len(DATASETS.get("imagefolder")("eval", 2, 64, ("layout",))) == 2
     ident = DATASETS.get("identity_folder")("train", 2, 64, ("keypoints",))
     sample = ident[0]
-    assert sample.refs["class_word"] == ["person"] and sample.conditions["keypoints"].shape == (1, 3, 64, 64)
+    assert sample.refs["class_word"] == ["square"] and "square" in sample.prompts[0] and sample.conditions["keypoints"].shape == (1, 3, 64, 64)
     assert sample.conditions["keypoints"].amax() > 0  # the 5 points were drawn
     assert len(DATASETS.get("identity_folder")("eval", 2, 64, ())) == 2
 

@@ -104,7 +104,9 @@ def write_identity_folder(root: Path, identities: int, per_identity: int, size: 
             name = f"{ident}/{k}.png"
             _write_png(root / name, image)
             kps = (np.asarray(KPS) * size + rng.normal(0, size / 100, (5, 2))).round(1).tolist()
-            rows.append(dict(file_name=name, text="a photo of a person", class_word="person", kps=kps))
+            # the *-arch bases tokenize with the proxy's BPE, where "square" is one token ("person" is five;
+            # PhotoMaker needs a one-token class word), as "man"/"person" are in CLIP's
+            rows.append(dict(file_name=name, text="a photo of a square", class_word="square", kps=kps))
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
