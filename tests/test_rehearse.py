@@ -34,10 +34,10 @@ def test_every_registered_method_plans_one_full_scale_run(tmp_path, monkeypatch)
         monkeypatch.setenv(name, root)
     for method in METHODS.names():
         specs, _ = plan(None, R.run_args(method, "sd15", 64, tmp_path / "out")[1:-1])
-        assert [s.method for s in specs] == [method]
-        s = specs[0]
-        assert s.base_model == "sd15-arch" and s.budget.resolution == 64 and s.budget.train_steps == 1
-        assert s.budget.eval_samples == 2 and s.budget.inference_steps == 2 and s.budget.guidance_scale > 1
+        assert method in [s.method for s in specs]  # (controlnet_pp plans the ControlNet it starts from too)
+        for s in specs:
+            assert s.base_model == "sd15-arch" and s.budget.resolution == 64 and s.budget.train_steps == 1
+            assert s.budget.eval_samples == 2 and s.budget.inference_steps == 2 and s.budget.guidance_scale > 1
 
 
 def test_bad_input_is_exit_2_before_compute(tmp_path, capsys):
