@@ -1,6 +1,9 @@
 """Real datasets read from local disk: `imagefolder` (JSONL), `fill50k`, `multigen` (parquet/arrow)
 and `identity_folder`. Nothing is downloaded.
 
+(Over 500 lines on purpose: the four readers share one resize rule, one split rule and one streamed item
+path, which is what keeps their samples comparable; datasets/decode.py already holds the decoding.)
+
 Roots: the builder signature is fixed, so each dataset reads its root from
 `$CONTROLBENCH_DATA_<NAME>` (e.g. CONTROLBENCH_DATA_FILL50K); unset or missing is a one-line ConfigError.
 

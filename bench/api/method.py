@@ -355,7 +355,11 @@ class Method(L.LightningModule):
         t = self.sample_timesteps(len(x0), x0.device)
         noisy = base.scheduler.add_noise(x0, noise, t)
         state = self.prepare(batch, embeds, cfg=False)
-        return Noised(x0, noise, t, noisy, embeds, state, self.denoise(noisy, t, embeds, state))
+        # pure low precision (bf16-true: no autocast): the model's input in its weights' dtype, as Lightning's
+        # HalfPrecision converts a batch; targets and noising stay fp32 either way
+        autocast = torch.is_autocast_enabled(noisy.device.type)
+        model_in = noisy if autocast or base.unet.dtype == noisy.dtype else noisy.to(base.unet.dtype)
+        return Noised(x0, noise, t, noisy, embeds, state, self.denoise(model_in, t, embeds, state))
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Training targets in fp32, whatever the frozen VAE's dtype: diffusers adds the noise in fp32

@@ -120,3 +120,9 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rank_zero() -> bool:
+    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
+    the run module again, with LOCAL_RANK (and NODE_RANK) set."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"

@@ -33,7 +33,8 @@ from bench.core.errors import ConfigError
 from bench.core.files import atomic_dir, atomic_path, remove_stale_temps
 from bench.core.store import CONSISTENCY, RunRecord
 from bench.run.options import apply_options, autocast, peak_mb
-from bench.run.spec import RunSpec
+from bench.core.provenance import git_sha, machine_identity, package_versions, peak_rss_mb, rank_zero, rss_mb
+from bench.run.spec import RunSpec, init_checkpoint
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -43,12 +44,6 @@ if TYPE_CHECKING:
     from bench.api.types import Batch
     from bench.metrics.base import BenchMetric
 
-from bench.core.provenance import (
-    git_sha,
-    machine_identity,
-    package_versions,
-    rss_mb,
-)
 
 WARMUP_STEPS = 5
 
@@ -233,25 +228,6 @@ def build(spec: RunSpec, out_dir: Path | None = None) -> Setup:
     return Setup(spec, "cuda" if torch.cuda.is_available() else "cpu", base, method, metrics, trains)
 
 
-def rank_zero() -> bool:
-    """Whether this process is rank 0; Lightning's DDP launcher starts the other ranks by running
-    the run module again, with LOCAL_RANK (and NODE_RANK) set."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def init_checkpoint(spec: RunSpec, out_dir: Path | None) -> str:
-    """The checkpoint of the finished run this one starts from (`spec.init_run`), or "" when it has none
-    or re-scores a trained run; a one-line ConfigError when that run has not finished under ``out_dir``."""
-    if not spec.init_run or spec.source_run:
-        return ""
-    path = run_paths(out_dir, spec.init_run)["checkpoint"] if out_dir is not None else None
-    if path is None or not path.is_dir():
-        raise ConfigError(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) starts from run {spec.init_run}, "
-                          f"which has no checkpoint ({path or 'no out_dir given'}); run the config again: it runs "
-                          "that run first")
-    return str(path)
-
-
 def load_data(setup: Setup, progress: bool = True) -> RunData:
     """Step 1: the eval split, and the train split for training or a synthesizing metric
     (bench.run.data.load_split: generated worlds materialized, folder datasets streamed)."""
@@ -269,6 +245,8 @@ def load_data(setup: Setup, progress: bool = True) -> RunData:
     return RunData(split("eval", budget.eval_samples), split("train", budget.train_size) if needs_train else None)
 
 
+# Long (about 70 lines) on purpose: the Trainer's set-up, its callbacks (timer, EMA, curve, resume) and the
+# fit read in the order Lightning runs them; split up, the order that the resume rule depends on is lost.
 def train(setup: Setup, data: RunData, progress: bool = True, live: Any = None,
           resume: Path | None = None) -> Trained | None:
     """Step 2: fit for budget.train_steps, measuring the consistency curve at the budget's

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     pass
 
 
-from bench.run.execute import execute, failed, rank_zero
+from bench.core.provenance import rank_zero
+from bench.run.execute import execute, failed
 
 PARENT_ENV = "CONTROLBENCH_RUN_PARENT"
 RUN_MODULE = RUN_PROCESS_MODULE  # this module, as the store's liveness check knows it

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from bench.core.artifacts import run_paths
 from bench.core.budget import BUDGETS_FILE, Budget, load_budgets
 from bench.core.errors import ConfigError
 from bench.core.paths import CONFIGS_DIR
@@ -405,3 +406,16 @@ def _rescore_spec(rec: RunRecord, metrics: list[str] | None) -> RunSpec | None:
     return dataclasses.replace(spec, metrics=tuple(usable), weights=checkpoint or spec.weights,
                                metric_versions=tuple(sorted((n, c.version) for n, c in usable.items())),
                                source_run=spec.source_run or rec.run_id, checkpoint_every=0)
+
+
+def init_checkpoint(spec: RunSpec, out_dir: Path | None) -> str:
+    """The checkpoint of the finished run this one starts from (`spec.init_run`), or "" when it has none
+    or re-scores a trained run; a one-line ConfigError when that run has not finished under ``out_dir``."""
+    if not spec.init_run or spec.source_run:
+        return ""
+    path = run_paths(out_dir, spec.init_run)["checkpoint"] if out_dir is not None else None
+    if path is None or not path.is_dir():
+        raise ConfigError(f"run {spec.run_id} ({spec.method}, seed {spec.seed}) starts from run {spec.init_run}, "
+                          f"which has no checkpoint ({path or 'no out_dir given'}); run the config again: it runs "
+                          "that run first")
+    return str(path)
