@@ -101,7 +101,10 @@ def test_bench_report_loads_no_model_and_shows_every_grid_image(finished_store: 
     # the runner records the resolved recipe; each table prints it under its rows
     with Store(finished_store) as store:
         recipe = store.records()[0].spec["recipe"]
-    line = "- baseline: " + ", ".join(f"{k} {v}" for k, v in sorted(recipe.items())).replace("_", "\\_")
+    from bench.report.cells import recipe_value
+    from bench.report.markdown import _md_text
+
+    line = "- baseline: " + ", ".join(f"{_md_text(k)} {_md_text(recipe_value(v))}" for k, v in sorted(recipe.items()))
     assert md.count(line + "\n") == 2 and "recipe not recorded" not in md
     assert html_text.count('<li data-recipe="baseline">') == 2
 
@@ -150,6 +153,9 @@ def test_grid_samples_of_a_nested_id_are_written_flat(tmp_path: Path) -> None:
 
     class Edges:  # any metric of the condition: only its reextract is used here
         condition = "canny"
+
+        def scores(self, condition):  # BenchMetric.scores: the conditions it scores
+            return condition == "canny"
 
         def reextract(self, images, batch):
             return torch.zeros_like(images)

@@ -193,7 +193,10 @@ def test_bench_sweep_local_expands_it(method: str) -> None:
     of the method with the tuned fields in range and nothing else overridden."""
     path = tune_files()[method]
     raw = load_raw(path)
-    specs, out = resolve_sweep(load_sweep(path))
+    planned, out = resolve_sweep(load_sweep(path))
+    specs = [s for s in planned if s.method == method]
+    # the rest are runs a trial starts from (ControlNet++'s converged ControlNet, `init_run`), planned first
+    assert {s.run_id for s in planned if s.method != method} == {s.init_run for s in specs} - {""}
     assert len(specs) == raw["run_cap"] and out == Path(raw["parameters"]["out_dir"]["value"])
     for spec in specs:
         assert spec.method == method and spec.budget.name == raw["parameters"]["budget"]["value"]

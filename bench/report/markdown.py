@@ -84,7 +84,7 @@ def _markdown_extras(claims: Sequence[ClaimResult] | None, figures: Sequence[Fig
 
 
 def _md_text(value: object) -> str:
-    """_esc, plus backslashes before Markdown's inline markers, for text outside code spans."""
+    """escape_md, plus backslashes before Markdown's inline markers, for text outside code spans."""
     s = escape_md(value)
     for ch in "*_`[]#!":
         s = s.replace(ch, "\\" + ch)

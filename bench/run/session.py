@@ -128,6 +128,13 @@ def one_record_per_agent_run(specs: list[RunSpec]) -> None:
     config that expands to several names the parameter to make a grid parameter of the sweep."""
     if len(specs) == 1:
         return
+    needs = next((s for s in specs if s.init_run), None)
+    if needs is not None:  # ControlNet++ (init_from): its ControlNet run would share this agent's W&B run
+        init = next(s.method for s in specs if s.run_id == needs.init_run)
+        raise ConfigError(f"under a W&B agent one bench run is one record, but {needs.method} starts from a finished "
+                          f"{init} run (its recipe's init_from), which this run would have to train first; run the "
+                          f"sweep with `bench sweep FILE --local` (it runs the {init} runs first), or set "
+                          f"hparams.{needs.method}.init_from to \"\" to start it fresh")
     for field, param in AGENT_AXES:
         values = sorted({str(getattr(s, field)) for s in specs})
         if len(values) > 1:
