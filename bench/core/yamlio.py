@@ -17,11 +17,14 @@ what aliases replay, is serde_yaml's "repetition limit" (dtolnay/serde-yaml src/
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.composer import ComposerError
 from yaml.events import AliasEvent
+
+from bench.core.errors import ConfigError
 
 MAX_NODES = 100_000  # values per document, aliases expanded (~200x the largest shipped file)
 MAX_DEPTH = 64  # nesting levels per document
@@ -86,6 +89,17 @@ Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_RE, list("-+0123456789."))
 def safe_load(stream: str | bytes) -> Any:
     """`yaml.safe_load` with YAML 1.2 floats; raises yaml.YAMLError like it."""
     return yaml.load(stream, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
+
+
+def load_file(path: Path, what: str, fix: str) -> Any:
+    """A YAML file's contents (`safe_load`), or a one-line ConfigError: "cannot read WHAT PATH: why", or
+    "WHAT PATH is not valid YAML at line N; FIX"."""
+    try:
+        return safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML{where(e)}; {fix}") from None
 
 
 def where(error: yaml.YAMLError) -> str:

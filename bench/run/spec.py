@@ -15,7 +15,7 @@ from bench.core.errors import ConfigError
 from bench.core.paths import CONFIGS_DIR
 from bench.core.registry import CONDITIONS, DATASETS, METHODS, METRICS, UnknownNameError
 from bench.core.store import RunRecord, spec_hash
-from bench.core.yamlio import safe_load, where
+from bench.core.yamlio import load_file, safe_load
 from bench.run.builtins import load_builtins
 from bench.run.options import RunOptions
 
@@ -90,12 +90,7 @@ class RunSpec:
 
 def load_config(path: Path | None) -> dict:
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        cfg = safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML{where(e)}; fix the file or pass another CONFIG") from None
+    cfg = load_file(path, "config", "fix the file or pass another CONFIG")
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a YAML mapping of keys like methods:, dataset:, budget:")
     return cfg

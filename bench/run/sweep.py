@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from bench.core.errors import ConfigError
 from bench.core.files import atomic_write
-from bench.core.yamlio import safe_load, where
+from bench.core.yamlio import load_file
 from bench.run.spec import RunSpec, apply_overrides, load_config, resolve
 
 SWEEP_METHODS = ("grid", "random")  # bayes needs W&B's controller (see _NOT_LOCAL)
@@ -108,12 +107,7 @@ def _check_parameter(path: Path, name: str, spec: Any, method: str) -> None:
 
 def load_sweep(path: Path) -> Sweep:
     path = Path(path)
-    try:
-        raw = safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML{where(e)}; fix the file (W&B sweep format)") from None
+    raw = load_file(path, "sweep file", "fix the file (W&B sweep format)")
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         raise ConfigError(f"sweep file {path} must be a W&B sweep mapping with parameters:")
     for key in raw:
