@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from bench.methods.release import load_exact, names, one_line, read_state_dict
 
@@ -153,12 +154,13 @@ class ControlNet(Method):
         # train the budget's steps on top: ControlNet++'s start, and, set on controlnet itself, the control row
         # trained for ControlNet++'s total. "": built fresh.
         init_from: str = ""
+        INIT_METHODS: ClassVar[tuple[str, ...]] = INIT_METHODS  # what init_from may name
 
         def __post_init__(self):
             super().__post_init__()
-            if self.init_from not in INIT_METHODS:
-                raise ConfigError(f"init_from must be one of {', '.join(map(repr, INIT_METHODS))} (\"\": built fresh), "
-                                  f"got {self.init_from!r}")
+            if self.init_from not in self.INIT_METHODS:
+                raise ConfigError(f"init_from must be one of {', '.join(map(repr, self.INIT_METHODS))} "
+                                  f"(\"\": built fresh), got {self.init_from!r}")
 
     conditioning_channels = 3  # channels of the conditioning input the ControlNet embeds
 

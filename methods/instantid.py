@@ -104,6 +104,8 @@ class InstantID(IPAdapter):
     # v3: the optimizer of the code it builds on (image adapter: IP-Adapter's; IdentityNet: ControlNet's);
     # the target's own face as the training ID prompt.
     version = "instantid-v3"
+    recipe_built_on = ("training code unpublished: IP-Adapter's tutorial_train.py (image adapter) and ControlNet's "
+                       "tutorial_train.py (IdentityNet)")
     conditions = ("keypoints", "face_kps")  # the identity world's drawn annotations; real faces via antelopev2
     full_scale_weights = (ANTELOPEV2.name,)  # its ID encoder at full scale, not IP-Adapter's CLIP
     weights_layout = ("an InstantID checkpoints directory: ip-adapter.bin (or ip-adapter.safetensors) = {image_proj: "
@@ -196,11 +198,9 @@ class InstantID(IPAdapter):
         # the pipeline reshapes the face embedding to [1, -1, 512]: a one-token sequence
         return self.proj(emb[:, None])
 
-    @torch.no_grad()
-    def encode_references(self, refs: torch.Tensor) -> torch.Tensor:
+    def encode_references(self, refs: torch.Tensor, digests: list[list[str]] | None = None) -> torch.Tensor:
         """One raw ID embedding per sample, the mean over its references: [B, 1, D]."""
-        emb = self.encoder(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
-        return emb.mean(1, keepdim=True)
+        return self.encode_frozen("embedding", self.encoder, refs, digests).mean(1, keepdim=True)
 
     def conditioning_scale(self) -> float:
         return self.recipe.conditioning_scale if self.training else self.recipe.inference_conditioning_scale

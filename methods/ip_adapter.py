@@ -54,6 +54,15 @@ def reference_stack(batch: Batch) -> torch.Tensor:
     return torch.stack(list(refs)).to(batch.image.device)
 
 
+def reference_digests(batch: Batch, target: bool = False) -> list[list[str]] | None:
+    """The digests (`options.frozen_feature_cache`) of what `reference_stack` returns, or of the
+    target images (`target`), one list per sample; None where the batch carries none."""
+    if target or batch.refs.get("reference_images") is None:
+        digests = batch.refs.get("image_digests")
+        return None if digests is None else [[d] for d in digests]
+    return batch.refs.get("reference_digests")
+
+
 def frozen_encoder(encoder: nn.Module) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
@@ -282,9 +291,12 @@ class IPAdapter(Method):
     def save_weights(self, directory: Path) -> None:
         write_groups(Path(directory) / self.weights_file, self.adapter_groups())
 
-    def encode_references(self, refs: torch.Tensor) -> torch.Tensor:
-        """[B, N, 3, H, W] -> per-reference embeddings [B, N, D]."""
-        return encode_each(self.encoder, refs)
+    def encode_references(self, refs: torch.Tensor, digests: list[list[str]] | None = None) -> torch.Tensor:
+        """[B, N, 3, H, W] -> per-reference embeddings [B, N, D] (digests: the feature cache's keys)."""
+        return self.encode_frozen("features", self.encoder.features, refs, digests)
+
+    def frozen_image_encoder(self) -> nn.Module:
+        return self.encoder
 
     def embedding_dim(self) -> int:
         probe = torch.zeros(1, 1, 3, 32, 32, device=next(self.encoder.parameters()).device)
@@ -314,15 +326,16 @@ class IPAdapter(Method):
         keep = ~batch.refs["drop_image"].to(emb.device)
         return emb * keep.reshape(-1, *[1] * (emb.ndim - 1)).to(emb.dtype)
 
-    def prompt_images(self, batch: Batch) -> torch.Tensor:
-        """[B, N, 3, H, W]: what the adapter encodes. While training with `train_image_prompt` "target", the
-        target image itself; otherwise the batch's references (`reference_stack`)."""
+    def prompt_images(self, batch: Batch) -> tuple[torch.Tensor, list[list[str]] | None]:
+        """[B, N, 3, H, W]: what the adapter encodes, and their digests. While training with
+        `train_image_prompt` "target", the target image itself; otherwise the batch's references
+        (`reference_stack`)."""
         if self.training and self.recipe.train_image_prompt == "target":
-            return batch.image[:, None]
-        return reference_stack(batch)
+            return batch.image[:, None], reference_digests(batch, target=True)
+        return reference_stack(batch), reference_digests(batch)
 
     def image_tokens(self, batch: Batch, cfg: bool) -> torch.Tensor:
-        emb = self.drop_references(self.encode_references(self.prompt_images(batch)), batch)  # [B, N, D]
+        emb = self.drop_references(self.encode_references(*self.prompt_images(batch)), batch)  # [B, N, D]
         if cfg:
             emb = torch.cat([torch.zeros_like(emb), emb])
         tokens = self.project(emb.flatten(0, 1))  # [B*N, T, C]

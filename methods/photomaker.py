@@ -35,9 +35,9 @@ import torch
 from bench.methods import encoders
 from bench.methods.ip_adapter import (
     IPAdapter,
-    encode_each,
     feature_dim,
     frozen_encoder,
+    reference_digests,
     reference_stack,
 )
 from bench.methods.release import check_state, read_groups, weight_file, write_groups
@@ -129,6 +129,7 @@ class PhotoMaker(Method):
     # optimizer of the code it builds on (diffusers' SDXL LoRA script: 10x ControlNet's lr, weight decay
     # 1e-2, clipping 1.0).
     version = "photomaker-v4"
+    recipe_built_on = "training code unpublished: diffusers' train_text_to_image_lora_sdxl.py"
     sample_dataset = "identity"
 
     encoder_spec = staticmethod(IPAdapter.encoder_spec)  # the same generic image encoder
@@ -207,15 +208,15 @@ class PhotoMaker(Method):
                               f"base's text width {width}; use a CLIP vision encoder that fits the base")
         return nn.Linear(config.hidden_size, rest, bias=False) if rest else None
 
-    @torch.no_grad()
-    def _pooled(self, refs: torch.Tensor) -> torch.Tensor:
-        return self.encoder.pooled(refs.flatten(0, 1)).unflatten(0, refs.shape[:2])
+    def frozen_image_encoder(self) -> nn.Module:
+        return self.encoder
 
-    def id_embeds(self, refs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, N, 3, H, W] references -> [B, N, text width] ID embeddings (model.py `forward`)."""
+    def id_embeds(self, refs: torch.Tensor, dtype: torch.dtype, digests: list[list[str]] | None = None) -> torch.Tensor:
+        """[B, N, 3, H, W] references -> [B, N, text width] ID embeddings (model.py `forward`); digests:
+        the feature cache's keys of the references."""
         if self.visual_projection is not None:  # the proxy encoder
-            return self.visual_projection(encode_each(self.encoder, refs).to(dtype))
-        pooled = self._pooled(refs).to(dtype)
+            return self.visual_projection(self.encode_frozen("features", self.encoder.features, refs, digests).to(dtype))
+        pooled = self.encode_frozen("pooled", self.encoder.pooled, refs, digests).to(dtype)
         with torch.no_grad():
             clip = self.encoder.model.visual_projection(pooled)
         if self.visual_projection_2 is None:
@@ -327,7 +328,7 @@ class PhotoMaker(Method):
             return embeds
         prompts = [found[i][0] if found[i] else p for i, (p, _) in enumerate(stripped)]
         expanded = self.base.encode_prompt(prompts, tuple(batch.image.shape[-2:]))
-        id_embeds = self.id_embeds(refs, expanded.hidden.dtype)  # [B, N, C]
+        id_embeds = self.id_embeds(refs, expanded.hidden.dtype, reference_digests(batch))  # [B, N, C]
         hidden = expanded.hidden.clone()
         for i in rows:
             pos = torch.tensor(found[i][1], device=hidden.device)

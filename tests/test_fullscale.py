@@ -57,7 +57,7 @@ CASES = [  # (overrides after `bench run budget=sd15`, needle of the one line)
     ("proxy resolution", ["base_model={sd}", "budget=smoke", "metrics=canny_f1_cnpp", "methods=baseline"],
      "32 px, a proxy resolution"),
     ("odgen", ["base_model={sd}", "methods=odgen", "condition=layout", "metrics=id_sim"],
-     "method odgen names the shapes world's classes"),
+     "names the shapes world's classes"),  # odgen_stage1's refusal: it is planned first
     ("proxy reward", ["base_model={sd}", "methods=controlnet_pp", "condition=seg", "metrics=id_sim"],
      "method controlnet_pp on seg trains against a 32-px proxy reward"),
 ]

@@ -182,7 +182,7 @@ def test_bank_from_the_trained_proxy_holds_objects_of_the_prompted_colour(smoke_
 
 def test_sprite_prob_is_gone():
     cls = METHODS.get("odgen")
-    assert cls.version == "odgen-v3"
+    assert cls.version == "odgen-v4"
     with pytest.raises(ConfigError, match="unknown hparam 'sprite_prob'"):
         cls.check_hparams({"sprite_prob": 0.5})
     cls.check_hparams({"conditioning_scale": 0.5})
@@ -292,3 +292,74 @@ def test_detector_utility_end_to_end():
     assert float(out["kept"]) > 0.75
     assert float(out["real"]) > 0.18 and float(out["mixed"]) > 0.18
     assert float(out["synth"]) > 0.15, "a perfect generator's data should train a detector nearly as well as real data"
+
+
+# ---------------------------------------------------------------------------- stage 1 (§3.1)
+def test_object_crops_resize_one_boxed_object_per_sample_to_the_frame():
+    from bench.methods.odgen import object_crops
+
+    image = torch.rand(2, 3, 32, 32)
+    batch = replace(_layout_batch([[[4, 6, 12, 20]], []], [[2], []]), image=image)
+    crops = object_crops(batch, torch.Generator().manual_seed(0))
+    assert crops.ids == ["l0/object0"] and crops.prompts == [f"a {SHAPES[2]}"]  # the boxless sample has none
+    region = image[0:1, :, 6:20, 4:12]  # rows y0..y1, cols x0..x1 (pixel centres inside the box)
+    want = torch.nn.functional.interpolate(region, size=(32, 32), mode="bilinear", antialias=True)[0].clamp(0, 1)
+    assert torch.allclose(crops.image[0], want)
+    assert object_crops(_layout_batch([[], []], [[], []])) is None
+
+
+def test_odgen_plans_its_stage1_run_first_and_skipping_it_plans_nothing(proxy_arch_dir, tmp_path):
+    from tests.test_cnpp_protocol import _specs
+
+    specs, _ = _specs(proxy_arch_dir, tmp_path, methods=["odgen"], condition=["layout"], metrics=["layout_map"])
+    assert [s.method for s in specs] == ["odgen_stage1", "odgen"] and specs[1].init_run == specs[0].run_id
+    alone, _ = _specs(proxy_arch_dir, tmp_path, methods=["odgen"], condition=["layout"], metrics=["layout_map"],
+                      hparams={"odgen": {"init_from": ""}})
+    assert [s.method for s in alone] == ["odgen"] and not alone[0].init_run
+    with pytest.raises(ConfigError, match="init_from must be one of '', 'odgen_stage1'"):
+        METHODS.get("odgen").check_hparams({"init_from": "controlnet"})
+
+
+def test_stage1_trains_the_unet_on_scenes_and_crops_and_odgen_starts_from_it(proxy_arch_dir, smoke_budget, tmp_path):
+    base = BaseModel.load(str(proxy_arch_dir))
+    shared = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    stage1 = METHODS.get("odgen_stage1")(base, "layout", smoke_budget)
+    stage1.train()
+    batch = _world_batch("train", 4)
+    stage1.training_loss(batch).backward()
+    grads = [p.grad for p in stage1.base.unet.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # the loss is L_objects + scene_weight * L_scenes: with no boxes only the scene term is left, weighted
+    no_boxes = replace(batch, refs={**batch.refs, "boxes": [b[:0] for b in batch.refs["boxes"]]})
+    weighted = METHODS.get("odgen_stage1")(base, "layout", smoke_budget, {"scene_weight": 0.25})
+    torch.manual_seed(3)
+    scene = stage1.training_loss(no_boxes)
+    torch.manual_seed(3)
+    assert torch.allclose(weighted.training_loss(no_boxes), 0.25 * scene)
+
+    with torch.no_grad():  # stand-in for trained weights: a UNet that differs from the shared base
+        for p in stage1.base.unet.parameters():
+            p.add_(0.01)
+    stage1.save_weights(tmp_path / "stage1")
+    odgen = METHODS.get("odgen")(base, "layout", smoke_budget)
+    odgen.load_init(tmp_path / "stage1")
+    tuned = stage1.base.unet.state_dict()
+    assert all(torch.equal(v, tuned[k]) for k, v in odgen.base.unet.state_dict().items())
+    assert all(torch.equal(v, shared[k]) for k, v in base.unet.state_dict().items()), "the shared base changed"
+    assert not any(p.requires_grad for p in odgen.base.unet.parameters())
+    assert torch.equal(odgen.controlnet.conv_in.weight, tuned["conv_in.weight"]), "ControlNet copied from stage 1"
+    assert odgen.stage1_unet and [len(c) for c in odgen.object_bank()] == [len(COLORS)] * len(SHAPES)
+    # its checkpoint carries the stage-1 UNet, so `bench eval` generates with the base it trained on
+    odgen.save_weights(tmp_path / "odgen")
+    again = METHODS.get("odgen")(BaseModel.load(str(proxy_arch_dir)), "layout", smoke_budget)
+    again.load_weights(tmp_path / "odgen")
+    assert again.stage1_unet and all(torch.equal(v, tuned[k]) for k, v in again.base.unet.state_dict().items())
+
+
+def test_bank_prompts_follow_stage1():
+    from bench.methods.odgen import bank_prompts
+
+    after = bank_prompts(True)
+    assert after == [[f"a {shape}"] * len(COLORS) for shape in SHAPES]
+    before = bank_prompts(False)
+    assert [parse_prompt(p[0]) for p in before] == [[(next(iter(COLORS)), shape)] for shape in SHAPES]

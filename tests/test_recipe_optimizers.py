@@ -35,6 +35,8 @@ OFFICIAL = {
     "odgen": ({"trainable": 1.0}, 1e-2, 0.0),
     # diffusers train_text_to_image.py (README --learning_rate=1e-05; wd 1e-2; max_grad_norm 1.0)
     "finetune": ({"trainable": 1.0}, 1e-2, 1.0),
+    # no public code: the fine-tuning script it is built on (finetune's, train_text_to_image.py)
+    "odgen_stage1": ({"trainable": 1.0}, 1e-2, 1.0),
     "frozen": ({"trainable": 1.0}, 1e-2, 0.0),  # a profiling reference: the base recipe (ControlNet's)
     "baseline": ({}, 1e-2, 0.0),  # trains nothing
 }

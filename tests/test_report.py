@@ -182,6 +182,15 @@ def test_recipe_values_are_escaped_and_seed_disagreement_noted() -> None:
     assert "**unet\\_trainable a\\|b\\*\\_x z**" in line and "disagree" in line
 
 
+def test_recipes_built_on_other_code_say_so() -> None:
+    """InstantID and PhotoMaker publish no training code: their rows name the code their recipe comes from."""
+    records = [rec("a", "instantid", recipe={"lr_ratio": 10.0}), rec("b", "controlnet", f1=0.4, recipe=CN_RECIPE)]
+    md = render_markdown(*leaderboard(records), META)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- instantid:"))
+    assert "_(recipe built on training code unpublished: IP-Adapter's tutorial\\_train.py" in line
+    assert "built on" not in next(ln for ln in md.splitlines() if ln.startswith("- controlnet:"))
+
+
 # ---- tuning view ------------------------------------------------------------------------------
 def _trials(method: str, scores: list[float], meta: dict, budget_key: str = "bk1") -> list[RunRecord]:
     return [rec(f"{method}-{i}", method, f1=s, f1_meta=meta, budget_key=budget_key,

@@ -21,13 +21,16 @@ import types
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from bench.api.types import Batch, PromptEmbeds
+
+if TYPE_CHECKING:
+    from bench.api.feature_cache import FrozenFeatures
 from bench.core.budget import Budget
 from bench.core.errors import ConfigError
 from bench.core.optional import require
@@ -270,12 +273,21 @@ class Method(L.LightningModule):
     # with no release format): its runs then record no checkpoint and `bench eval` cannot re-score
     # them. A trainable method needs a weights_layout (with load/save_weights) or this reason.
     no_checkpoint: ClassVar[str] = ""
+    # A method whose training code is unpublished takes the recipe of the code it builds on, named here
+    # (catalogued, and shown beside the method's recipe in reports); empty: its own official code.
+    recipe_built_on: ClassVar[str] = ""
 
     def load_weights(self, path: Path) -> None:
         """Load a released (or a saved) checkpoint in the official layout into this method's
         modules. A layout that does not match: one-line ConfigError naming the expected and the
         missing keys."""
         raise ConfigError(f"method {type(self).__name__} loads no checkpoint")
+
+    def load_init(self, path: Path) -> None:
+        """Start from the checkpoint of this recipe's `init_method` run (`init_from`), saved by that
+        method's `save_weights`. Default: this method's own layout (ControlNet++ from a ControlNet);
+        a method that starts from another kind of model (ODGEN from its stage-1 UNet) overrides it."""
+        self.load_weights(path)
 
     def save_weights(self, directory: Path) -> None:
         """Write the trained weights under ``directory`` in the layout `load_weights` reads
@@ -448,5 +460,28 @@ class Method(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip,
                                 gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
+    # ---- frozen image encoders (options.frozen_feature_cache) ----------------------
+    feature_cache: "FrozenFeatures | None" = None  # set by bench.run.options.apply_options
+
+    def frozen_image_encoder(self) -> torch.nn.Module | None:
+        """The frozen encoder this method runs on reference images (identity methods), which
+        `options.frozen_feature_cache` memoizes per image; None: none."""
+        return None
+
+    def encode_frozen(self, what: str, fn, images: torch.Tensor, digests: list[list[str]] | None) -> torch.Tensor:
+        """fn over [B, N, 3, H, W] images -> [B, N, ...]: through the feature cache when it is on and
+        the batch carries digests (training batches), else directly."""
+        flat = images.flatten(0, 1)
+        if self.feature_cache is None or digests is None:
+            with torch.no_grad():
+                out = fn(flat)
+        else:
+            out = self.feature_cache.encode(what, fn, flat, [d for row in digests for d in row])
+        return out.unflatten(0, images.shape[:2])
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if self.feature_cache is not None:  # digests of the CPU tensors, before the move (no device sync)
+            from bench.api.feature_cache import with_image_digests
+
+            batch = with_image_digests(batch)
         return batch.to(device)

@@ -35,7 +35,10 @@ def builtin_entries(kind: str) -> dict[str, dict[str, Any]]:
 def describe(kind: str, obj: Any) -> dict[str, Any]:
     """What `bench list` shows of a registered object (also what the catalog stores for it)."""
     if kind == "method":
-        return {"conditions": list(getattr(obj, "conditions", ()) or ()), "version": str(getattr(obj, "version", ""))}
+        out = {"conditions": list(getattr(obj, "conditions", ()) or ()), "version": str(getattr(obj, "version", ""))}
+        if getattr(obj, "recipe_built_on", ""):
+            out["recipe_built_on"] = str(obj.recipe_built_on)
+        return out
     if kind == "metric":
         return {"higher_is_better": bool(getattr(obj, "higher_is_better", True)),
                 "version": str(getattr(obj, "version", ""))}

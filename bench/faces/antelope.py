@@ -69,17 +69,22 @@ class AntelopeEncoder(nn.Module):
         from bench.core.errors import ConfigError
 
         detector = recognizer = None
+        files = {}
         for path in sorted(Path(directory).glob("*.onnx")):
             session = _session(path)
             shape = session.get_inputs()[0].shape
             if len(session.get_outputs()) >= 5:
                 detector = detector or session
+                files.setdefault("detector", path)
             elif shape[2] == shape[3] and isinstance(shape[2], int) and shape[2] >= 112 and shape[2] % 16 == 0:
                 recognizer = recognizer or session
+                files.setdefault("recognizer", path)
         if detector is None or recognizer is None or len(detector.get_outputs()) != 9:
             raise ConfigError(f"{directory}: expected an insightface pack with an SCRFD detector with keypoints "
                               "(9 outputs) and an ArcFace recognizer (square input >= 112)")
-        return cls(detector, recognizer, model_id)
+        encoder = cls(detector, recognizer, model_id)
+        encoder.weight_files = (files["detector"], files["recognizer"])  # its weights, for the feature cache's key
+        return encoder
 
     @classmethod
     def from_weight(cls, name: str) -> "AntelopeEncoder":

@@ -38,7 +38,7 @@ PHASES = ("build", "data", "train", "checkpoint", "evaluate")
 # the metric (a run whose condition no metric scores has none).
 IMAGE, IDENTITY = "imagefolder", "identity_folder"
 CANNY = ("canny_f1_cnpp",)
-ROUTES = {"odgen": (IMAGE, "layout", ("layout_map",)), "instantid": (IDENTITY, "keypoints,canny", CANNY),
+ROUTES = {"odgen": (IMAGE, "layout", ("layout_map",)), "odgen_stage1": (IMAGE, "layout", ("layout_map",)), "instantid": (IDENTITY, "keypoints,canny", CANNY),
           "ip_adapter": (IDENTITY, "canny", CANNY), "photomaker": (IDENTITY, "canny", CANNY)}
 DEFAULT_ROUTE = (IMAGE, "canny", CANNY)
 LABELS = ("box", "disc")  # ODGEN's classes in the synthetic imagefolder

@@ -99,8 +99,16 @@ def _recipe(members: list[RunRecord]) -> tuple[tuple[tuple[str, Any], ...] | Non
     recipe = tuple(sorted(raw.items())) if isinstance(raw, Mapping) else None
     overridden = frozenset(str(k) for k in (newest.spec.get("hparams") or {}))
     seen = {json.dumps(r.spec.get("recipe"), sort_keys=True, default=str) for r in members}
-    note = "the seeds' records disagree on the recipe; shown: the newest" if len(seen) > 1 else ""
-    return recipe, overridden, note
+    notes = [f"recipe built on {built_on}"] if (built_on := recipe_built_on(newest.method)) else []
+    notes += ["the seeds' records disagree on the recipe; shown: the newest"] if len(seen) > 1 else []
+    return recipe, overridden, "; ".join(notes)
+
+
+def recipe_built_on(method: str) -> str:
+    """A built-in method's `recipe_built_on` from the catalog (no import of the method; plugins: "")."""
+    from bench.core.catalog import builtin_entries
+
+    return str(builtin_entries("method").get(method, {}).get("details", {}).get("recipe_built_on", ""))
 
 
 def metric_interval(members: Sequence[RunRecord], metric: str) -> tuple[float, float, str]:

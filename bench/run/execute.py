@@ -216,9 +216,10 @@ def build(spec: RunSpec, out_dir: Path | None = None) -> Setup:
     os.environ.setdefault("USE_HUB_KERNELS", "0")
     base = BaseModel.load(spec.base_model)
     method = method_cls(base, spec.condition, spec.budget, dict(spec.hparams))
-    weights = spec.weights or init_checkpoint(spec, out_dir)
-    if weights:
-        method.load_weights(Path(weights))
+    if spec.weights:
+        method.load_weights(Path(spec.weights))
+    elif init := init_checkpoint(spec, out_dir):
+        method.load_init(Path(init))
     apply_options(spec.options, spec.budget.precision, method)
     # only rank 0 evaluates (DDP's other ranks train and return), so it alone builds metrics, which never sync
     metrics = {name: cls() for name, cls in metric_classes.items()} if rank_zero() else {}

@@ -27,9 +27,14 @@ class RunOptions:
     # text_encoder to weight_dtype), the SDXL VAE kept fp32 (train_controlnet_sdxl.py L1057-1061: "to avoid NaN
     # losses"); trained weights stay fp32 (L876-885 refuses otherwise). "fp32": nothing cast.
     frozen_dtype: str = "auto"
+    # the identity methods' frozen image encoders (IP-Adapter's CLIP, InstantID's antelopev2, PhotoMaker's CLIP
+    # tower) computed once per image and read back from cache_dir()/frozen_features (bench/api/feature_cache.py);
+    # the official code re-encodes every reference at every step. Off by default: a read-back output was
+    # computed in another batch, where kernels may round differently at the last bit.
+    frozen_feature_cache: bool = False
 
     def __post_init__(self):
-        for name in ("gradient_checkpointing", "tf32"):
+        for name in ("gradient_checkpointing", "tf32", "frozen_feature_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"options.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.accumulate, int) or isinstance(self.accumulate, bool) or self.accumulate < 1:
@@ -70,6 +75,12 @@ def apply_options(options: RunOptions, precision: str, method) -> None:
     if options.gradient_checkpointing:
         method.enable_gradient_checkpointing()
     method.optimizer_name = options.optimizer
+    encoder = method.frozen_image_encoder() if options.frozen_feature_cache else None
+    if encoder is not None:
+        from bench.api.feature_cache import FEATURES_DIR, FrozenFeatures
+        from bench.core.paths import cache_dir
+
+        method.feature_cache = FrozenFeatures(encoder, cache_dir() / FEATURES_DIR)
 
 
 def autocast(precision: str, device: str):

@@ -131,6 +131,8 @@ PROXY_METRICS |= {"seg_miou_ignore0": PROXY_METRICS["seg_miou"], "depth_rmse_per
 PROXY_METHODS = {  # method -> (the conditions it is proxy-only on, None: all; why; the alternative)
     "odgen": (None, "names the shapes world's classes in its text and image lists (bench.datasets.shapes)",
               "drop it from methods"),
+    "odgen_stage1": (None, "(ODGEN's stage 1, run before odgen) names the shapes world's classes in its crop "
+                     "prompts (bench.datasets.shapes)", "drop odgen and odgen_stage1 from methods"),
     "controlnet_pp": (("seg", "depth"), "trains against a 32-px proxy reward net (and its seg reward reads "
                       "refs['semantic'], which folder datasets never give)", "run controlnet_pp on canny, whose "
                       "canny_magnitude reward is the official, resolution-free one"),
