@@ -9,7 +9,7 @@ import pytest
 from bench.analysis.stats import ci95
 from bench.core.store import RunRecord
 from bench.report.markdown import render_markdown
-from bench.report.tables import leaderboard
+from bench.report.tables import COMPUTE_COLUMNS, leaderboard
 from bench.report.write import write_report
 
 META = {"git_sha": "deadbeefcafe", "generated_by": "bench report"}
@@ -120,8 +120,8 @@ def test_markdown_escapes_pipes_and_newlines() -> None:
     assert "bad \\| reason line two" in md
     for line in md.splitlines():
         if line.startswith("| evil"):
-            # unescaped pipes = column separators: 2 fixed + 2 metrics + 4 compute + 1 edge
-            assert line.replace("\\|", "").count("|") == 10
+            # unescaped pipes = column separators: 2 fixed + 2 metrics + the compute columns + 1 edge
+            assert line.replace("\\|", "").count("|") == 2 + 2 + len(COMPUTE_COLUMNS) + 1
 
 
 def test_markdown_arrows_and_header() -> None:

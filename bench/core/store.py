@@ -269,7 +269,7 @@ UNKNOWN_MACHINE = "unknown"
 
 # Figures that depend on the machine (parameter counts do not): never averaged or compared across machines.
 CONSISTENCY = "consistency"  # metric_meta flag: the metric re-extracts the run's own condition
-MACHINE_COMPUTE = ("step_time_s", "peak_mem_mb", "sample_latency_s")
+MACHINE_COMPUTE = ("step_time_s", "peak_mem_mb", "peak_eval_mem_mb", "sample_latency_s")
 # What an estimate record splits its peak memory into: est_<category>_mb (bench.profile.estimate writes them)
 ESTIMATE_CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 

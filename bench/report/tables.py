@@ -22,7 +22,8 @@ COMPUTE_COLUMNS: tuple[tuple[str, str, float], ...] = (
     ("params_trainable", "trainable params (M)", 1e6),
     ("params_total", "total params (M)", 1e6),
     ("step_time_s", "step time (s)", 1.0),
-    ("peak_mem_mb", "peak mem (MB)", 1.0),
+    ("peak_mem_mb", "peak mem (MB)", 1.0),  # training's peak (read right after fit)
+    ("peak_eval_mem_mb", "eval peak mem (MB)", 1.0),  # evaluation's (generation at eval_batch_size + VAE decode)
     ("sample_latency_s", "sample latency (s)", 1.0),
 )
 MACHINE_SPLIT_NOTE = ("Compute figures split by machine: this table's runs ran on {n} different machines, and step "
