@@ -55,3 +55,28 @@ def test_bad_input_is_exit_2_before_compute(tmp_path, capsys):
     ("NOT RUN", "-", "Killed", False)])
 def test_verdict(status, loaded, reason, ok):
     assert R.passed(R.Rehearsal("m", status, reason, 1.0, {}, None, loaded)) is ok
+
+
+def test_a_method_with_a_private_unet_leaves_the_loaded_one_to_be_freed(proxy_arch_dir, tmp_path, monkeypatch):
+    """finetune copies the UNet it tunes; the run then holds only the method's bundle, so the loaded UNet
+    is freed before training (the rehearsal's finetune was OOM-killed holding both at SD1.5 scale)."""
+    import gc
+    import weakref
+
+    from bench.api.base_model import BaseModel
+    from bench.run.execute import build
+    from tests.test_cnpp_protocol import _specs
+
+    loaded = []
+    real_load = BaseModel.load.__func__
+
+    def load(cls, name):
+        base = real_load(cls, name)
+        loaded.append(weakref.ref(base.unet))
+        return base
+
+    monkeypatch.setattr(BaseModel, "load", classmethod(load))
+    (spec,), out = _specs(proxy_arch_dir, tmp_path, methods=["finetune"])
+    setup = build(spec, out)
+    gc.collect()
+    assert setup.base is setup.method.base and loaded and loaded[0]() is None, "the loaded UNet is still alive"
