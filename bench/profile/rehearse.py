@@ -38,7 +38,10 @@ PHASES = ("build", "data", "train", "checkpoint", "evaluate")
 # the metric (a run whose condition no metric scores has none).
 IMAGE, IDENTITY = "imagefolder", "identity_folder"
 CANNY = ("canny_f1_cnpp",)
-ROUTES = {"odgen": (IMAGE, "layout", ("layout_map",)), "odgen_stage1": (IMAGE, "layout", ("layout_map",)), "instantid": (IDENTITY, "keypoints,canny", CANNY),
+# ODGEN and its stage 1 read class indices into the shapes world's classes (proxy-only at full scale), so they
+# rehearse the SD1.5 architecture on the shapes world's layouts, rendered at the rehearsal's resolution.
+LAYOUTS = ("shapes", "layout", ("layout_map",))
+ROUTES = {"odgen": LAYOUTS, "odgen_stage1": LAYOUTS, "instantid": (IDENTITY, "keypoints,canny", CANNY),
           "ip_adapter": (IDENTITY, "canny", CANNY), "photomaker": (IDENTITY, "canny", CANNY)}
 DEFAULT_ROUTE = (IMAGE, "canny", CANNY)
 LABELS = ("box", "disc")  # ODGEN's classes in the synthetic imagefolder
