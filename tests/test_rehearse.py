@@ -49,7 +49,7 @@ def test_bad_input_is_exit_2_before_compute(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("status,loaded,reason,ok", [
-    ("FINISHED", "ok", "", True), ("FINISHED", "no checkpoint (nothing trained)", "", True),
+    ("FINISHED", "ok", "", True), ("FINISHED", R.NO_CHECKPOINT, "", True),
     ("FINISHED", "RuntimeError: size mismatch", "", False), ("FAILED", "-", "boom", False),
     ("REFUSED", "-", "error: odgen is proxy-only ...", True), ("REFUSED", "-", "error: missing file", False),
     ("NOT RUN", "-", "Killed", False)])

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 PHASES = ("build", "data", "train", "checkpoint", "evaluate")
+NO_CHECKPOINT = "no checkpoint (nothing trained, or the method saves none: no_checkpoint)"
 # method -> (dataset, condition(s), metrics): the condition each method is built for and a metric that
 # needs no downloaded weights (kornia canny). Every identity metric needs local weights (or is the
 # proxy's), so the identity methods are scored on canny re-extraction too: ip_adapter and photomaker
@@ -125,7 +126,7 @@ class Rehearsal:
     loaded: str = ""  # "ok", or why the saved weights did not load back
 
 
-def run_args(method: str, arch: str, resolution: int, out: Path) -> list[str]:
+def run_args(method: str, arch: str, resolution: int, out: Path, overrides: tuple[str, ...] = ()) -> list[str]:
     """`bench run` arguments of one method's rehearsal: the smoke budget at `resolution`, 1 train
     step at batch 1, 2 eval images, 2 sampler steps with CFG (guidance > 1: the doubled batch)."""
     dataset, condition, metrics = ROUTES.get(method, DEFAULT_ROUTE)
@@ -133,14 +134,15 @@ def run_args(method: str, arch: str, resolution: int, out: Path) -> list[str]:
             f"metrics={','.join(metrics)}", f"base_model={arch}-arch", "budget=smoke", "seeds=0",
             f"budget.resolution={resolution}", "budget.train_steps=1", "budget.batch_size=1", "budget.train_size=2",
             "budget.eval_samples=2", "budget.inference_steps=2", "budget.guidance_scale=3.0", "budget.lr=1e-5",
-            f"out_dir={out}", "--quiet"]
+            f"out_dir={out}", *overrides, "--quiet"]
 
 
-def rehearse_one(method: str, arch: str, resolution: int, out: Path, env: dict) -> Rehearsal:
+def rehearse_one(method: str, arch: str, resolution: int, out: Path, env: dict,
+                 overrides: tuple[str, ...] = ()) -> Rehearsal:
     from bench.core.store import Store
 
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", *run_args(method, arch, resolution, out)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", *run_args(method, arch, resolution, out, overrides)], env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     records = []
@@ -170,7 +172,7 @@ def load_back(arch: str, runs: list[Rehearsal], out: Path) -> None:
     base = None
     for run in runs:
         if run.status != "FINISHED" or not run.checkpoint:
-            run.loaded = "-" if run.status != "FINISHED" else "no checkpoint (nothing trained)"
+            run.loaded = "-" if run.status != "FINISHED" else NO_CHECKPOINT
             continue
         spec, method = specs[run.method], None
         base = base or BaseModel.load(f"{arch}-arch")
@@ -206,11 +208,12 @@ def format_rows(runs: list[Rehearsal]) -> str:
     return "\n".join(lines)
 
 
-def rehearse(methods: list[str], arch: str, resolution: int, out: Path, progress: bool = True) -> list[Rehearsal]:
+def rehearse(methods: list[str], arch: str, resolution: int, out: Path, progress: bool = True,
+             overrides: tuple[str, ...] = ()) -> list[Rehearsal]:
     env = {**os.environ, **write_data(out / "data", resolution), "WANDB_MODE": "disabled"}
     runs = []
     for m in methods:
-        runs.append(rehearse_one(m, arch, resolution, out / "runs", env))
+        runs.append(rehearse_one(m, arch, resolution, out / "runs", env, overrides))
         if progress:
             r = runs[-1]
             print(f"{m}: {r.status} in {r.seconds:.0f} s, peak RSS {r.compute.get('peak_mem_mb', float('nan')):.0f} MB",
@@ -240,7 +243,7 @@ def passed(r: Rehearsal) -> bool:
     """FINISHED with its weights loaded back (or nothing trained), or refused in one line as proxy-only."""
     if r.status == "REFUSED":
         return "proxy" in r.reason
-    return r.status == "FINISHED" and r.loaded in ("ok", "no checkpoint (nothing trained)")
+    return r.status == "FINISHED" and r.loaded in ("ok", NO_CHECKPOINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--methods", default="", help="comma-separated; default: every registered method")
     ap.add_argument("--out", default="runs/rehearsal", help="data, store and images (a fresh store each time)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra `bench run` override for every method, e.g. budget.precision=bf16-true (SDXL's "
+                    "ControlNet does not fit 24 GiB in fp32); repeatable")
     ap.add_argument("--data-rss", metavar="N,N", help="instead: the data pipeline's peak RSS over an imagefolder of "
                     "N train images at --resolution (canny, batch 16, 1 worker), per size")
     args = ap.parse_args(argv)
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(out / "runs", ignore_errors=True)  # a fresh store: the rehearsal measures this tree
     t0 = time.perf_counter()
-    runs = rehearse(methods, args.arch, args.resolution, out)
+    runs = rehearse(methods, args.arch, args.resolution, out, overrides=tuple(args.set))
     print(f"rehearsal: {args.arch}-arch at {args.resolution}px, {len(runs)} methods, "
           f"{time.perf_counter() - t0:.0f} s (phase columns: seconds, and the run process's peak RSS in MB by the "
           "phase's end)")
