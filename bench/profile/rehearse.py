@@ -160,7 +160,10 @@ def rehearse_one(method: str, arch: str, resolution: int, out: Path, env: dict,
 def load_back(arch: str, runs: list[Rehearsal], out: Path) -> None:
     """Build each trained method afresh (random weights) and load its saved checkpoint: the exact
     loaders of `hparams.<m>.weights` and `bench eval`. One base for all, loaded once."""
+    import torch
+
     from bench.api.base_model import BaseModel
+    from bench.core.budget import PRECISIONS
     from bench.core.registry import METHODS
     from bench.core.store import Store
     from bench.run.builtins import load_builtins
@@ -175,7 +178,10 @@ def load_back(arch: str, runs: list[Rehearsal], out: Path) -> None:
             run.loaded = "-" if run.status != "FINISHED" else NO_CHECKPOINT
             continue
         spec, method = specs[run.method], None
-        base = base or BaseModel.load(f"{arch}-arch")
+        if base is None:  # in the runs' weight dtype (bf16-true: SDXL's fp32 base and ControlNet overflow 24 GiB)
+            base = BaseModel.load(f"{arch}-arch")
+            if (dtype := PRECISIONS[spec.budget.precision].weights) is not None:
+                base = base.to(getattr(torch, dtype))
         try:
             method = METHODS.get(run.method)(base, spec.condition, spec.budget, dict(spec.hparams))
             method.load_weights(Path(run.checkpoint))
