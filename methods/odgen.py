@@ -7,9 +7,10 @@ list and an image list feeding a ControlNet.
 - Image list: per class, a canvas with a *generated* object of that class resized into each box
   of that class (§3.2: the visual prompts are synthesized objects, in training and at generation
   alike, so no real target pixel ever enters the condition). The objects come from a small fixed
-  bank per class, generated once with the frozen base through the shared sampler (the budget's
-  sampler, steps and guidance; a fixed seed; one prompt per colour in the world's phrasing,
-  "a red circle"); each box takes a bank entry chosen by a hash of (sample id, box index).
+  bank per class, generated once with the frozen (stage-1) base through the shared sampler (the
+  budget's sampler, steps and guidance; a fixed seed; "a <class>" in every slot after stage 1, one
+  prompt per colour in the world's phrasing without it); each box takes a bank entry chosen by a
+  hash of (sample id, box index).
 Both read refs["boxes"]/refs["labels"]; the `layout` condition image is only for humans.
 
 Stage 1 (§3.1), `odgen_stage1`: the base UNet fine-tuned on whole scenes and on foreground crops
