@@ -329,9 +329,9 @@ def test_the_image_prompt_trains_on_the_target_and_evaluates_on_the_references(n
     batch = collate([world[i] for i in range(2)])
     method = cls(proxy, cls.conditions[0] if cls.conditions else None, smoke_budget, {})
     assert not torch.equal(batch.image[:, None], reference_stack(batch)[:, :1])
-    assert torch.equal(method.train().prompt_images(batch), batch.image[:, None])
-    assert torch.equal(method.eval().prompt_images(batch), reference_stack(batch))
+    assert torch.equal(method.train().prompt_images(batch)[0], batch.image[:, None])
+    assert torch.equal(method.eval().prompt_images(batch)[0], reference_stack(batch))
     refs = cls(proxy, method.condition, smoke_budget, {"train_image_prompt": "references"}).train()
-    assert torch.equal(refs.prompt_images(batch), reference_stack(batch))
+    assert torch.equal(refs.prompt_images(batch)[0], reference_stack(batch))
     with pytest.raises(ConfigError, match="train_image_prompt must be one of target, references"):
         cls.check_hparams({"train_image_prompt": "both"})

@@ -28,6 +28,7 @@ NOT_CONTROL = {
     "baseline": "the base model without control: nothing to train",
     "frozen": "a profiling reference (one scalar through the frozen UNet)",
     "finetune": "the cost reference of ControlNet's compute claims (full UNet fine-tuning)",
+    "odgen_stage1": "ODGEN's first stage: every odgen trial plans and trains its own stage-1 run",
 }
 PROMPT_DROPOUT = ("empty_prompt_prob", "text_drop_prob")  # the recipe field that drops the training prompt
 EXPECTED_SHAPE = (("dropout", "uniform", 0.0, 0.5), ("scale", "uniform", 0.5, 1.5))
