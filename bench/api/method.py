@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.api.types import Batch, PromptEmbeds
-
-if TYPE_CHECKING:
-    from bench.api.feature_cache import FrozenFeatures
 from bench.core.budget import Budget
 from bench.core.errors import ConfigError
 from bench.core.optional import require
+
+if TYPE_CHECKING:
+    from bench.api.feature_cache import FrozenFeatures
 
 
 @dataclass
