@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from bench.analysis.claims import Claim, evaluate, evaluate_all, load_claims
+from bench.analysis.claims import SEED_CAP, Claim, evaluate, evaluate_all, load_claims
+from bench.analysis.stats import half_width_at
 from bench.core.store import RunRecord
 from bench.report.markdown import render_markdown
 from bench.report.tables import leaderboard
@@ -152,6 +153,17 @@ def test_claim_reads_inconclusive_and_says_how_many_seeds_would_decide_it() -> N
     r = evaluate(claim, _f1_runs("controlnet", 0.0, noise=0.1) + _f1_runs("controlnet_pp", 0.01, seed=1, noise=0.1))
     assert r.verdict == "inconclusive" and r.interval.lo < 0 < r.interval.hi, r
     assert "seeds in all" in r.decide and "more" in r.decide
+
+
+def test_an_inconclusive_claim_beyond_the_seed_cap_says_which_effect_the_cap_decides() -> None:
+    """Issue 29: a roster gives a claim at most SEED_CAP seeds; past it the report names the effect size."""
+    claim = by_id("controlnet-pp-consistency")
+    close = evaluate(claim, _f1_runs("controlnet", 0.0, noise=0.3) + _f1_runs("controlnet_pp", 0.1, seed=1, noise=0.3))
+    assert close.verdict == "inconclusive" and "the roster's cap" in close.decide, close.decide
+    reach = half_width_at(close.interval, SEED_CAP)
+    assert f"±{reach:.3g}" in close.decide and reach < close.interval.half
+    within = evaluate(claim, _f1_runs("controlnet", 0.0, noise=0.3) + _f1_runs("controlnet_pp", 0.15, seed=1, noise=0.3))
+    assert within.verdict == "inconclusive" and "cap" not in within.decide, within.decide  # 7 seeds decide it
 
 
 def test_the_issue_case_two_seeds_without_per_sample_scores_is_inconclusive() -> None:

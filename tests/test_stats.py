@@ -16,6 +16,7 @@ from bench.analysis.stats import (
     paired_difference,
     seed_t_interval,
     seeds_needed,
+    half_width_at,
 )
 
 EXPERIMENTS = 1000  # simulated experiments per coverage test
@@ -102,6 +103,12 @@ def test_seeds_needed_follows_the_variance() -> None:
     iv = seed_t_interval([0.0, 0.2, 0.1])
     assert seeds_needed(iv, iv.half / 2) == 12  # half-width must halve: 4x the 3 seeds
     assert seeds_needed(iv, 0.0) is None
+
+
+def test_half_width_at_the_cap_inverts_seeds_needed() -> None:
+    iv = seed_t_interval([0.0, 0.2, 0.1])
+    assert half_width_at(iv, 12) == pytest.approx(iv.half / 2)  # 4x the seeds: half the width
+    assert seeds_needed(iv, half_width_at(iv, 12) * 1.0001) == 12
 
 
 def test_the_bootstrap_draws_every_sample_and_every_seed() -> None:

@@ -246,6 +246,13 @@ def seeds_needed(iv: Interval, margin: float, z: float | None = None) -> int | N
     return max(n + 1, math.ceil(n * (iv.half / abs(margin)) ** 2))
 
 
+def half_width_at(iv: Interval, seeds: int) -> float:
+    """The half-width an interval like ``iv`` would have at ``seeds`` seeds (same samples per
+    seed): half * sqrt(n / seeds), the scaling ``seeds_needed`` inverts. An effect further than
+    this from a claim's boundary would be decided at that many seeds."""
+    return iv.half * math.sqrt(max(iv.n_seeds, 1) / seeds)
+
+
 def ci95(values: Iterable[float]) -> tuple[float, float]:
     """(mean, half-width of the 95% Student-t interval); the half-width is nan for n < 2,
     because one seed says nothing about seed variance."""

@@ -26,6 +26,8 @@ How many seeds would decide an inconclusive claim: the half-width h shrinks like
 (at the same samples per seed), so with margin = distance from the estimate to the nearest edge
 of the expected region, seeds_needed ≈ n * (h / |margin|)^2 = n * (z * se / |margin|)^2
 (bench.analysis.stats.seeds_needed). It is an estimate from the observed variance, not a promise.
+Where that is more than a roster's cap (SEED_CAP per method), it also says which effect size the
+cap would decide: the half-width at SEED_CAP seeds, half * sqrt(n / SEED_CAP).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not measured")
 TRANSFORMS = ("value", "ratio", "increase", "reduction", "gain", "difference")
 OPS = ("approx", "at_least", "at_most")
+SEED_CAP = 10  # seeds per method a roster gives a claim at most (issue 29); beyond it, say the effect size instead
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,13 @@ def _decide(claim: Claim, iv: Interval) -> str:
     if n is None:
         return wide + "the estimate sits on the boundary: no number of seeds is sure to decide it"
     per = f" at {iv.n_samples} samples each" if iv.n_samples else ""
-    return wide + f"about {n} seeds in all ({n - iv.n_seeds} more){per} would decide it, from the observed variance"
+    said = wide + f"about {n} seeds in all ({n - iv.n_seeds} more){per} would decide it, from the observed variance"
+    if n <= SEED_CAP:
+        return said
+    reach = stats.half_width_at(iv, SEED_CAP)
+    edges = " or ".join(f"{e:.3g}" for e in (a, b) if math.isfinite(e))
+    return said + (f"; at {SEED_CAP} seeds (the roster's cap) the interval would be about ±{reach:.3g}, so only "
+                   f"an effect at least {reach:.3g} from {edges} would be decided")
 
 
 def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord]) -> tuple[Interval, str | None] | None:
