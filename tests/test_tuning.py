@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench.core.budget import load_budgets
 from bench.core.errors import ConfigError
 from bench.core.registry import METHODS, METRICS
 from bench.core.yamlio import safe_load
@@ -33,7 +34,10 @@ NOT_CONTROL = {
 PROMPT_DROPOUT = ("empty_prompt_prob", "text_drop_prob")  # the recipe field that drops the training prompt
 EXPECTED_SHAPE = (("dropout", "uniform", 0.0, 0.5), ("scale", "uniform", 0.5, 1.5))
 FIXED = {"methods", "dataset", "condition", "budget", "base_model", "seeds", "metrics", "out_dir"}
-SHARED = ("budget", "base_model", "seeds", "out_dir")  # equal in every tune sweep
+SHARED = ("base_model", "seeds", "out_dir")  # equal in every tune sweep
+# Each tune sweep runs at its track's roster budget; the tracks' budgets differ only in the base lr
+# (bench/configs/budgets.yaml `identity`: the proxy's base per track, issue 29).
+TRACK_BUDGET = {"identity": "identity"}  # dataset -> budget; every other dataset: "quick"
 # condition -> (the metric to run, the key its score is recorded and mirrored to W&B under)
 OWN_METRIC = {"canny": ("canny_f1", "canny_f1"), "seg": ("seg_miou", "seg_miou"),
               "layout": ("layout_map", "layout_map"), "keypoints": ("id_sim_proxy", "id_sim_proxy_mean")}
@@ -120,6 +124,15 @@ def budget_problems(sweeps: dict[str, dict[str, Any]]) -> list[str]:
         values = {m: get(r) for m, r in sweeps.items()}
         if len({repr(v) for v in values.values()}) > 1:
             problems.append(f"{what} differs: {values}")
+    budgets = load_budgets()
+    for m, r in sweeps.items():
+        name, dataset = r["parameters"]["budget"].get("value"), r["parameters"]["dataset"].get("value")
+        if name != TRACK_BUDGET.get(dataset, "quick"):
+            problems.append(f"{m}: budget {name!r} is not its track's ({TRACK_BUDGET.get(dataset, 'quick')!r})")
+    fields = {m: dataclasses.replace(budgets[r["parameters"]["budget"]["value"]], name="", lr=0.0)
+              for m, r in sweeps.items() if r["parameters"]["budget"].get("value") in budgets}
+    if len({repr(f) for f in fields.values()}) > 1:
+        problems.append(f"the tune sweeps' budgets differ in more than the base lr: {fields}")
     caps = [r.get("run_cap") for r in sweeps.values()]
     if any(not isinstance(c, int) or c < 2 for c in caps):
         problems.append(f"run_cap must be a trial count >= 2 in every sweep, got {caps}")
@@ -179,6 +192,11 @@ def test_checks_catch_unequal_trials_and_shapes(sweeps) -> None:
     other["run_cap"] += 1
     assert budget_problems(sweeps) == []
     assert any(p.startswith("run_cap differs") for p in budget_problems({**sweeps, "t2i_adapter": other}))
+    for name, problem in (("identity", "t2i_adapter: budget 'identity' is not its track's"),
+                          ("spatial", "budgets differ in more than the base lr")):
+        moved = copy.deepcopy(sweeps["t2i_adapter"])
+        moved["parameters"]["budget"]["value"] = name
+        assert any(problem in p for p in budget_problems({**sweeps, "t2i_adapter": moved})), name
     for change in ({"min": 0.4}, {"distribution": "log_uniform_values"}):
         wider = _controlnet(sweeps)
         wider["parameters"]["hparams.controlnet.conditioning_scale"].update(change)
