@@ -28,7 +28,7 @@ def _list(args) -> int:
             print(f"  {name}{extra}  from={reg.origin(name)}")
     print("budgets:")
     for name, b in load_budgets().items():
-        print(f"  {name}  key={b.key()}  steps={b.train_steps} bs={b.batch_size} res={b.resolution}")
+        print(f"  {name}  key={b.key()}  steps={b.train_steps} bs={b.batch_size} res={b.resolution} lr={b.lr:g}")
     return 0
 
 
