@@ -53,6 +53,10 @@ def test_an_incomplete_probe_is_refused_in_one_line() -> None:
         choose_base_lr(cells)
     with pytest.raises(ConfigError, match="no FINISHED run"):
         probe_cells([run("a", 1e-3, 0.8)], "canny_f1")
+    longer = run("b", 1e-4, 0.5)
+    longer.spec["budget_fields"]["train_steps"] = 600
+    with pytest.raises(ConfigError, match="differ in budget fields other than lr"):
+        probe_cells([run("a", 1e-3, 0.8), longer], "id_sim_proxy_mean")
 
 
 def test_the_command_reads_stores_and_exits_2_on_bad_input(tmp_path, capsys) -> None:

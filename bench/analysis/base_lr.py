@@ -66,6 +66,11 @@ def probe_cells(records: list[RunRecord], metric: str, tie_metric: str = "prompt
     if not runs:
         raise ConfigError(f"no FINISHED run without hparams overrides records {metric!r}: run the probe first "
                           f"(README \"Learning rates\")")
+    others = {tuple(sorted((k, repr(v)) for k, v in r.spec["budget_fields"].items() if k != "lr"))
+              for recs in runs.values() for r in recs}
+    if len(others) > 1:
+        raise ConfigError("the probe's runs differ in budget fields other than lr: pass one budget's stores "
+                          "(or --seeds to leave a roster's other runs out)")
     cells = []
     for (method, lr), recs in sorted(runs.items()):
         key = _sample_key(recs[0], metric)
