@@ -162,6 +162,10 @@ def test_an_inconclusive_claim_beyond_the_seed_cap_says_which_effect_the_cap_dec
     assert close.verdict == "inconclusive" and "the roster's cap" in close.decide, close.decide
     reach = half_width_at(close.interval, SEED_CAP)
     assert f"±{reach:.3g}" in close.decide and reach < close.interval.half
+    ten = tuple(range(SEED_CAP))
+    full = evaluate(claim, _f1_runs("controlnet", 0.0, seeds=ten, noise=0.3) +
+                    _f1_runs("controlnet_pp", 0.0, seeds=ten, seed=1, noise=0.3))
+    assert full.verdict == "inconclusive" and f"reached its cap of {SEED_CAP} seeds" in full.decide, full.decide
     within = evaluate(claim, _f1_runs("controlnet", 0.0, noise=0.3) + _f1_runs("controlnet_pp", 0.15, seed=1, noise=0.3))
     assert within.verdict == "inconclusive" and "cap" not in within.decide, within.decide  # 7 seeds decide it
 

@@ -243,8 +243,9 @@ def _decide(claim: Claim, iv: Interval) -> str:
         return said
     reach = stats.half_width_at(iv, SEED_CAP)
     edges = " or ".join(f"{e:.3g}" for e in (a, b) if math.isfinite(e))
-    return said + (f"; at {SEED_CAP} seeds (the roster's cap) the interval would be about ±{reach:.3g}, so only "
-                   f"an effect at least {reach:.3g} from {edges} would be decided")
+    at_cap = (f"at {SEED_CAP} seeds (the roster's cap) the interval would be about ±{reach:.3g}"
+              if iv.n_seeds < SEED_CAP else f"the roster has reached its cap of {SEED_CAP} seeds (±{reach:.3g} there)")
+    return said + f"; {at_cap}, so only an effect at least {reach:.3g} from {edges} would be decided"
 
 
 def _interval(claim: Claim, subj: list[RunRecord], ref: list[RunRecord]) -> tuple[Interval, str | None] | None:
