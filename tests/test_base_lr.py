@@ -16,7 +16,7 @@ def run(method: str, lr: float, value: float, fidelity: float = 0.3, seed: int =
     spec = {"method": method, "seed": seed, "hparams": hparams or {}, "budget_fields": {"lr": lr}}
     return RunRecord(run_id=f"{method}-{lr:g}-{seed}-{bool(hparams)}", spec=spec, status="FINISHED",
                      metrics={"id_sim_proxy_mean": value, "prompt_fidelity": fidelity},
-                     sample_scores={"id_sim_proxy": scores})
+                     sample_scores={"id_sim_proxy_mean": scores})
 
 
 def test_the_worst_off_method_picks_the_base() -> None:

@@ -126,9 +126,10 @@ def budget_problems(sweeps: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"{what} differs: {values}")
     budgets = load_budgets()
     for m, r in sweeps.items():
-        name, dataset = r["parameters"]["budget"].get("value"), r["parameters"]["dataset"].get("value")
-        if name != TRACK_BUDGET.get(dataset, "quick"):
-            problems.append(f"{m}: budget {name!r} is not its track's ({TRACK_BUDGET.get(dataset, 'quick')!r})")
+        name = r["parameters"]["budget"].get("value")
+        track = TRACK_BUDGET.get(r["parameters"]["dataset"].get("value"), "quick")
+        if name != track:
+            problems.append(f"{m}: budget {name!r} is not its track's ({track!r})")
     fields = {m: dataclasses.replace(budgets[r["parameters"]["budget"]["value"]], name="", lr=0.0)
               for m, r in sweeps.items() if r["parameters"]["budget"].get("value") in budgets}
     if len({repr(f) for f in fields.values()}) > 1:

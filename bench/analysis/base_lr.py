@@ -49,11 +49,6 @@ class BaseLrChoice:
     tie_means: dict[float, float]
 
 
-def _sample_key(rec: RunRecord, metric: str) -> str | None:
-    """Per-sample scores are stored under the metric's name, which a part like `id_sim_proxy_mean` extends."""
-    return next((k for k in rec.sample_scores if metric == k or metric.startswith(k + "_")), None)
-
-
 def probe_cells(records: list[RunRecord], metric: str, tie_metric: str = "prompt_fidelity",
                 seeds: set[int] | None = None) -> list[ProbeCell]:
     """The probe's cells from FINISHED runs without hparams overrides (an override is another arm),
@@ -73,8 +68,7 @@ def probe_cells(records: list[RunRecord], metric: str, tie_metric: str = "prompt
                           "(or --seeds to leave a roster's other runs out)")
     cells = []
     for (method, lr), recs in sorted(runs.items()):
-        key = _sample_key(recs[0], metric)
-        per_seed = {r.seed: r.sample_scores[key] for r in recs if key and key in r.sample_scores}
+        per_seed = {r.seed: r.sample_scores[metric] for r in recs if r.sample_scores.get(metric)}
         iv = stats.leaderboard_interval(per_seed if len(per_seed) == len(recs) else None,
                                         [r.metrics[metric] for r in recs])
         half = math.nan if iv.method == stats.SINGLE else iv.half  # one pooled number: its noise is unknown
